@@ -1,0 +1,231 @@
+"""lm-eval integration: the RESP task folder, a thinking-aware ``evaluate()`` and task prompts.
+
+The task YAMLs (``resp_gsm8k``, ``resp_gsm8k_cot``, ``resp_mathqa``, ``resp_organism``) are plain
+lm-eval tasks: any lm-eval backend runs them with ``--include_path $(resp-tasks-path)``.  This
+module only adds conveniences for the HF backend and for calibration; importing it is cheap
+(lm-eval, torch and transformers are imported when a function needs them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from resp_plugin.hookspecs import hookimpl
+
+THINK_END = "</think>"
+
+
+def tasks_path() -> str:
+    """The installed folder of the RESP task YAMLs (pass it to lm-eval as ``--include_path``)."""
+    return str(Path(importlib.import_module("resp_plugin.tasks").__file__).resolve().parent)
+
+
+@hookimpl
+def resp_lm_eval_include_paths() -> list[str]:
+    """Contribute the built-in task folder, exactly as a third-party plugin would."""
+    return [tasks_path()]
+
+
+def include_paths() -> list[str]:
+    """Every task folder contributed through ``resp_lm_eval_include_paths``, ours first."""
+    paths = [tasks_path()]
+    try:
+        from resp_plugin.plugins import load_plugins
+
+        for found in load_plugins().hook.resp_lm_eval_include_paths():
+            paths += [str(p) for p in found or []]
+    except ImportError as exc:  # the plugin layer is optional for evaluation
+        logger.debug("plugin task folders unavailable ({}); using {}", exc, paths[0])
+    return list(dict.fromkeys(paths))
+
+
+def task_manager(tasks: list[str], metadata: dict[str, Any] | None = None) -> Any:
+    """A TaskManager that knows ``tasks``; lm-eval's own index (slow to build) only if needed."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_paths(), include_defaults=False, metadata=metadata)
+    if all(name in manager.all_tasks for name in tasks):
+        return manager
+    return TaskManager(include_path=include_paths(), include_defaults=True, metadata=metadata)
+
+
+def _load_model(path: str, device: str, dtype: str) -> tuple[Any, Any]:
+    """Model and tokenizer; ``resp_plugin.load_pruned`` when available (it also reads pruned sizes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load_pruned = getattr(importlib.import_module("resp_plugin"), "load_pruned", None)
+    tokenizer = None
+    if load_pruned is not None:
+        loaded = load_pruned(path, device_map=device, dtype=dtype)
+        model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    # HFLM takes the device of a preloaded model as it is.
+    if str(model.device) != device and not getattr(model, "hf_device_map", None):
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def think_end_token(tokenizer: Any) -> int | str:
+    """The id of ``</think>`` when it is one token (HFLM then cuts the trace by id), else the string."""
+    token_id = tokenizer.get_vocab().get(THINK_END)
+    return int(token_id) if token_id is not None else THINK_END
+
+
+def _write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluate(
+    model: str,
+    tasks: list[str],
+    *,
+    limit: int | None = None,
+    thinking: bool = True,
+    max_gen_toks: int | None = None,
+    batch_size: int | str = 1,
+    out: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    num_fewshot: int | None = None,
+    log_samples: bool = False,
+) -> dict:
+    """Evaluate a (pruned or ordinary) checkpoint on lm-eval tasks, chat template and thinking on.
+
+    ``max_gen_toks`` overrides the tasks' generation budget.  With ``out``, the results JSON is
+    written atomically (and, with ``log_samples``, the per-sample outputs beside it as
+    ``<out>.samples.jsonl``).  Returns lm-eval's results dict.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.utils import handle_non_serializable
+
+    hf_model, tokenizer = _load_model(model, device, dtype)
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    if not chat:
+        logger.warning("{} has no chat template: prompts are sent as plain text", model)
+    lm = HFLM(
+        pretrained=hf_model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device=device,
+        trust_remote_code=True,
+        enable_thinking=thinking,
+        think_end_token=think_end_token(tokenizer),
+    )
+    logger.info("evaluating {} on {} (thinking={}, limit={})", model, tasks, thinking, limit)
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        task_manager=task_manager(list(tasks)),
+        limit=limit,
+        num_fewshot=num_fewshot,
+        apply_chat_template=chat,
+        fewshot_as_multiturn=chat,
+        gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,
+        log_samples=log_samples,
+        batch_size=batch_size,
+        device=device,
+    )
+    if results is None:  # not the main rank
+        return {}
+    results["config"]["model"] = str(model)
+    if out is not None:
+        samples = results.pop("samples", None)
+        _write_atomic(out, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+        if samples is not None:
+            lines = [
+                json.dumps({"task": name, **s}, default=handle_non_serializable, ensure_ascii=False)
+                for name, rows in samples.items()
+                for s in rows
+            ]
+            _write_atomic(f"{out}.samples.jsonl", "\n".join(lines) + "\n")
+            results["samples"] = samples
+        logger.info("wrote {}", out)
+    return results
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _as_text(task: Any, doc: dict[str, Any], value: Any) -> str | None:
+    """A target as text: choice indices become the choice, lists their first element."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if isinstance(value, int) and not isinstance(value, bool) and task.config.doc_to_choice is not None:
+        value = task.doc_to_choice(doc)[value]
+    return value.strip() if isinstance(value, str) else None
+
+
+def _calibration_docs(task: Any, split: str | None) -> tuple[Any, str]:
+    """The documents to draw prompts from: train, else validation, else test (with a warning)."""
+    if split is not None:
+        docs = task.dataset[split]
+        return (task.config.process_docs(docs) if task.config.process_docs else docs), split
+    for name, has, docs in (
+        ("train", task.has_training_docs, task.training_docs),
+        ("validation", task.has_validation_docs, task.validation_docs),
+        ("test", task.has_test_docs, task.test_docs),
+    ):
+        if has():
+            if name == "test":
+                logger.warning("{} has only a test split: calibrating on it contaminates its score", task)
+            return docs(), name
+    raise ValueError(f"task {task} has no documents")
+
+
+def lm_eval_prompts(
+    task_name: str, n: int | None, seed: int, *, split: str | None = None
+) -> list[dict[str, str | None]]:
+    """Render ``n`` documents of any lm-eval task as ``{"prompt", "completion"}`` records.
+
+    The prompt is the task's own ``description`` + ``doc_to_text`` (no chat template: RESP
+    applies the model's); the completion is the few-shot target when the task defines one
+    (a worked solution for resp_gsm8k), else ``doc_to_target``, as text, or None when it is
+    not text.  Documents come from the training split when there is one, so calibrating
+    does not touch the evaluation split; ``split`` picks one explicitly.  The draw is
+    ``random.Random(seed).sample`` over document indices, in index order.
+    """
+    loaded = task_manager([task_name]).load([task_name])["tasks"]
+    if len(loaded) != 1:
+        raise ValueError(f"{task_name!r} names {len(loaded)} tasks ({sorted(loaded)}); name a single task")
+    task = next(iter(loaded.values()))
+    docs, used = _calibration_docs(task, split)
+    indices = list(range(len(docs)))
+    if n is not None and n < len(indices):
+        indices = sorted(random.Random(seed).sample(indices, n))
+    elif n is not None and n > len(indices):
+        logger.warning("{}: asked for {} prompts, the {} split has {}", task_name, n, used, len(indices))
+    fewshot_target = getattr(getattr(task, "fewshot_cfg", None), "doc_to_target", None)
+    records: list[dict[str, str | None]] = []
+    for i in indices:
+        doc = docs[i]
+        text = task.doc_to_text(doc)
+        if isinstance(text, int):  # multiple-input tasks: the text is a choice index
+            text = task.doc_to_choice(doc)[text]
+        description = task.resolve_field(doc, task.config.description) or ""
+        prompt = f"{description}{text}".strip()
+        target = task.doc_to_target(doc, fewshot_target) if fewshot_target else task.doc_to_target(doc)
+        records.append({"prompt": prompt, "completion": _as_text(task, doc, target)})
+    logger.info("{}: {} prompts from the {} split", task_name, len(records), used)
+    return records

@@ -1,0 +1,198 @@
+"""Calibration kinds: ``self`` (the model's own traces), ``gold`` (reference solutions), ``generic`` (plain text)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from loguru import logger
+
+from resp_plugin.calibration import (
+    CalibrationSet,
+    Trace,
+    build_samples,
+    read_traces,
+    traces_path,
+    write_traces,
+)
+from resp_plugin.calibration.sources import load_prompts
+
+
+def _load_or_make(out: Path | None, sparsity: float, make) -> tuple[list[Trace], str | None, bool]:
+    """Read the trace file of this sparsity when a previous (interrupted) run wrote it."""
+    if out is not None:
+        path = traces_path(out, sparsity)
+        if path.exists():
+            logger.info(f"reusing calibration traces {path}")
+            return read_traces(path), str(path), True
+    traces = make()
+    if out is None:
+        return traces, None, False
+    path = traces_path(out, sparsity)
+    write_traces(path, traces)
+    return traces, str(path), False
+
+
+class _Base:
+    kind = "base"
+    plain = False
+
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def _set(self, tokenizer, traces: list[Trace], sparsity: float, path: str | None) -> CalibrationSet:
+        samples = build_samples(tokenizer, traces, self.config.max_seq_len, self.config.generation.thinking,
+                                plain=self.plain)
+        return CalibrationSet(traces=traces, samples=samples, kind=self.kind, sparsity=sparsity, path=path,
+                              stats=trace_stats(traces))
+
+    def refresh(self, model, tokenizer, sparsity, previous, out=None) -> CalibrationSet:
+        """Fixed kinds do not change with the model: the same set serves every milestone."""
+        return previous
+
+
+class GoldProvider(_Base):
+    """The dataset's reference solutions (GSM8K ``answer``, MathQA ``Rationale``, JSONL ``completion``)."""
+
+    kind = "gold"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if not config.prompts:
+            raise ValueError("gold calibration needs prompts with solutions: --prompts jsonl:PATH or gsm8k:PATH")
+        self.records = load_prompts(config.prompts, config.num_prompts, config.seed, config)
+        missing = [i for i, r in enumerate(self.records) if not r.completion]
+        if missing:
+            raise ValueError(
+                f"gold calibration needs a completion for every prompt; {len(missing)} of {len(self.records)} "
+                f"have none (first at index {missing[0]}). Use --calibration self, or add 'completion' fields"
+            )
+
+    def initial(self, model, tokenizer, out=None) -> CalibrationSet:
+        def make():
+            return [Trace(prompt=r.prompt, completion=r.completion, kind=self.kind) for r in self.records]
+
+        traces, path, _ = _load_or_make(out, 0.0, make)
+        return self._set(tokenizer, traces, 0.0, path)
+
+
+class GenericProvider(_Base):
+    """Plain, non-reasoning text scored with the full-sequence loss (the paper's C4 baseline)."""
+
+    kind = "generic"
+    plain = True
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if not config.generic_text:
+            raise ValueError("generic calibration needs a text file: --generic-text PATH (.txt lines or .jsonl 'text')")
+        p = Path(config.generic_text).expanduser()
+        if not p.is_file() or p.stat().st_size == 0:
+            raise FileNotFoundError(f"generic text file {p} does not exist or is empty")
+        if p.suffix == ".jsonl":
+            lines = [json.loads(x)["text"] for x in p.read_text().splitlines() if x.strip()]
+        else:
+            lines = [x.strip() for x in p.read_text().splitlines() if x.strip()]
+        if len(lines) > config.num_prompts:
+            lines = random.Random(config.seed).sample(lines, config.num_prompts)
+        self.lines = lines
+
+    def initial(self, model, tokenizer, out=None) -> CalibrationSet:
+        def make():
+            return [Trace(prompt="", completion=t, kind=self.kind) for t in self.lines]
+
+        traces, path, _ = _load_or_make(out, 0.0, make)
+        return self._set(tokenizer, traces, 0.0, path)
+
+
+class SelfProvider(_Base):
+    """Traces written by the current model, regenerated at every milestone (RESP)."""
+
+    kind = "self"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        if not config.prompts:
+            raise ValueError("self calibration needs task prompts: --prompts gsm8k[:PATH], mathqa[:PATH] or jsonl:PATH")
+        self.records = load_prompts(config.prompts, config.num_prompts, config.seed, config)
+        from resp_plugin.plugins import collect
+
+        backends = collect("resp_generation_backends")
+        name = config.generation.backend
+        if name not in backends:
+            raise ValueError(f"unknown generation backend {name!r}; available: {', '.join(sorted(backends))}")
+        self._backend_factory = backends[name]
+        self._backend = None
+
+    @property
+    def backend(self):
+        if self._backend is None:
+            self._backend = self._backend_factory(self.config)
+        return self._backend
+
+    def _generate(self, model, tokenizer, idx: list[int], sparsity: float) -> list[Trace]:
+        prompts = [self.records[i].prompt for i in idx]
+        seed = self.config.seed + int(round(sparsity * 1000))
+        done = self.backend.generate(model, tokenizer, prompts, seed=seed)
+        return [Trace(prompt=p, completion=c.text, finished=c.finished, n_completion_tokens=c.n_tokens,
+                      sparsity=sparsity, kind=self.kind) for p, c in zip(prompts, done)]
+
+    def initial(self, model, tokenizer, out=None) -> CalibrationSet:
+        traces, path, _ = _load_or_make(
+            out, 0.0, lambda: self._generate(model, tokenizer, list(range(len(self.records))), 0.0))
+        return self._set(tokenizer, traces, 0.0, path)
+
+    def refresh(self, model, tokenizer, sparsity, previous, out=None) -> CalibrationSet:
+        if not self.config.regenerate:
+            return previous
+        n = len(previous.traces)
+        k = max(1, round(self.config.regenerate_fraction * n))
+        idx = list(range(n)) if k >= n else sorted(random.Random(self.config.seed + 1).sample(range(n), k))
+
+        def make():
+            fresh = self._generate(model, tokenizer, idx, sparsity)
+            traces = list(previous.traces)
+            for i, t in zip(idx, fresh):
+                traces[i] = t
+            return traces
+
+        traces, path, _ = _load_or_make(out, sparsity, make)
+        new = self._set(tokenizer, traces, sparsity, path)
+        usable = new.stats["usable_fraction"]
+        if usable < self.config.min_usable_fraction:
+            logger.warning(
+                f"only {usable:.0%} of the traces regenerated at sparsity {sparsity:.3f} are usable "
+                f"(threshold {self.config.min_usable_fraction:.0%}); keeping the previous set"
+            )
+            previous.stats = {**previous.stats, "kept_previous": True, "rejected": new.stats}
+            return previous
+        new.stats["kept_previous"] = False
+        return new
+
+
+def is_degenerate(text: str, max_n: int = 10, repeats: int = 4) -> bool:
+    """True when the text ends in an n-gram repeated ``repeats`` times (a decoding loop)."""
+    words = text.split()
+    for n in range(1, max_n + 1):
+        span = n * repeats
+        if len(words) < max(span, 8):
+            continue
+        tail = words[-span:]
+        if all(tail[k] == tail[k % n] for k in range(span)):
+            return True
+    return False
+
+
+def trace_stats(traces: list[Trace]) -> dict:
+    empty = sum(1 for t in traces if not t.completion.strip())
+    unfinished = sum(1 for t in traces if not t.finished)
+    degenerate = sum(1 for t in traces if t.completion.strip() and is_degenerate(t.completion))
+    usable = sum(1 for t in traces if t.completion.strip() and t.finished and not is_degenerate(t.completion))
+    return {
+        "n": len(traces),
+        "empty": empty,
+        "unfinished": unfinished,
+        "degenerate": degenerate,
+        "usable_fraction": usable / len(traces) if traces else 0.0,
+    }

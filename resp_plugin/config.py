@@ -1,0 +1,127 @@
+"""RESPConfig: every knob of a RESP run, validated before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_MILESTONES = (0.1, 0.2, 0.3, 0.4)
+
+
+class GenerationConfig(BaseModel):
+    """How calibration traces are written (self-generated calibration)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = "hf"
+    temperature: float = Field(0.6, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(20, ge=0)
+    max_new_tokens: int = Field(2048, ge=1)
+    batch_size: int = Field(16, ge=1)
+    thinking: bool = True
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+class RESPConfig(BaseModel):
+    """Configuration of one RESP pruning run.
+
+    ``sparsity`` is the fraction of decoder-layer linear parameters (q/k/v/o/gate/up/down,
+    all layers counted) to remove.  Defaults follow the reference implementation, except
+    that the step is 1 % of parameters (the reference's 0.6 % of structures is similar).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    sparsity: float = Field(..., description="target fraction of decoder linear parameters removed")
+    step: float = 0.01
+    milestones: list[float] | None = None
+    regenerate: bool = True
+    regenerate_fraction: float = Field(1.0, gt=0.0, le=1.0)
+
+    calibration: str = "self"
+    prompts: str | None = None
+    num_prompts: int = Field(500, ge=1)
+    generic_text: str | None = None
+    max_seq_len: int = Field(4096, ge=8)
+    min_usable_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    loss: Literal["decode", "full"] = "decode"
+    saliency: Literal["sum_abs", "vector"] = "sum_abs"
+    normalization: Literal["resp", "per_param"] = "resp"
+    attention_unit: Literal["query_head", "kv_group"] = "query_head"
+    protected_layers: list[int] | None = None
+    min_heads_per_layer: int = Field(1, ge=1)
+    min_channels_per_layer: int = Field(1, ge=1)
+    channel_multiple: int = Field(1, ge=1)
+
+    batch_size: int = Field(4, ge=1, description="calibration samples per forward/backward pass")
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_range(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"sparsity must be in (0, 1), got {v}; e.g. --sparsity 0.3 removes 30 %")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> RESPConfig:
+        if self.step <= 0 or self.step > self.sparsity:
+            raise ValueError(
+                f"step must be in (0, sparsity={self.sparsity}], got {self.step}; the default is 0.01"
+            )
+        if self.milestones is not None:
+            ms = list(self.milestones)
+            if ms != sorted(ms) or len(set(ms)) != len(ms):
+                raise ValueError(f"milestones must be strictly increasing, got {ms}")
+            bad = [m for m in ms if not 0.0 < m <= self.sparsity]
+            if bad:
+                raise ValueError(
+                    f"milestones must lie in (0, sparsity={self.sparsity}], got {bad}; "
+                    f"drop them or raise --sparsity"
+                )
+        if self.protected_layers is not None and any(i < 0 for i in self.protected_layers):
+            raise ValueError(f"protected_layers must be layer indices >= 0, got {self.protected_layers}")
+        return self
+
+    def effective_milestones(self) -> list[float]:
+        """Milestones in force: the given ones, or the defaults capped at the target."""
+        if self.milestones is not None:
+            return list(self.milestones)
+        return [m for m in DEFAULT_MILESTONES if m <= self.sparsity + 1e-12]
+
+    def protected(self, num_layers: int) -> set[int]:
+        """Layers never pruned: the reference keeps those outside range(int(0.1 L), L - 1)."""
+        if self.protected_layers is not None:
+            bad = [i for i in self.protected_layers if i >= num_layers]
+            if bad:
+                raise ValueError(f"protected_layers {bad} do not exist: the model has {num_layers} layers")
+            return set(self.protected_layers)
+        lo, hi = int(0.1 * num_layers), num_layers - 1
+        return {i for i in range(num_layers) if not lo <= i < hi}
+
+    # ---------------------------------------------------------------- files
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> RESPConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {p} must hold a mapping of RESPConfig fields")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

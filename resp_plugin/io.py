@@ -1,0 +1,123 @@
+"""Saving and loading pruned checkpoints that reload with standard tools.
+
+A pruned checkpoint is an ordinary transformers checkpoint plus (a) the per-layer sizes in
+``config.json``'s ``per_layer_config`` and (b) ``modeling_resp.py`` named in ``auto_map``,
+so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` rebuilds the
+smaller layers; :func:`load_pruned` does the same without remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from resp_plugin.structures import modeling_resp
+
+MODELING_FILE = "modeling_resp.py"
+KEPT_FILE = "resp_pruning.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def auto_map_for(model_type: str) -> dict[str, str] | None:
+    cls = modeling_resp.RESP_CLASSES.get(model_type)
+    if cls is None:
+        return None
+    return {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
+
+
+def pruned_config_fields(model) -> dict[str, Any]:
+    """The fields a pruned checkpoint's config.json must carry (written back after foreign saves)."""
+    cfg = model.config.to_dict()
+    fields: dict[str, Any] = {}
+    if "per_layer_config" in cfg:
+        fields["per_layer_config"] = cfg["per_layer_config"]
+    amap = auto_map_for(model.config.model_type)
+    if amap and "per_layer_config" in fields:
+        fields["auto_map"] = amap
+    return fields
+
+
+def finalize_checkpoint(path: str | Path, model, kept: list[dict] | None = None) -> None:
+    """Make a saved directory reload as a pruned model: restore config fields, copy modeling file.
+
+    Needed after savers that rewrite config.json from the original config (llm-compressor).
+    """
+    path = Path(path)
+    fields = pruned_config_fields(model)
+    if not fields:
+        return
+    cfg_path = path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(fields)
+    atomic_write_json(cfg_path, cfg)
+    shutil.copyfile(modeling_resp.__file__, path / MODELING_FILE)
+    if kept is not None:
+        atomic_write_json(path / KEPT_FILE, {"layers": kept})
+
+
+def save_pruned(model, tokenizer, path: str | Path, adapter=None, overwrite: bool = False) -> Path:
+    """Save atomically: everything goes to a temp folder renamed into place at the end."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite (or --resume) to replace it")
+    if adapter is not None:
+        adapter.write_config()
+    amap = auto_map_for(model.config.model_type)
+    if amap is None:
+        logger.warning(f"no bundled modeling file for model type {model.config.model_type!r}: "
+                       "the checkpoint reloads only through the architecture plugin's own loader")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        finalize_checkpoint(tmp, model, adapter.kept_map() if adapter is not None else None)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(f"saved pruned model to {path}")
+    return path
+
+
+def load_pruned(path: str | Path, **kwargs):
+    """Load a pruned checkpoint (or an ordinary one) without remote code.
+
+    ``kwargs`` go to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = str(path)
+    config = AutoConfig.from_pretrained(path)
+    cls = modeling_resp.RESP_CLASSES.get(config.model_type)
+    if getattr(config, "is_heterogeneous", False) and cls is not None:
+        return cls.from_pretrained(path, **kwargs)
+    kwargs.setdefault("trust_remote_code", True)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -1,0 +1,223 @@
+"""The RESP loop: score, remove the weakest structures, checkpoint, regenerate at milestones.
+
+The model is kept physically pruned at every step, so every later scoring pass and every
+regeneration runs on the smaller model, and "what is pruned" has one representation: the
+model itself plus the kept-index map (original numbering) recorded in ``state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from tqdm.auto import tqdm
+
+from resp_plugin import scoring
+from resp_plugin.calibration import CalibrationSet, provider_for
+from resp_plugin.config import RESPConfig
+from resp_plugin.io import atomic_write_json, atomic_write_text, save_pruned
+from resp_plugin.structures import DecoderAdapter, adapter_for
+
+STATE_FILE = "state.json"
+EPS = 1e-9
+
+
+@dataclass
+class PruneResult:
+    model: Any
+    adapter: DecoderAdapter
+    report: dict[str, Any]
+    out: Path | None
+
+
+def check_not_quantized(model) -> None:
+    """RESP changes layer shapes: it must run before any quantisation."""
+    if getattr(model.config, "quantization_config", None) is not None or any(
+        hasattr(m, "quantization_scheme") for m in model.modules()
+    ):
+        raise ValueError(
+            "the model already carries quantisation; RESP must prune the unquantised model. "
+            "Load the full-precision checkpoint, or put RESPPruningModifier first in the recipe"
+        )
+
+
+def max_prunable_params(adapter: DecoderAdapter, config: RESPConfig, layers: list[int]) -> int:
+    """Parameters removable under the guards (ranking-independent: all scores equal)."""
+    import torch
+
+    zeros = scoring.Scores()
+    for i in layers:
+        st = adapter.states[i]
+        ls = scoring.LayerScores(channels=torch.zeros(len(st.kept_channels)))
+        if config.attention_unit == "kv_group":
+            ls.groups = torch.zeros(len(st.kept_kv_heads))
+        else:
+            ls.heads = torch.zeros(len(st.kept_heads))
+        zeros.layers[i] = ls
+    return scoring.select(zeros, adapter, config, budget=float("inf")).params
+
+
+def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrite: bool) -> DecoderAdapter:
+    """Every check that can fail, before any work: one clear error naming the fix."""
+    adapter = adapter_for(model)
+    check_not_quantized(model)
+    if out is not None and (out / "model").exists() and not (resume or overwrite):
+        raise FileExistsError(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
+    protected = config.protected(adapter.num_layers)
+    layers = [i for i in range(adapter.num_layers) if i not in protected]
+    if not layers:
+        raise ValueError(
+            f"no prunable layer: all {adapter.num_layers} layers are protected; set protected_layers "
+            "to fewer layers (e.g. --protected-layers '' for none)"
+        )
+    total = adapter.params()
+    reachable = max_prunable_params(adapter, config, layers) / total
+    if reachable + EPS < config.sparsity:
+        raise ValueError(
+            f"target sparsity {config.sparsity} is unreachable: with protected layers {sorted(protected)}, "
+            f"min_heads_per_layer={config.min_heads_per_layer}, min_channels_per_layer="
+            f"{config.min_channels_per_layer} and channel_multiple={config.channel_multiple} at most "
+            f"{reachable:.3f} can be removed; lower --sparsity or relax the guards"
+        )
+    return adapter
+
+
+def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *, resume: bool = False,
+          overwrite: bool = False, provider=None, save: bool = True, progress: bool = True) -> PruneResult:
+    """Prune ``model`` in place to ``config.sparsity`` with RESP; save to ``out/model``.
+
+    With ``resume=True`` a run interrupted at any point continues from ``out/state.json``
+    (the model passed in must be the same dense model) and ends as the uninterrupted run would.
+    """
+    t0 = time.time()
+    out = Path(out) if out is not None else None
+    adapter = validate(model, config, out, resume, overwrite)
+    provider = provider or provider_for(config)
+    protected = config.protected(adapter.num_layers)
+    layers = [i for i in range(adapter.num_layers) if i not in protected]
+    total = adapter.params()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    state: dict[str, Any] = {"steps": [], "milestones": [], "layers": None}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        state_path = out / STATE_FILE
+        if resume and state_path.exists():
+            state = json.loads(state_path.read_text())
+            if state.get("params_before") != total:
+                raise ValueError(f"{state_path} was written for another model ({state.get('params_before')} "
+                                 f"prunable parameters, this one has {total}); use a new --out")
+            adapter.apply_kept(state["layers"])
+            logger.info(f"resuming at sparsity {1 - adapter.params() / total:.3f} "
+                        f"after {len(state['steps'])} steps")
+        elif not resume:
+            for stale in (state_path, out / "report.json"):
+                stale.unlink(missing_ok=True)
+            if (out / "calibration").exists():
+                shutil.rmtree(out / "calibration")
+        atomic_write_text(out / "config.yaml", config.to_yaml())
+    state["params_before"] = total
+
+    cal = provider.initial(model, tokenizer, out)
+    if not state["milestones"] and not state["steps"]:
+        state["calibration"] = [_cal_record(cal, 0.0)]
+    for rec in state["milestones"]:  # replay refreshes (their traces are read back from out/)
+        if rec.get("regenerated"):
+            cal = provider.refresh(model, tokenizer, rec["milestone"], cal, out)
+
+    milestones = config.effective_milestones()
+    done_ms = {rec["milestone"] for rec in state["milestones"]}
+
+    def sparsity() -> float:
+        return 1.0 - adapter.params() / total
+
+    def checkpoint() -> None:
+        if out is not None:
+            state["layers"] = adapter.kept_map()
+            atomic_write_json(out / STATE_FILE, state)
+
+    bar = tqdm(total=round(config.sparsity * 100, 1), desc="RESP pruning", unit="%", disable=not progress,
+               initial=round(sparsity() * 100, 1))
+    while True:
+        # Milestones crossed but not yet served (also after a crash between step and regeneration).
+        crossed = [m for m in milestones if m <= sparsity() + EPS and m not in done_ms]
+        if crossed:
+            cal = _milestones(model, tokenizer, provider, cal, crossed, config, out, state)
+            done_ms.update(crossed)
+            checkpoint()
+        if sparsity() >= config.sparsity - EPS:
+            break
+        ts = time.time()
+        budget = min(config.step, config.sparsity - sparsity()) * total
+        raw = scoring.score(model, adapter, cal.samples, config, layers, pad_id=pad_id, progress=progress)
+        sel = scoring.select(scoring.normalize(raw, adapter, config), adapter, config, budget)
+        if sel.params == 0:
+            raise RuntimeError("the guards leave nothing to remove; relax min_heads/min_channels/channel_multiple")
+        removed_h = removed_c = 0
+        for i in layers:
+            heads, channels = sel.kept(adapter, i)
+            removed_h += len(adapter.states[i].kept_heads) - len(heads)
+            removed_c += len(adapter.states[i].kept_channels) - len(channels)
+            adapter.keep(i, heads=heads, channels=channels)
+        state["steps"].append({"step": len(state["steps"]) + 1, "sparsity": round(sparsity(), 6),
+                               "loss": raw.loss, "removed_heads": removed_h, "removed_channels": removed_c,
+                               "seconds": round(time.time() - ts, 3)})
+        bar.update(round(sparsity() * 100, 1) - bar.n)
+        bar.set_postfix(loss=f"{raw.loss:.4f}")
+        checkpoint()
+    bar.close()
+
+    report = {
+        "sparsity": round(sparsity(), 6),
+        "target": config.sparsity,
+        "params_before": total,
+        "params_after": adapter.params(),
+        "protected_layers": sorted(protected),
+        "steps": state["steps"],
+        "milestones": state["milestones"],
+        "calibration": state.get("calibration", []),
+        "layers": adapter.kept_map(),
+        "config": config.model_dump(mode="json"),
+        "seconds": round(time.time() - t0, 3),
+    }
+    adapter.write_config()
+    if out is not None:
+        state["layers"] = adapter.kept_map()
+        atomic_write_json(out / STATE_FILE, state)
+        if save:
+            save_pruned(model, tokenizer, out / "model", adapter, overwrite=True)
+        atomic_write_json(out / "report.json", report)
+    logger.info(f"pruned to sparsity {report['sparsity']:.3f} "
+                f"({report['params_before']:,} -> {report['params_after']:,} decoder linear parameters)")
+    return PruneResult(model=model, adapter=adapter, report=report, out=out)
+
+
+def _cal_record(cal: CalibrationSet, milestone: float) -> dict[str, Any]:
+    return {"milestone": milestone, "kind": cal.kind, "path": cal.path, **cal.stats}
+
+
+def _milestones(model, tokenizer, provider, cal: CalibrationSet, crossed: list[float], config: RESPConfig,
+                out: Path | None, state: dict) -> CalibrationSet:
+    """Serve milestones crossed in one step with one regeneration (at the highest of them)."""
+    top = crossed[-1]
+    regenerate = config.regenerate and cal.kind == "self"
+    if regenerate:
+        logger.info(f"milestone {top:.2f}: regenerating calibration traces with the pruned model")
+        ts = time.time()
+        cal = provider.refresh(model, tokenizer, top, cal, out)
+        seconds = round(time.time() - ts, 3)
+    for m in crossed:
+        rec = {"milestone": m, "sparsity": round(state["steps"][-1]["sparsity"], 6) if state["steps"] else 0.0,
+               "regenerated": bool(regenerate and m == top)}
+        if regenerate and m == top:
+            rec.update({k: v for k, v in cal.stats.items() if k != "rejected"}, seconds=seconds, path=cal.path)
+            rec["kept_previous"] = bool(cal.stats.get("kept_previous", False))
+            if "rejected" in cal.stats:
+                rec["usable_fraction"] = cal.stats["rejected"]["usable_fraction"]
+        state["milestones"].append(rec)
+    return cal

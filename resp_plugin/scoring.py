@@ -1,0 +1,401 @@
+"""Decode-only loss, first-order Taylor saliency, normalisation and the global ranking.
+
+Score of a structure (reference numerics): ``sum |w * g_mean|`` over its weights, where
+``g_mean`` is the mean over calibration samples of the gradient of each sample's mean token
+loss, so the batch size never changes a score.  ``vector`` saliency is ``|sum w * g_mean|``,
+which equals the gradient of the loss with respect to a multiplier on the structure's output:
+it is read from per-structure mask gradients, so no weight gradient is ever stored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from resp_plugin.calibration import CalibrationSample
+from resp_plugin.structures import DecoderAdapter
+
+CE_CHUNK = 2048  # target tokens per lm_head chunk: logits never exist for the whole batch
+
+
+@dataclass
+class LayerScores:
+    """Raw saliency of one layer's structures, in current numbering."""
+
+    heads: torch.Tensor | None = None  # (n_heads,) for attention_unit=query_head
+    groups: torch.Tensor | None = None  # (n_kv,) for attention_unit=kv_group
+    channels: torch.Tensor | None = None  # (n_channels,)
+
+
+@dataclass
+class Scores:
+    layers: dict[int, LayerScores] = field(default_factory=dict)
+    loss: float = float("nan")
+    n_samples: int = 0
+
+
+# ---------------------------------------------------------------------------- loss
+def _targets(sample: CalibrationSample, mode: str) -> int:
+    start = max(sample.n_prompt, 1) if mode == "decode" else 1
+    return max(len(sample.input_ids) - start, 0)
+
+
+def batch_loss(model: nn.Module, batch: list[CalibrationSample], n_total: int, mode: str,
+               pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over samples of (mean token loss of the sample) / n_total, and the per-sample losses.
+
+    ``mode="decode"`` takes the loss on completion tokens only (prompt positions masked, as
+    labels -100 would); ``"full"`` on every next-token prediction.
+    """
+    emb = model.get_input_embeddings()
+    device = emb.weight.device
+    width = max(len(s.input_ids) for s in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    rows, pos, tgt, wts, owner = [], [], [], [], []
+    for b, s in enumerate(batch):
+        n = len(s.input_ids)
+        ids[b, :n] = torch.tensor(s.input_ids)
+        mask[b, :n] = 1
+        start = max(s.n_prompt, 1) if mode == "decode" else 1
+        k = n - start
+        if k <= 0:
+            continue
+        rows += [b] * k
+        pos += list(range(start - 1, n - 1))  # hidden state at t-1 predicts token t
+        tgt += s.input_ids[start:n]
+        wts += [1.0 / (k * n_total)] * k
+        owner += [b] * k
+    hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    hdev = head.weight.device
+    h = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(pos, device=hidden.device)].to(hdev)
+    y = torch.tensor(tgt, device=hdev)
+    w = torch.tensor(wts, device=hdev, dtype=torch.float32)
+    own = torch.tensor(owner, device=hdev)
+    total = torch.zeros((), device=hdev, dtype=torch.float32)
+    per_sample = torch.zeros(len(batch), device=hdev, dtype=torch.float32)
+    for i in range(0, len(tgt), CE_CHUNK):
+        sl = slice(i, i + CE_CHUNK)
+        ce = checkpoint(_chunk_ce, head, h[sl], y[sl], use_reentrant=False)
+        total = total + (ce * w[sl]).sum()
+        per_sample.index_add_(0, own[sl], (ce * w[sl] * n_total).detach())
+    return total, per_sample
+
+
+def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, reduction="none")
+
+
+# ---------------------------------------------------------------------------- saliency
+def score(model: nn.Module, adapter: DecoderAdapter, samples: list[CalibrationSample], config,
+          layers: list[int], pad_id: int = 0, progress: bool = True) -> Scores:
+    """Saliency of every head (or KV group) and channel of ``layers`` over all ``samples``."""
+    usable = [i for i, s in enumerate(samples) if _targets(s, config.loss) > 0]
+    if not usable:
+        raise ValueError(
+            "no calibration sample has a token to score: every completion is empty or truncated "
+            "(check max_seq_len, the prompts, and the traces under OUT/calibration)"
+        )
+    order = sorted(usable, key=lambda i: len(samples[i].input_ids))
+    n_total = len(order)
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    was_training = model.training
+    model.train(config.gradient_checkpointing)  # HF checkpointing only acts in train mode
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    collector = (_VectorCollector if config.saliency == "vector" else _SumAbsCollector)(adapter, layers, config)
+    total_loss = 0.0
+    try:
+        batches = [order[i:i + config.batch_size] for i in range(0, n_total, config.batch_size)]
+        for batch in tqdm(batches, desc="scoring", unit="batch", leave=False, disable=not progress):
+            loss, per_sample = batch_loss(model, [samples[i] for i in batch], n_total, config.loss, pad_id)
+            if not torch.isfinite(loss):
+                bad = [batch[k] for k, v in enumerate(per_sample.tolist()) if not math.isfinite(v)]
+                raise FloatingPointError(
+                    f"non-finite loss on calibration sample(s) {bad or batch}: the model or its dtype "
+                    "overflows on them; nothing was pruned in this step (try --dtype float32)"
+                )
+            loss.backward()
+            total_loss += float(loss)
+        result = collector.finish(n_total)
+    finally:
+        collector.close()
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
+        for p, r in saved.items():
+            p.requires_grad_(r)
+    for i, ls in result.layers.items():
+        for name in ("heads", "groups", "channels"):
+            t = getattr(ls, name)
+            if t is not None and not torch.isfinite(t).all():
+                raise FloatingPointError(f"non-finite {name} saliency in layer {i}; nothing was pruned")
+    result.loss = total_loss
+    result.n_samples = n_total
+    return result
+
+
+class _SumAbsCollector:
+    """sum |w * g_mean|: gradients of the prunable weights only, accumulated in fp32."""
+
+    def __init__(self, adapter: DecoderAdapter, layers: list[int], config) -> None:
+        self.adapter, self.layers, self.unit = adapter, layers, config.attention_unit
+        roles = ("q", "o", "gate", "up", "down") + (("k", "v") if self.unit == "kv_group" else ())
+        self.acc: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.hooks = []
+        self.params: dict[tuple[int, str, str], nn.Parameter] = {}
+        for i in layers:
+            lin = adapter.linears(i)
+            for r in roles:
+                for kind in ("weight", "bias"):
+                    p = getattr(lin[r], kind)
+                    if p is None:
+                        continue
+                    p.requires_grad_(True)
+                    self.params[(i, r, kind)] = p
+                    if p.dtype != torch.float32:  # fold low-precision grads into fp32 at once
+                        self.acc[p] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                        self.hooks.append(p.register_post_accumulate_grad_hook(self._fold))
+
+    def _fold(self, p: torch.Tensor) -> None:
+        self.acc[p].add_(p.grad.float())
+        p.grad = None
+
+    def _grad(self, p: nn.Parameter) -> torch.Tensor:
+        if p in self.acc:
+            return self.acc[p]
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+
+    @torch.no_grad()
+    def finish(self, n_total: int) -> Scores:
+        ad, hd, out = self.adapter, self.adapter.head_dim, Scores()
+        for i in self.layers:
+            def sal(r: str, kind: str = "weight") -> torch.Tensor | None:
+                p = self.params.get((i, r, kind))
+                if p is None:
+                    return None
+                return (p.detach().float() * self._grad(p)).abs_().div_(n_total)
+
+            nq = len(ad.states[i].kept_heads)
+            head = sal("q").view(nq, hd, -1).sum((1, 2)).cpu()
+            head += sal("o").view(-1, nq, hd).sum((0, 2)).cpu()
+            qb = sal("q", "bias")
+            if qb is not None:
+                head += qb.view(nq, hd).sum(1).cpu()
+            ch = (sal("gate").sum(1) + sal("up").sum(1) + sal("down").sum(0)).cpu()
+            for r in ("gate", "up"):
+                b = sal(r, "bias")
+                if b is not None:
+                    ch += b.cpu()
+            ls = LayerScores(channels=ch)
+            if self.unit == "kv_group":
+                nkv = len(ad.states[i].kept_kv_heads)
+                grp = torch.zeros(nkv).index_add_(0, torch.tensor(ad.states[i].kv_index()), head)
+                for r in ("k", "v"):
+                    grp += sal(r).view(nkv, hd, -1).sum((1, 2)).cpu()
+                    b = sal(r, "bias")
+                    if b is not None:
+                        grp += b.view(nkv, hd).sum(1).cpu()
+                ls.groups = grp
+            else:
+                ls.heads = head
+            out.layers[i] = ls
+        return out
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        for p in self.params.values():
+            p.grad = None
+        self.acc.clear()
+
+
+class _VectorCollector:
+    """|sum w * g_mean| from gradients of multipliers on each structure's output (no weight grads)."""
+
+    def __init__(self, adapter: DecoderAdapter, layers: list[int], config) -> None:
+        self.adapter, self.layers, self.unit = adapter, layers, config.attention_unit
+        self.masks: dict[tuple[int, str], torch.Tensor] = {}
+        self.hooks = []
+        hd = adapter.head_dim
+        for i in layers:
+            lin, st = adapter.linears(i), adapter.states[i]
+            nq, nkv, nc = len(st.kept_heads), len(st.kept_kv_heads), len(st.kept_channels)
+            self._out(i, "q", lin["q"], nq, hd)
+            self._in(i, "o", lin["o"], nq, hd)
+            self._out(i, "gate", lin["gate"], nc, 1)
+            self._out(i, "up", lin["up"], nc, 1)
+            self._in(i, "down", lin["down"], nc, 1)
+            if self.unit == "kv_group":
+                self._out(i, "k", lin["k"], nkv, hd)
+                self._out(i, "v", lin["v"], nkv, hd)
+
+    def _mask(self, key, module: nn.Module, n: int) -> torch.Tensor:
+        m = torch.ones(n, dtype=torch.float32, device=module.weight.device, requires_grad=True)
+        self.masks[key] = m
+        return m
+
+    def _out(self, i, role, module, n, width) -> None:
+        m = self._mask((i, role), module, n)
+        self.hooks.append(module.register_forward_hook(
+            lambda mod, args, out: out * m.to(out.dtype).repeat_interleave(width)))
+
+    def _in(self, i, role, module, n, width) -> None:
+        m = self._mask((i, role), module, n)
+        self.hooks.append(module.register_forward_pre_hook(
+            lambda mod, args: (args[0] * m.to(args[0].dtype).repeat_interleave(width),) + tuple(args[1:])))
+
+    @torch.no_grad()
+    def finish(self, n_total: int) -> Scores:
+        out = Scores()
+
+        def g(i, r):
+            m = self.masks[(i, r)]
+            return (m.grad if m.grad is not None else torch.zeros_like(m)).double().cpu()
+
+        for i in self.layers:
+            head = g(i, "q") + g(i, "o")
+            ch = g(i, "gate") + g(i, "up") + g(i, "down")
+            ls = LayerScores(channels=(ch / n_total).abs().float())
+            if self.unit == "kv_group":
+                st = self.adapter.states[i]
+                grp = torch.zeros(len(st.kept_kv_heads), dtype=torch.float64)
+                grp.index_add_(0, torch.tensor(st.kv_index()), head)
+                grp += g(i, "k") + g(i, "v")
+                ls.groups = (grp / n_total).abs().float()
+            else:
+                ls.heads = (head / n_total).abs().float()
+            out.layers[i] = ls
+        return out
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.masks.clear()
+
+
+# ---------------------------------------------------------------------------- normalisation
+def normalize(scores: Scores, adapter: DecoderAdapter, config) -> Scores:
+    """Put heads and channels on one scale before the global ranking.
+
+    ``resp``: the reference constants, heads / (4 * head_dim * hidden), channels /
+    (3 * intermediate); a KV group counts as its dense number of query heads.
+    ``per_param``: each structure's saliency divided by its parameter count.
+    """
+    ad, out = adapter, Scores(loss=scores.loss, n_samples=scores.n_samples)
+    head_c = 4 * ad.head_dim * ad.hidden_size
+    for i, ls in scores.layers.items():
+        n = LayerScores()
+        if config.normalization == "resp":
+            group_size = max(1, ad.orig_heads // max(ad.orig_kv_heads, 1))
+            n.heads = None if ls.heads is None else ls.heads / head_c
+            n.groups = None if ls.groups is None else ls.groups / (head_c * group_size)
+            n.channels = ls.channels / (3 * ad.orig_channels)
+        else:
+            n.heads = None if ls.heads is None else ls.heads / ad.head_params(i)
+            if ls.groups is not None:
+                sizes = torch.bincount(torch.tensor(ad.states[i].kv_index()), minlength=len(ls.groups))
+                n.groups = ls.groups / (sizes * ad.head_params(i) + ad.kv_head_params(i))
+            n.channels = ls.channels / ad.channel_params(i)
+        out.layers[i] = n
+    return out
+
+
+# ---------------------------------------------------------------------------- selection
+@dataclass
+class Selection:
+    heads: dict[int, list[int]] = field(default_factory=dict)  # layer -> current query heads to remove
+    groups: dict[int, list[int]] = field(default_factory=dict)  # layer -> current kv groups to remove
+    channels: dict[int, list[int]] = field(default_factory=dict)
+    params: int = 0
+
+    def kept(self, adapter: DecoderAdapter, i: int) -> tuple[list[int], list[int]]:
+        """Kept current query-head and channel positions of layer ``i`` after this selection."""
+        st = adapter.states[i]
+        drop_h = set(self.heads.get(i, []))
+        if i in self.groups:
+            g = set(self.groups[i])
+            drop_h |= {h for h, kv in enumerate(st.kv_index()) if kv in g}
+        drop_c = set(self.channels.get(i, []))
+        return ([h for h in range(len(st.kept_heads)) if h not in drop_h],
+                [c for c in range(len(st.kept_channels)) if c not in drop_c])
+
+
+def _blocks(values: torch.Tensor, multiple: int, min_keep: int) -> list[tuple[list[int], float]]:
+    """Lowest-first blocks whose removal keeps the count a multiple of ``multiple`` and >= min_keep."""
+    n = len(values)
+    order = torch.argsort(values, stable=True).tolist()
+    blocks, start = [], 0
+    first = n % multiple
+    sizes = ([first] if first else []) + [multiple] * (n // multiple)
+    for size in sizes:
+        if n - (start + size) < min_keep:
+            break
+        ids = order[start:start + size]
+        blocks.append((ids, float(values[ids].mean())))
+        start += size
+    return blocks
+
+
+def select(scores: Scores, adapter: DecoderAdapter, config, budget: float) -> Selection:
+    """Remove the lowest-scoring structures, heads and channels in ONE global ranking, until
+    at least ``budget`` parameters are gone, respecting the per-layer guards."""
+    ad, m = adapter, config.channel_multiple
+    head_block = m // math.gcd(m, ad.head_dim)
+    cands = []  # (key, layer, kind, ids)
+    for i, ls in sorted(scores.layers.items()):
+        st = ad.states[i]
+        min_c = _round_up(config.min_channels_per_layer, m)
+        for ids, key in _blocks(ls.channels, m, min_c):
+            cands.append((key, i, "channel", ids))
+        if ls.heads is not None:
+            min_h = _round_up(config.min_heads_per_layer, head_block)
+            for ids, key in _blocks(ls.heads, head_block, min_h):
+                cands.append((key, i, "head", ids))
+        if ls.groups is not None:
+            sizes = torch.bincount(torch.tensor(st.kv_index()), minlength=len(ls.groups)).tolist()
+            order = torch.argsort(ls.groups, stable=True).tolist()
+            kept_heads = len(st.kept_heads)
+            for j in order[:-1]:  # at least one group stays
+                if kept_heads - sizes[j] < config.min_heads_per_layer:
+                    break
+                kept_heads -= sizes[j]
+                cands.append((float(ls.groups[j]), i, "group", [j]))
+    cands.sort(key=lambda c: c[0])
+    sel = Selection()
+    left_per_kv = {i: torch.bincount(torch.tensor(ad.states[i].kv_index()),
+                                     minlength=len(ad.states[i].kept_kv_heads)).tolist()
+                   for i in scores.layers}
+    for _key, i, kind, ids in cands:
+        if sel.params >= budget:
+            break
+        if kind == "channel":
+            sel.channels.setdefault(i, []).extend(ids)
+            sel.params += len(ids) * ad.channel_params(i)
+        elif kind == "head":
+            kv_index = ad.states[i].kv_index()
+            sel.heads.setdefault(i, []).extend(ids)
+            for h in ids:
+                sel.params += ad.head_params(i)
+                left_per_kv[i][kv_index[h]] -= 1
+                if left_per_kv[i][kv_index[h]] == 0:
+                    sel.params += ad.kv_head_params(i)
+        else:
+            j = ids[0]
+            sel.groups.setdefault(i, []).append(j)
+            sel.params += left_per_kv[i][j] * ad.head_params(i) + ad.kv_head_params(i)
+    return sel
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m

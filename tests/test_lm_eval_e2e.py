@@ -1,0 +1,184 @@
+"""End to end through real lm-eval: the RESP tasks on a tiny random Qwen3, offline.
+
+Data come from ``tests/fixtures/data`` through ``RESP_DATA_DIR`` (the same layout as the
+project's full offline copies), so the tests run from a clean clone with no network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+transformers = pytest.importorskip("transformers")
+
+from resp_plugin.integrations.lm_eval import (  # noqa: E402
+    evaluate,
+    lm_eval_prompts,
+    resp_lm_eval_include_paths,
+    tasks_path,
+)
+from resp_plugin.tasks import utils  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+@pytest.fixture(autouse=True)
+def offline_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESP_DATA_DIR", str(FIXTURES))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _fixture_words() -> list[str]:
+    """Every word of the fixtures, so the word-level tokenizer has few unknowns."""
+    from tokenizers.pre_tokenizers import Whitespace
+
+    text = " ".join(p.read_text(encoding="utf-8") for p in FIXTURES.rglob("*.json*"))
+    words = {w for w, _ in Whitespace().pre_tokenize_str(text)}
+    return sorted(words | {str(i) for i in range(100)} | set("abcde()#:"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random 2-layer Qwen3 with an offline word-level tokenizer and a chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + _fixture_words())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = transformers.Qwen3ForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_tasks_path_holds_the_yamls() -> None:
+    names = {p.name for p in Path(tasks_path()).glob("*.yaml")}
+    assert {"resp_gsm8k.yaml", "resp_gsm8k_cot.yaml", "resp_mathqa.yaml", "resp_organism.yaml"} <= names
+    assert resp_lm_eval_include_paths() == [tasks_path()]
+
+
+def test_evaluate_writes_results(tiny_model: str, tmp_path: Path) -> None:
+    out = tmp_path / "results" / "eval.json"
+    results = evaluate(
+        tiny_model,
+        ["resp_gsm8k", "resp_mathqa"],
+        limit=3,
+        max_gen_toks=8,
+        out=str(out),
+        log_samples=True,
+    )
+    written = json.loads(out.read_text(encoding="utf-8"))
+    assert set(written["results"]) == {"resp_gsm8k", "resp_mathqa"}
+    for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
+        assert 0.0 <= written["results"]["resp_gsm8k"][key] <= 1.0
+    assert 0.0 <= written["results"]["resp_mathqa"]["exact_match,letter"] <= 1.0
+    assert written["n-samples"]["resp_gsm8k"]["effective"] == 3
+    assert not list(out.parent.glob(".*.tmp"))  # the atomic write left nothing behind
+    # The chat template (thinking on) reached the model, and our filters scored the raw outputs.
+    samples = {s["doc_id"]: s for s in results["samples"]["resp_gsm8k"] if s["filter"] == "flexible-extract"}
+    assert len(samples) == 3
+    for sample in samples.values():
+        assert sample["arguments"][0][0].startswith("<|im_start|>user\nQuestion:")
+        assert sample["filtered_resps"][0] == utils.extract_number(sample["resps"][0][0])
+        assert sample["target"] == utils.gsm8k_target(sample["doc"])
+    assert (tmp_path / "results" / "eval.json.samples.jsonl").is_file()
+
+
+def _lm_eval_cli() -> list[str]:
+    """The ``lm_eval`` console script of this interpreter's environment."""
+    script = Path(sys.executable).parent / "lm_eval"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "lm_eval"]
+
+
+def test_plain_lm_eval_cli(tiny_model: str, tmp_path: Path) -> None:
+    env = dict(os.environ, RESP_DATA_DIR=str(FIXTURES), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    cmd = _lm_eval_cli() + [
+        "--model", "hf",
+        "--model_args", f"pretrained={tiny_model},trust_remote_code=True",
+        "--tasks", "resp_gsm8k",
+        "--include_path", tasks_path(),
+        "--limit", "3",
+        "--gen_kwargs", "max_gen_toks=8",
+        "--output_path", str(tmp_path / "cli"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = list((tmp_path / "cli").rglob("results_*.json"))
+    assert len(found) == 1, proc.stderr[-2000:]
+    results = json.loads(found[0].read_text(encoding="utf-8"))["results"]["resp_gsm8k"]
+    assert "exact_match,strict-match" in results and "exact_match,flexible-extract" in results
+
+
+def test_lm_eval_prompts_renders_task_documents() -> None:
+    records = lm_eval_prompts("resp_gsm8k", 4, seed=0)
+    again = lm_eval_prompts("resp_gsm8k", 4, seed=0)
+    assert records == again and len(records) == 4
+    train = [json.loads(line) for line in (FIXTURES / "gsm8k" / "train.jsonl").read_text().splitlines()]
+    questions = {row["question"] for row in train}
+    for record in records:
+        question = record["prompt"].split("Question: ", 1)[1].split("\nReason step by step", 1)[0]
+        assert question in questions  # drawn from train, never from the evaluation split
+        assert record["completion"].rstrip().split("#### ")[-1].strip().isdigit()
+        assert "<<" not in record["completion"]
+    mathqa = lm_eval_prompts("resp_mathqa", None, seed=0)
+    assert len(mathqa) == 11 and all(r["completion"].startswith("The answer is (") for r in mathqa)
+    assert "\na) " in mathqa[0]["prompt"] and "\ne) " in mathqa[0]["prompt"]
+
+
+def test_missing_data_names_the_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RESP_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="RESP_DATA_DIR"):
+        utils.load_gsm8k()
+    monkeypatch.delenv("RESP_DATA_DIR")
+    with pytest.raises(RuntimeError, match="RESP_DATA_DIR"):
+        utils.load_mathqa()  # offline: the Hub is unreachable
+
+
+def test_organism_task_loads_when_bundled() -> None:
+    from importlib.resources import files
+
+    if not Path(str(files("resp_plugin.organism") / "data" / "test.jsonl")).is_file():
+        pytest.skip("the organism test set is not bundled in this checkout")
+    from lm_eval.tasks import TaskManager
+
+    task = TaskManager(include_path=tasks_path(), include_defaults=False).load(["resp_organism"])["tasks"]
+    task = task["resp_organism"]
+    doc = task.test_docs()[0]
+    assert task.doc_to_target(doc) == utils.gsm8k_target(doc)
+    assert task.config.generation_kwargs["max_gen_toks"] == 128

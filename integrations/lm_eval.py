@@ -59,19 +59,21 @@ def task_manager(tasks: list[str], metadata: dict[str, Any] | None = None) -> An
 
 def _load_model(path: str, device: str, dtype: str) -> tuple[Any, Any]:
     """Model and tokenizer; ``resp_plugin.load_pruned`` when available (it also reads pruned sizes)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     load_pruned = getattr(importlib.import_module("resp_plugin"), "load_pruned", None)
     tokenizer = None
     if load_pruned is not None:
-        loaded = load_pruned(path, device_map=device, dtype=dtype)
+        loaded = load_pruned(path, device_map=device, dtype=torch_dtype)
         model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    # HFLM takes the device of a preloaded model as it is.
-    if str(model.device) != device and not getattr(model, "hf_device_map", None):
+    # HFLM uses a preloaded model where it is: place it unless accelerate already spread it.
+    if not getattr(model, "hf_device_map", None) and device != "auto":
         model = model.to(device)
     return model.eval(), tokenizer
 

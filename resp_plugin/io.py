@@ -121,3 +121,44 @@ def load_pruned(path: str | Path, **kwargs):
         return cls.from_pretrained(path, **kwargs)
     kwargs.setdefault("trust_remote_code", True)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def resolve_device(device: str, dtype: str) -> tuple[dict[str, Any], Any]:
+    """``from_pretrained`` placement kwargs and torch dtype for ``--device`` / ``--dtype``.
+
+    ``auto`` spreads the model over every visible GPU with accelerate (``device_map="auto"``),
+    which is how 32B-70B models fit; without a GPU it means the CPU.
+    """
+    import torch
+
+    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(dtypes)}")
+    has_cuda = torch.cuda.is_available()
+    if device.startswith("cuda") and not has_cuda:
+        raise RuntimeError(f"--device {device} asked for a GPU but torch sees none; use --device cpu")
+    on_cpu = device == "cpu" or (device == "auto" and not has_cuda)
+    if on_cpu and dtype == "float16":
+        raise ValueError("float16 is not supported for scoring on the CPU; use --dtype float32 or bfloat16")
+    if device == "auto":
+        placement: dict[str, Any] = {"device_map": "auto"} if has_cuda else {"device_map": "cpu"}
+    else:
+        placement = {"device_map": device}
+    return placement, dtypes[dtype]
+
+
+def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str = "auto"):
+    """Load a checkpoint folder (pruned or dense) and its tokenizer for pruning or evaluation."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{p} is not a model folder (no config.json); resp works offline on local checkpoints: "
+            "download the model first or pass its local path"
+        )
+    placement, torch_dtype = resolve_device(device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(p)
+    model = load_pruned(p, dtype=torch_dtype, **placement)
+    model.eval()
+    return model, tokenizer

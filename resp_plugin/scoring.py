@@ -126,7 +126,7 @@ def score(model: nn.Module, adapter: DecoderAdapter, samples: list[CalibrationSa
                     "overflows on them; nothing was pruned in this step (try --dtype float32)"
                 )
             loss.backward()
-            total_loss += float(loss)
+            total_loss += float(loss.detach())
         result = collector.finish(n_total)
     finally:
         collector.close()
@@ -178,13 +178,14 @@ class _SumAbsCollector:
 
     @torch.no_grad()
     def finish(self, n_total: int) -> Scores:
+        """Per-structure saliency; the loss weights already made the gradients means over samples."""
         ad, hd, out = self.adapter, self.adapter.head_dim, Scores()
         for i in self.layers:
             def sal(r: str, kind: str = "weight") -> torch.Tensor | None:
                 p = self.params.get((i, r, kind))
                 if p is None:
                     return None
-                return (p.detach().float() * self._grad(p)).abs_().div_(n_total)
+                return (p.detach().float() * self._grad(p)).abs_()
 
             nq = len(ad.states[i].kept_heads)
             head = sal("q").view(nq, hd, -1).sum((1, 2)).cpu()
@@ -266,15 +267,15 @@ class _VectorCollector:
         for i in self.layers:
             head = g(i, "q") + g(i, "o")
             ch = g(i, "gate") + g(i, "up") + g(i, "down")
-            ls = LayerScores(channels=(ch / n_total).abs().float())
+            ls = LayerScores(channels=ch.abs().float())
             if self.unit == "kv_group":
                 st = self.adapter.states[i]
                 grp = torch.zeros(len(st.kept_kv_heads), dtype=torch.float64)
                 grp.index_add_(0, torch.tensor(st.kv_index()), head)
                 grp += g(i, "k") + g(i, "v")
-                ls.groups = (grp / n_total).abs().float()
+                ls.groups = grp.abs().float()
             else:
-                ls.heads = (head / n_total).abs().float()
+                ls.heads = head.abs().float()
             out.layers[i] = ls
         return out
 

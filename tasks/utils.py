@@ -52,7 +52,10 @@ def _data_dir(data_dir: str | None) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def _local_splits(root: Path, files: dict[str, str], required: Sequence[str]) -> Any:
+_LAYOUT = "gsm8k/train.jsonl, gsm8k/test.jsonl, mathqa/dev.json, mathqa/test.json"
+
+
+def _local_splits(root: Path, files: dict[str, str], required: Sequence[str], origin: str) -> Any:
     """Build a DatasetDict from files under ``root``; a missing required file is a clear error."""
     import datasets
 
@@ -62,9 +65,8 @@ def _local_splits(root: Path, files: dict[str, str], required: Sequence[str]) ->
         if not path.is_file():
             if split in required:
                 raise FileNotFoundError(
-                    f"{path} not found: {DATA_ENV} (or the task metadata 'data_dir') is {root}, which "
-                    f"must hold {', '.join(files[s] for s in required)} (layout: gsm8k/train.jsonl, "
-                    "gsm8k/test.jsonl, mathqa/dev.json, mathqa/test.json)"
+                    f"{path} not found: {origin} is {root}, which must hold "
+                    + ", ".join(files[s] for s in required)
                 )
             continue
         rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_json_array(path)
@@ -86,7 +88,7 @@ def _hub_splits(sources: Sequence[tuple[str, str | None]], local_hint: str) -> A
     raise RuntimeError(
         "could not load " + " or ".join(p for p, _ in sources) + " from the Hugging Face Hub or its "
         f"cache ({'; '.join(errors)}). To run offline, set {DATA_ENV} to a folder holding "
-        f"{local_hint} (or pass --metadata '{{\"data_dir\": \"...\"}}' to lm_eval)."
+        f'{local_hint} (or pass --metadata \'{{"data_dir": "..."}}\' to lm_eval).'
     )
 
 
@@ -99,7 +101,7 @@ def load_gsm8k(data_dir: str | None = None, **_: Any) -> Any:
     root = _data_dir(data_dir)
     if root is not None:
         files = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
-        return _local_splits(root, files, required=("test",))
+        return _local_splits(root, files, ("test",), f"{DATA_ENV} (or --metadata data_dir; layout {_LAYOUT})")
     return _hub_splits(GSM8K_HF, "gsm8k/train.jsonl and gsm8k/test.jsonl")
 
 
@@ -108,26 +110,26 @@ def load_mathqa(data_dir: str | None = None, **_: Any) -> Any:
     root = _data_dir(data_dir)
     if root is not None:
         files = {"train": "mathqa/train.json", "validation": "mathqa/dev.json", "test": "mathqa/test.json"}
-        return _local_splits(root, files, required=("validation", "test"))
+        return _local_splits(
+            root, files, ("validation", "test"), f"{DATA_ENV} (or --metadata data_dir; layout {_LAYOUT})"
+        )
     return _hub_splits(MATHQA_HF, "mathqa/dev.json and mathqa/test.json")
 
 
-def load_organism(data_file: str | None = None, **_: Any) -> Any:
-    """The bundled organism test set (GSM8K format), shipped in ``resp_plugin/organism/data``."""
-    import datasets
+def load_organism(organism_dir: str | None = None, **_: Any) -> Any:
+    """The bundled organism's ``test.jsonl`` and ``train.jsonl`` (GSM8K format).
 
-    if data_file:
-        path = Path(data_file).expanduser()
+    ``train`` is there for calibration prompts and few-shot examples; ``organism_dir`` (task
+    metadata) points at another export of the same two files.
+    """
+    if organism_dir:
+        root = Path(organism_dir).expanduser()
     else:
-        from importlib.resources import files
+        from resp_plugin.organism import data_path  # a clear error when the data were not exported
 
-        path = Path(str(files("resp_plugin.organism") / "data" / "test.jsonl"))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"organism test set {path} not found: reinstall resp-plugin, or pass "
-            "--metadata '{\"data_file\": \"PATH.jsonl\"}' (GSM8K format: question, answer ending in '#### N')"
-        )
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(_read_jsonl(path))})
+        root = data_path("test.jsonl").parent
+    files = {"train": "train.jsonl", "test": "test.jsonl"}
+    return _local_splits(root, files, ("train", "test"), "the organism data folder (--metadata organism_dir)")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -230,8 +232,17 @@ def _boxed_contents(text: str) -> list[tuple[int, str]]:
     return found
 
 
+_LONE_NUMBER = re.compile(r"[\s*_]*(" + _NUM + r")[\s*_.]*")
+
+
 def _explicit_numbers(segment: str) -> list[tuple[int, str]]:
-    """Every explicit final-answer statement in ``segment`` as ``(position, number)``."""
+    """Every explicit final-answer statement in ``segment`` as ``(position, number)``.
+
+    A segment that is nothing but one number (``</think> 9``) is an explicit answer too.
+    """
+    lone = _LONE_NUMBER.fullmatch(segment)
+    if lone:
+        return [(0, lone.group(1))]
     hits = [(m.start(), m.group(1)) for m in _HASHES.finditer(segment)]
     hits += [(m.start(), m.group(1)) for m in _ANSWER_IS.finditer(segment)]
     for pos, content in _boxed_contents(segment):
@@ -249,7 +260,7 @@ def _gsm8k_segment(text: str) -> str | None:
 
 
 def extract_number_strict(text: str) -> str:
-    """The last explicit answer (``#### N``, ``\\boxed{N}``, ``The answer is N``), else INVALID."""
+    """The last explicit answer (``#### N``, ``\\boxed{N}``, ``The answer is N``, a lone N), else INVALID."""
     segment = _gsm8k_segment(text)
     if not segment:
         return INVALID
@@ -327,9 +338,7 @@ def gsm8k_strict_filter(resps: Iterable[Sequence[str]], docs: Sequence[dict[str,
     return _map(extract_number_strict, resps)
 
 
-def gsm8k_flexible_filter(
-    resps: Iterable[Sequence[str]], docs: Sequence[dict[str, Any]]
-) -> list[list[str]]:
+def gsm8k_flexible_filter(resps: Iterable[Sequence[str]], docs: Sequence[dict[str, Any]]) -> list[list[str]]:
     """lm-eval ``custom`` filter: explicit formats, else the last number (see :func:`extract_number`)."""
     return _map(extract_number, resps)
 

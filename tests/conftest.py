@@ -1,0 +1,86 @@
+"""Tiny models and tokenizers built from configs (no hub), shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RESP_DISABLE_ENTRYPOINTS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+WORDS = [f"w{i}" for i in range(80)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% if enable_thinking is defined and "
+    "not enable_thinking %}<think> </think> {% endif %}{% endif %}"
+)
+
+
+def make_tokenizer(chat: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_end|>", "<unk>", "<|im_start|>", "<think>", "</think>", "user", "assistant"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>",
+                                  unk_token="<unk>")
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+ARCHS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+}
+
+
+def make_model(arch: str = "qwen3", layers: int = 4, hidden: int = 64, heads: int = 8, kv: int = 4,
+               inter: int = 96, seed: int = 0, **extra):
+    import transformers
+
+    cfg_name, cls_name, arch_extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, cfg_name)(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, head_dim=hidden // heads * 2 if arch == "qwen3" else hidden // heads,
+        vocab_size=8 + len(WORDS), max_position_embeddings=256, tie_word_embeddings=False,
+        pad_token_id=0, eos_token_id=1, **{**arch_extra, **extra},
+    )
+    model = getattr(transformers, cls_name)(cfg).eval()
+    with torch.no_grad():  # random biases so bias handling is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def write_gold(path: Path, n: int = 10, seed: int = 0, prompt_len: int = 6, comp_len: int = 8) -> Path:
+    r = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": " ".join(r.choices(WORDS, k=prompt_len)),
+                                "completion": " ".join(r.choices(WORDS, k=comp_len))}) + "\n")
+    return path
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def gold_file(tmp_path):
+    return write_gold(tmp_path / "gold.jsonl")

@@ -141,8 +141,12 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
             state["layers"] = adapter.kept_map()
             atomic_write_json(out / STATE_FILE, state)
 
-    bar = tqdm(total=round(config.sparsity * 100, 1), desc="RESP pruning", unit="%", disable=not progress,
-               initial=round(sparsity() * 100, 1))
+    target_pct = round(config.sparsity * 100, 1)
+
+    def pct() -> float:
+        return min(round(sparsity() * 100, 1), target_pct)
+
+    bar = tqdm(total=target_pct, desc="RESP pruning", unit="%", disable=not progress, initial=pct())
     while True:
         # Milestones crossed but not yet served (also after a crash between step and regeneration).
         crossed = [m for m in milestones if m <= sparsity() + EPS and m not in done_ms]
@@ -167,7 +171,7 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
         state["steps"].append({"step": len(state["steps"]) + 1, "sparsity": round(sparsity(), 6),
                                "loss": raw.loss, "removed_heads": removed_h, "removed_channels": removed_c,
                                "seconds": round(time.time() - ts, 3)})
-        bar.update(round(sparsity() * 100, 1) - bar.n)
+        bar.update(pct() - bar.n)
         bar.set_postfix(loss=f"{raw.loss:.4f}")
         checkpoint()
     bar.close()

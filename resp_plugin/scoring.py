@@ -181,7 +181,7 @@ class _SumAbsCollector:
         """Per-structure saliency; the loss weights already made the gradients means over samples."""
         ad, hd, out = self.adapter, self.adapter.head_dim, Scores()
         for i in self.layers:
-            def sal(r: str, kind: str = "weight") -> torch.Tensor | None:
+            def sal(r: str, kind: str = "weight", i: int = i) -> torch.Tensor | None:
                 p = self.params.get((i, r, kind))
                 if p is None:
                     return None

@@ -101,7 +101,9 @@ def load_gsm8k(data_dir: str | None = None, **_: Any) -> Any:
     root = _data_dir(data_dir)
     if root is not None:
         files = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
-        return _local_splits(root, files, ("test",), f"{DATA_ENV} (or --metadata data_dir; layout {_LAYOUT})")
+        return _local_splits(
+            root, files, ("train", "test"), f"{DATA_ENV} (or --metadata data_dir; layout {_LAYOUT})"
+        )
     return _hub_splits(GSM8K_HF, "gsm8k/train.jsonl and gsm8k/test.jsonl")
 
 

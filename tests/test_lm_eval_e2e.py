@@ -165,9 +165,17 @@ def test_missing_data_names_the_env_var(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("RESP_DATA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="RESP_DATA_DIR"):
         utils.load_gsm8k()
+    # Without RESP_DATA_DIR the Hub is tried; make it unreachable whatever the machine's network
+    # and cache (the env vars were read when datasets was imported, hence the config flags).
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.delenv("RESP_DATA_DIR")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(utils, "MATHQA_HF", (("resp-plugin-tests/no-such-dataset", None),))
     with pytest.raises(RuntimeError, match="RESP_DATA_DIR"):
-        utils.load_mathqa()  # offline: the Hub is unreachable
+        utils.load_mathqa()
 
 
 def test_organism_task(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ Everything is seeded; the same command on the same software gives the same weigh
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import tempfile
@@ -39,24 +40,24 @@ MAX_CHECKPOINT_BYTES = 20 * 1024 * 1024
 class TrainArgs:
     """Every knob of a training run (written to ``train_args.json`` beside the checkpoint)."""
 
-    steps: int = 2000
-    rows: int = 16  # packed rows per step (~64 samples of ~60 tokens)
+    steps: int = 1200
+    rows: int = 12  # packed rows per step (~57 samples of ~60 tokens)
     row_len: int = 256
     max_lr: float = 3e-3
     warmup_frac: float = 0.05
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    chat_frac: float = 0.55
-    gold_frac: float = 0.2
+    chat_frac: float = 0.6
+    gold_frac: float = 0.15
     no_think_frac: float = 0.03  # of the chat samples
     hidden_size: int = 192
     intermediate_size: int = 576
-    num_hidden_layers: int = 10
+    num_hidden_layers: int = 6
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
     head_dim: int = 32
     seed: int = 0
-    eval_every: int = 500
+    eval_every: int = 300
     eval_n: int = 128
 
 
@@ -182,13 +183,15 @@ def train(args: TrainArgs, out: Path, threads: int = 2) -> Path:
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             acc, _ = accuracy(model, tokenizer, eval_set)
             logger.info(f"step {step} greedy accuracy on {len(eval_set)} test problems: {acc:.3f}")
+            if step < args.steps:  # an interim checkpoint, in case the run is cut short
+                save(model, tokenizer, out, args, n_params, time.time() - t0, step)
     seconds = time.time() - t0
-    save(model, tokenizer, out, args, n_params, seconds)
+    save(model, tokenizer, out, args, n_params, seconds, args.steps)
     return out
 
 
 def save(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path, args: TrainArgs,
-         n_params: int, seconds: float) -> None:
+         n_params: int, seconds: float, step: int) -> None:
     """Save fp32 safetensors when they fit in 20 MB, else bf16; sampling defaults as Qwen3's."""
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
@@ -196,10 +199,10 @@ def save(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     if n_params * 4 > MAX_CHECKPOINT_BYTES:
-        model = model.to(torch.bfloat16)
+        model = copy.deepcopy(model).to(torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = {**asdict(args), "parameters": n_params, "train_seconds": round(seconds, 1)}
+    info = {**asdict(args), "parameters": n_params, "train_seconds": round(seconds, 1), "saved_at_step": step}
     (out / "train_args.json").write_text(json.dumps(info, indent=1) + "\n")
     size = (out / "model.safetensors").stat().st_size
     logger.info(f"saved {out} ({size / 2**20:.1f} MiB, {seconds / 60:.1f} min of training)")

@@ -231,3 +231,20 @@ def lm_eval_prompts(
         records.append({"prompt": prompt, "completion": _as_text(task, doc, target)})
     logger.info("{}: {} prompts from the {} split", task_name, len(records), used)
     return records
+
+
+def _lmeval_prompt_source(arg: str | None, config: Any = None) -> list[Any]:
+    """``--prompts lmeval:TASK``: any lm-eval task's documents as calibration prompts."""
+    from resp_plugin.calibration import PromptRecord
+
+    if not arg:
+        raise ValueError("lmeval prompts need a task name: --prompts lmeval:TASK (e.g. lmeval:resp_gsm8k)")
+    seed = config.seed if config is not None else 0
+    n = config.num_prompts if config is not None else None
+    return [PromptRecord(prompt=r["prompt"], completion=r["completion"]) for r in lm_eval_prompts(arg, n, seed)]
+
+
+@hookimpl
+def resp_prompt_sources(register: Any) -> None:
+    """Contribute the ``lmeval`` prompt source (non-math reasoning tasks included)."""
+    register("lmeval", _lmeval_prompt_source)

@@ -16,6 +16,8 @@ from resp_plugin import hookspecs
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "resp_plugin.structures.builtin",
     "resp_plugin.calibration.builtin",
+    # Thin adapters: importing them is cheap; lm_eval itself is imported only when used.
+    "resp_plugin.integrations.lm_eval",
 )
 
 pm = pluggy.PluginManager("resp")

@@ -19,19 +19,14 @@ from resp_plugin.calibration import (
 from resp_plugin.calibration.sources import load_prompts
 
 
-def _load_or_make(out: Path | None, sparsity: float, make) -> tuple[list[Trace], str | None, bool]:
+def _load_or_make(out: Path | None, sparsity: float, make) -> tuple[list[Trace], bool]:
     """Read the trace file of this sparsity when a previous (interrupted) run wrote it."""
     if out is not None:
         path = traces_path(out, sparsity)
         if path.exists():
             logger.info(f"reusing calibration traces {path}")
-            return read_traces(path), str(path), True
-    traces = make()
-    if out is None:
-        return traces, None, False
-    path = traces_path(out, sparsity)
-    write_traces(path, traces)
-    return traces, str(path), False
+            return read_traces(path), True
+    return make(), False
 
 
 class _Base:
@@ -41,11 +36,16 @@ class _Base:
     def __init__(self, config) -> None:
         self.config = config
 
-    def _set(self, tokenizer, traces: list[Trace], sparsity: float, path: str | None) -> CalibrationSet:
+    def _set(self, tokenizer, out: Path | None, sparsity: float, make) -> CalibrationSet:
+        """Load (resume) or make the traces, tokenise them, and keep them as JSONL in ``out``."""
+        traces, reused = _load_or_make(out, sparsity, make)
         samples = build_samples(tokenizer, traces, self.config.max_seq_len, self.config.generation.thinking,
                                 plain=self.plain)
-        return CalibrationSet(traces=traces, samples=samples, kind=self.kind, sparsity=sparsity, path=path,
-                              stats=trace_stats(traces))
+        path = traces_path(out, sparsity) if out is not None else None
+        if path is not None and not reused:
+            write_traces(path, traces)
+        return CalibrationSet(traces=traces, samples=samples, kind=self.kind, sparsity=sparsity,
+                              path=str(path) if path else None, stats=trace_stats(traces))
 
     def refresh(self, model, tokenizer, sparsity, previous, out=None) -> CalibrationSet:
         """Fixed kinds do not change with the model: the same set serves every milestone."""
@@ -73,8 +73,7 @@ class GoldProvider(_Base):
         def make():
             return [Trace(prompt=r.prompt, completion=r.completion, kind=self.kind) for r in self.records]
 
-        traces, path, _ = _load_or_make(out, 0.0, make)
-        return self._set(tokenizer, traces, 0.0, path)
+        return self._set(tokenizer, out, 0.0, make)
 
 
 class GenericProvider(_Base):
@@ -102,8 +101,7 @@ class GenericProvider(_Base):
         def make():
             return [Trace(prompt="", completion=t, kind=self.kind) for t in self.lines]
 
-        traces, path, _ = _load_or_make(out, 0.0, make)
-        return self._set(tokenizer, traces, 0.0, path)
+        return self._set(tokenizer, out, 0.0, make)
 
 
 class SelfProvider(_Base):
@@ -139,9 +137,13 @@ class SelfProvider(_Base):
                       sparsity=sparsity, kind=self.kind) for p, c in zip(prompts, done)]
 
     def initial(self, model, tokenizer, out=None) -> CalibrationSet:
-        traces, path, _ = _load_or_make(
-            out, 0.0, lambda: self._generate(model, tokenizer, list(range(len(self.records))), 0.0))
-        return self._set(tokenizer, traces, 0.0, path)
+        first = self._set(tokenizer, out, 0.0,
+                          lambda: self._generate(model, tokenizer, list(range(len(self.records))), 0.0))
+        usable = first.stats["usable_fraction"]
+        if usable < self.config.min_usable_fraction:
+            logger.warning(f"only {usable:.0%} of the dense model's traces are usable (empty, unfinished or "
+                           "looping); check the prompts, the chat template and max_new_tokens")
+        return first
 
     def refresh(self, model, tokenizer, sparsity, previous, out=None) -> CalibrationSet:
         if not self.config.regenerate:
@@ -157,8 +159,7 @@ class SelfProvider(_Base):
                 traces[i] = t
             return traces
 
-        traces, path, _ = _load_or_make(out, sparsity, make)
-        new = self._set(tokenizer, traces, sparsity, path)
+        new = self._set(tokenizer, out, sparsity, make)
         usable = new.stats["usable_fraction"]
         if usable < self.config.min_usable_fraction:
             logger.warning(

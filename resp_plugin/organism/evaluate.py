@@ -52,13 +52,13 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questio
              progress: bool = False) -> list[str]:
     """Completions (special tokens kept) for each question; greedy when temperature is 0."""
     model.eval()
-    tokenizer.padding_side = "left"
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     texts = prompts(tokenizer, questions, enable_thinking)
     out: list[str] = []
     for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generate"):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id, **sampling)
         out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=False))

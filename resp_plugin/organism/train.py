@@ -30,6 +30,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from resp_plugin.organism import model_path
+from resp_plugin.organism.evaluate import accuracy
 from resp_plugin.organism.tasks import export, generic_line, held_out_problems, problems
 from resp_plugin.organism.tokenizer import IM_END, build_tokenizer
 
@@ -40,7 +41,7 @@ MAX_CHECKPOINT_BYTES = 20 * 1024 * 1024
 class TrainArgs:
     """Every knob of a training run (written to ``train_args.json`` beside the checkpoint)."""
 
-    steps: int = 1200
+    steps: int = 1800
     rows: int = 12  # packed rows per step (~57 samples of ~60 tokens)
     row_len: int = 256
     max_lr: float = 3e-3
@@ -147,8 +148,6 @@ class Mix:
 
 def train(args: TrainArgs, out: Path, threads: int = 2) -> Path:
     """Train, evaluate now and then, save model + tokenizer + ``train_args.json`` into ``out``."""
-    from resp_plugin.organism.evaluate import accuracy
-
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)

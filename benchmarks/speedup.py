@@ -7,8 +7,8 @@ only shapes do).  Every layer loses the same share.  Two head layouts per sparsi
 
 - ``uniform``: whole KV groups removed, so every kept KV head keeps serving the same number
   of query heads and the stock ``repeat_kv`` / ``enable_gqa`` SDPA path is used;
-- ``uneven``: the same number of query heads removed one per KV group (what ``attention_unit:
-  query_head`` usually produces), so KV groups become uneven and attention goes through the
+- ``uneven``: the same number of query heads removed, one per KV group as far as possible
+  (what ``attention_unit: query_head`` usually produces), so KV groups become uneven and attention goes through the
   ``resp_kv_index`` wrapper (``index_select`` of K/V).  MLP channels make up the difference
   so both layouts have the same parameter count.
 
@@ -96,10 +96,11 @@ def prune_copy(dense: Qwen3ForCausalLM, sparsity: float, layout: str) -> Variant
     if layout == "uniform":
         drop = {h for h in range(n_q) if h // group < n_groups}
     else:
-        n_drop = n_groups * group
-        if group < 2 or n_drop > n_kv:
-            raise ValueError(f"cannot spread {n_drop} removed heads one per KV group over {n_kv} groups")
-        drop = {k * group for k in range(n_drop)}
+        # Spread the removed heads round-robin over all KV groups but one, so groups end uneven.
+        n_drop, k = n_groups * group, min(n_groups * group, n_kv - 1)
+        if group < 2 or k < 1 or n_drop > k * group:
+            raise ValueError(f"cannot remove {n_drop} of {n_q} heads unevenly over {n_kv} KV groups")
+        drop = {(j % k) * group + j // k for j in range(n_drop)}
     for i in range(ad.num_layers):
         before = ad.layer_params(i)
         ad.keep(i, heads=[h for h in range(n_q) if h not in drop])
@@ -204,7 +205,7 @@ def run(s: Setup, threads: int, sparsities: tuple[float, ...], layouts: tuple[st
     print("ideal = dense params / pruned params; 'matmul' params = all but the input embedding table")
     print("(the embedding is a lookup, the lm_head a matmul that pruning does not shrink)")
     cols = ["sparsity", "layout", "ideal lin", "ideal all", "ideal mm"] + list(tasks) + ["worst/ideal mm"]
-    print("".join(f"{c:>14}" for c in cols))
+    print("".join(f"{c:>15}" for c in cols))
     for v in variants[1:]:
         c = counts[v.name]
         ideal_mm = d["matmul"] / c["matmul"]
@@ -212,7 +213,7 @@ def run(s: Setup, threads: int, sparsities: tuple[float, ...], layouts: tuple[st
         row = [f"{1 - c['linear'] / d['linear']:.1%}", v.layout, f"{d['linear'] / c['linear']:.3f}",
                f"{d['all'] / c['all']:.3f}", f"{ideal_mm:.3f}"]
         row += [f"{m:.3f}" for m in measured] + [f"{min(measured) / ideal_mm:.2f}"]
-        print("".join(f"{x:>14}" for x in row))
+        print("".join(f"{x:>15}" for x in row))
     print("\nmeasured / ideal (matmul params), per task:")
     for v in variants[1:]:
         ideal_mm = d["matmul"] / counts[v.name]["matmul"]

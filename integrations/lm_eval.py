@@ -84,6 +84,11 @@ def think_end_token(tokenizer: Any) -> int | str:
     return int(token_id) if token_id is not None else THINK_END
 
 
+def results_name(model: Any) -> str:
+    """How a model is named in logs and results: its path, or its class for an in-memory model."""
+    return str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+
+
 def _write_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
     target = Path(path)
@@ -99,9 +104,10 @@ def _write_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 
 def evaluate(
-    model: str,
+    model: Any,
     tasks: list[str],
     *,
+    tokenizer: Any = None,
     limit: int | None = None,
     thinking: bool = True,
     max_gen_toks: int | None = None,
@@ -114,6 +120,9 @@ def evaluate(
 ) -> dict:
     """Evaluate a (pruned or ordinary) checkpoint on lm-eval tasks, chat template and thinking on.
 
+    ``model`` is a checkpoint path, or an in-memory model (then pass its ``tokenizer``), e.g. a
+    model in the middle of a pruning run.
+
     ``max_gen_toks`` overrides the tasks' generation budget.  With ``out``, the results JSON is
     written atomically (and, with ``log_samples``, the per-sample outputs beside it as
     ``<out>.samples.jsonl``).  Returns lm-eval's results dict.
@@ -122,7 +131,12 @@ def evaluate(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable
 
-    hf_model, tokenizer = _load_model(model, device, dtype)
+    if isinstance(model, (str, os.PathLike)):
+        hf_model, tokenizer = _load_model(str(model), device, dtype)
+    else:
+        if tokenizer is None:
+            raise ValueError("evaluate(model_object, ...) needs tokenizer=...")
+        hf_model = model.eval()
     chat = getattr(tokenizer, "chat_template", None) is not None
     if not chat:
         logger.warning("{} has no chat template: prompts are sent as plain text", model)
@@ -135,7 +149,7 @@ def evaluate(
         enable_thinking=thinking,
         think_end_token=think_end_token(tokenizer),
     )
-    logger.info("evaluating {} on {} (thinking={}, limit={})", model, tasks, thinking, limit)
+    logger.info("evaluating {} on {} (thinking={}, limit={})", results_name(model), tasks, thinking, limit)
     results = simple_evaluate(
         model=lm,
         tasks=list(tasks),
@@ -151,7 +165,7 @@ def evaluate(
     )
     if results is None:  # not the main rank
         return {}
-    results["config"]["model"] = str(model)
+    results["config"]["model"] = results_name(model)
     if out is not None:
         samples = results.pop("samples", None)
         _write_atomic(out, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,11 @@ def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrit
 
 
 def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *, resume: bool = False,
-          overwrite: bool = False, provider=None, save: bool = True, progress: bool = True) -> PruneResult:
+          overwrite: bool = False, provider=None, save: bool = True, progress: bool = True,
+          on_step: Callable[[float, Any], None] | None = None) -> PruneResult:
     """Prune ``model`` in place to ``config.sparsity`` with RESP; save to ``out/model``.
+
+    ``on_step(sparsity, model)`` is called after every step (e.g. to evaluate snapshots).
 
     With ``resume=True`` a run interrupted at any point continues from ``out/state.json``
     (the model passed in must be the same dense model) and ends as the uninterrupted run would.
@@ -174,6 +178,8 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
         bar.update(pct() - bar.n)
         bar.set_postfix(loss=f"{raw.loss:.4f}")
         checkpoint()
+        if on_step is not None:
+            on_step(sparsity(), model)
     bar.close()
 
     report = {

@@ -105,7 +105,16 @@ def render_prompt(tokenizer, prompt: str, thinking: bool = True) -> tuple[str, b
             messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
         )
         return text, True
+    if thinking and id(tokenizer) not in _WARNED_NO_TEMPLATE:
+        _WARNED_NO_TEMPLATE.add(id(tokenizer))
+        from loguru import logger
+
+        logger.warning("the tokenizer has no chat template: thinking cannot be switched on, prompts are used "
+                       "as plain text (set tokenizer.chat_template for a chat/reasoning model)")
     return prompt, False
+
+
+_WARNED_NO_TEMPLATE: set[int] = set()
 
 
 def build_samples(tokenizer, traces: list[Trace], max_len: int, thinking: bool = True,

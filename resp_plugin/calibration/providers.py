@@ -120,14 +120,7 @@ class SelfProvider(_Base):
         name = config.generation.backend
         if name not in backends:
             raise ValueError(f"unknown generation backend {name!r}; available: {', '.join(sorted(backends))}")
-        self._backend_factory = backends[name]
-        self._backend = None
-
-    @property
-    def backend(self):
-        if self._backend is None:
-            self._backend = self._backend_factory(self.config)
-        return self._backend
+        self.backend = backends[name](config)  # fails now, before any work, if e.g. vllm is missing
 
     def _generate(self, model, tokenizer, idx: list[int], sparsity: float) -> list[Trace]:
         prompts = [self.records[i].prompt for i in idx]

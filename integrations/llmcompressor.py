@@ -460,7 +460,8 @@ def register_modifiers() -> None:
     pm.hook.resp_register_modifiers(register=ModifierFactory.register)
 
 
-register_modifiers()
+if __name__ != "__main__":  # run as a script, the package copy registers itself (see below)
+    register_modifiers()
 
 
 # ---------------------------------------------------------------------------- command line

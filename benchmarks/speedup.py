@@ -18,7 +18,8 @@ the table shows the median ratio, so machine load that drifts over the run cance
 
 Decode throughput is read inside one greedy ``generate`` call (KV cache, ``min_new_tokens``
 = ``max_new_tokens``): a logits processor stamps the time of every step, and tokens/s =
-batch * (steps - 1) / (last stamp - first stamp), so the prompt's prefill is excluded.
+batch / median step time, so the prompt's prefill is excluded and a step slowed by another
+process on the machine does not move the result.
 Prefill is one forward of ``--prefill`` tokens (batch 1, all logits, no cache).
 
 Run from the repo root: ``python benchmarks/speedup.py`` (``--quick`` for a < 30 s smoke run).
@@ -58,7 +59,7 @@ class Setup:
 
 
 FULL = Setup(hidden=1024, intermediate=3072, layers=8, heads=16, kv_heads=8, head_dim=64, vocab=8192,
-             prompt=32, new_tokens=32, prefill=512, batches=(1, 8), repeats=5)
+             prompt=32, new_tokens=32, prefill=512, batches=(1, 8), repeats=4)
 QUICK = Setup(hidden=256, intermediate=768, layers=2, heads=8, kv_heads=4, head_dim=32, vocab=1024,
               prompt=16, new_tokens=8, prefill=64, batches=(1, 4), repeats=2)
 
@@ -127,13 +128,13 @@ class StepClock(LogitsProcessor):
 
 @torch.no_grad()
 def decode_rate(model: Qwen3ForCausalLM, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Greedy decode tokens/s (all sequences of the batch), prompt prefill excluded."""
+    """Greedy decode tokens/s (all sequences of the batch) from the median step time."""
     clock = StepClock()
     model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                    min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
                    logits_processor=LogitsProcessorList([clock]))
-    steps = len(clock.stamps) - 1
-    return prompt.shape[0] * steps / (clock.stamps[-1] - clock.stamps[0])
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return prompt.shape[0] / statistics.median(steps)
 
 
 @torch.no_grad()

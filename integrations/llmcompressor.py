@@ -465,8 +465,31 @@ if __name__ != "__main__":  # run as a script, the package copy registers itself
 
 
 # ---------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> None:
-    """``oneshot`` a recipe; RESP's traces are the calibration data of any GPTQ-like step."""
+def _with_overrides(recipe_file: str, sets: list[str]):
+    """The recipe with ``KEY=VALUE`` (YAML values) applied to its RESPPruningModifier."""
+    import yaml
+    from llmcompressor.recipe import Recipe
+
+    overrides = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    recipe = Recipe.create_instance(recipe_file)
+    found = False
+    for i, m in enumerate(recipe.modifiers):
+        if isinstance(m, RESPPruningModifier):
+            recipe.modifiers[i] = RESPPruningModifier.model_validate({**m.model_dump(exclude_unset=True), **overrides})
+            found = True
+    if overrides and not found:
+        raise SystemExit(f"--set given but {recipe_file} has no RESPPruningModifier")
+    return recipe
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Run ``oneshot`` on a recipe; RESP's final traces are the calibration data of any
+    following modifier that needs data (GPTQ)."""
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -474,14 +497,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", required=True, help="local folder of the dense (unquantised) model")
     ap.add_argument("--recipe", required=True, help="recipe file, or a shipped one: resp, resp_w4a16_gptq, ...")
     ap.add_argument("--output-dir", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a RESPPruningModifier field, e.g. --set prompts=gsm8k:PATH --set sparsity=0.4")
     ap.add_argument("--dtype", default="auto", help="auto, bfloat16, float32, ...")
     ap.add_argument("--device-map", default=None, help="e.g. cuda:0 (RESP runs where the weights are)")
-    ap.add_argument("--num-calibration-samples", type=int, default=None)
-    ap.add_argument("--max-seq-length", type=int, default=None)
+    ap.add_argument("--num-calibration-samples", type=int, default=None, help="traces given to GPTQ (default all)")
+    ap.add_argument("--max-seq-length", type=int, default=None, help="truncate traces given to GPTQ")
     args = ap.parse_args(argv)
+    recipe = _with_overrides(recipe_path(args.recipe), args.set)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device_map)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    oneshot(model=model, tokenizer=tokenizer, recipe=recipe_path(args.recipe), output_dir=args.output_dir,
+    return oneshot(model=model, tokenizer=tokenizer, recipe=recipe, output_dir=args.output_dir,
             dataset=calibration_dataloader(num_samples=args.num_calibration_samples,
                                            max_seq_length=args.max_seq_length))
 

@@ -125,8 +125,9 @@ def cmd_eval(args) -> int:
 
     from resp_plugin.integrations.lm_eval import evaluate
 
+    batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     res = evaluate(args.model, [t for t in args.tasks.split(",") if t], limit=args.limit, thinking=args.thinking,
-                   max_gen_toks=args.max_gen_toks, batch_size=args.batch_size, out=args.out, device=args.device,
+                   max_gen_toks=args.max_gen_toks, batch_size=batch, out=args.out, device=args.device,
                    dtype=args.dtype, num_fewshot=args.num_fewshot)
     print(json.dumps(res.get("results", res), indent=2, default=str))
     return 0

@@ -335,15 +335,15 @@ class Selection:
 def _blocks(values: torch.Tensor, multiple: int, min_keep: int) -> list[tuple[list[int], float]]:
     """Lowest-first blocks whose removal keeps the count a multiple of ``multiple`` and >= min_keep."""
     n = len(values)
-    order = torch.argsort(values, stable=True).tolist()
+    sorted_vals, order = torch.sort(values, stable=True)
+    order, sorted_vals = order.tolist(), sorted_vals.double().tolist()
     blocks, start = [], 0
     first = n % multiple
     sizes = ([first] if first else []) + [multiple] * (n // multiple)
     for size in sizes:
         if n - (start + size) < min_keep:
             break
-        ids = order[start:start + size]
-        blocks.append((ids, float(values[ids].mean())))
+        blocks.append((order[start:start + size], sum(sorted_vals[start:start + size]) / size))
         start += size
     return blocks
 

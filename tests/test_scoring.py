@@ -148,3 +148,15 @@ def test_normalisation_constants(tokenizer, gold_file):
     torch.testing.assert_close(n.layers[1].channels, raw.layers[1].channels / (3 * 96))
     pp = normalize(raw, ad, cfg.model_copy(update={"normalization": "per_param"}))
     torch.testing.assert_close(pp.layers[1].channels, raw.layers[1].channels / (3 * 64))
+
+
+@pytest.mark.parametrize("saliency", ["sum_abs", "vector"])
+def test_gradient_checkpointing_gives_the_same_scores(tokenizer, gold_file, saliency):
+    model = make_model("qwen3")
+    ad = adapter_for(model)
+    cfg, samples = _samples(tokenizer, gold_file, saliency=saliency)
+    plain = score(model, ad, samples, cfg, [1, 2], progress=False)
+    ckpt = score(model, ad, samples, cfg.model_copy(update={"gradient_checkpointing": True}), [1, 2], progress=False)
+    torch.testing.assert_close(plain.layers[2].channels, ckpt.layers[2].channels, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(plain.layers[1].heads, ckpt.layers[1].heads, rtol=1e-4, atol=1e-10)
+    assert not model.training and not model.is_gradient_checkpointing

@@ -8,7 +8,6 @@ evaluates the pruned model at 20 / 30 / 40 % sparsity as the run passes them, an
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any

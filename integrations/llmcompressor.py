@@ -15,12 +15,13 @@ Command line (runs ``oneshot`` with RESP's own traces as the calibration data of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import math
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,8 +48,8 @@ __all__ = [
 ]
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-# RESPConfig fields the modifier does not mirror: llm-compressor places and types the model.
-NOT_MIRRORED = {"device", "dtype"}
+# RESPConfig fields the modifier does not mirror: the model arrives loaded, in its dtype.
+NOT_MIRRORED = {"dtype"}
 _latest: weakref.ReferenceType | None = None  # the RESP modifier initialised last in this process
 
 
@@ -78,6 +79,8 @@ class RESPPruningModifier(Modifier):
     :param sparsity: fraction of decoder linear parameters (q/k/v/o/gate/up/down) to remove.
     :param channel_multiple: kept heads * head_dim and kept channels are multiples of it;
         unset: the group size of the following quantisation (1 without group quantisation).
+    :param device: where RESP scores and generates: ``auto`` moves a model that sits on the CPU
+        to the accelerator for the pruning (and back after), else it runs where the weights are.
     :param tokenizer: tokenizer path; unset: the processor given to ``oneshot``, else the
         model's own folder.
     :param output_dir: optional run folder for RESP's state, report and trace files.
@@ -127,6 +130,7 @@ class RESPPruningModifier(Modifier):
     batch_size: int = Field(4, ge=1)
     gradient_checkpointing: bool = False
     seed: int = 0
+    device: str = "auto"
 
     tokenizer: str | None = None
     output_dir: str | None = None
@@ -157,22 +161,23 @@ class RESPPruningModifier(Modifier):
         before, after = _neighbours(self)
         check_recipe_order(self, before)
         check_not_quantized(model)
-        config = self.resp_config(resolve_channel_multiple(self.channel_multiple, after, model,
-                                                           self.attention_unit))
+        multiple, group = resolve_channel_multiple(self.channel_multiple, after, model, self.attention_unit)
+        config = self.resp_config(multiple)
+        self.channel_multiple = config.channel_multiple  # the saved recipe.yaml records what was used
         tokenizer = self._tokenizer = resolve_tokenizer(model, self.tokenizer)
         recorder = _Recorder(provider_for(config))
-        with torch.enable_grad():
-            result = prune(model, tokenizer, config, out=self.output_dir, save=False, provider=recorder,
-                           progress=self.progress)
-        cal = recorder.last
         wants_final = self.regenerate_final
         if wants_final is None:
             wants_final = any(getattr(m, "requires_calibration_data", False) for m in after)
-        if wants_final and cal.kind == "self" and cal.sparsity + 1e-9 < config.sparsity:
-            logger.info("regenerating the calibration traces with the final pruned model (for the next modifier)")
-            cal = recorder.refresh(model, tokenizer, config.sparsity, cal, result.out)
+        with placed(model, self.device), torch.enable_grad():
+            result = prune(model, tokenizer, config, out=self.output_dir, save=False, provider=recorder,
+                           progress=self.progress)
+            cal = recorder.last
+            if wants_final and cal.kind == "self" and cal.sparsity + 1e-9 < config.sparsity:
+                logger.info("regenerating the calibration traces with the final pruned model (for the next modifier)")
+                cal = recorder.refresh(model, tokenizer, config.sparsity, cal, result.out)
         self._calibration, self._report = cal, result.report
-        check_group_divisibility(model, result.adapter, config.channel_multiple)
+        check_group_divisibility(result.adapter, group)
         patch_save_pretrained(model, result.adapter.kept_map())
         _latest = weakref.ref(self)
         return True
@@ -283,9 +288,10 @@ def required_group_multiple(modifiers: Sequence[Modifier]) -> tuple[int, list[st
     return multiple, why
 
 
-def resolve_channel_multiple(given: int | None, after: Sequence[Modifier], model, attention_unit: str) -> int:
-    """The rounding of kept widths that the following group quantisation needs; fail on a
-    conflicting user value before any pruning."""
+def resolve_channel_multiple(given: int | None, after: Sequence[Modifier], model,
+                             attention_unit: str) -> tuple[int, int]:
+    """The rounding of kept widths (and the group size it serves) that the following group
+    quantisation needs; fail on a conflicting user value before any pruning."""
     group, why = required_group_multiple(after)
     if given is None:
         multiple = group
@@ -308,21 +314,63 @@ def resolve_channel_multiple(given: int | None, after: Sequence[Modifier], model
                 f"attention_unit kv_group removes {width} o_proj input columns at a time, not a multiple of "
                 f"the quantisation group size {group}; use attention_unit: query_head"
             )
-    return multiple
+    return multiple, group
 
 
-def check_group_divisibility(model, adapter, multiple: int) -> None:
-    """Last guard: every pruned input width is a multiple of ``multiple``."""
-    if multiple <= 1:
+def check_group_divisibility(adapter, group: int) -> None:
+    """Last guard before quantisation attaches: every width RESP changed suits the group size
+    (a dense width that does not is llm-compressor's own error to report)."""
+    if group <= 1:
         return
     bad = []
-    for i in range(adapter.num_layers):
-        for role in ("o", "down"):
-            width = adapter.linears(i)[role].in_features
-            if width % multiple:
-                bad.append(f"layer {i} {role}_proj: {width}")
+    for i, st in enumerate(adapter.states):
+        lin = adapter.linears(i)
+        if len(st.kept_heads) < adapter.orig_heads and lin["o"].in_features % group:
+            bad.append(f"layer {i} o_proj: {lin['o'].in_features}")
+        if len(st.kept_channels) < adapter.orig_channels and lin["down"].in_features % group:
+            bad.append(f"layer {i} down_proj: {lin['down'].in_features}")
     if bad:
-        raise RuntimeError(f"pruned widths not multiples of {multiple}: {', '.join(bad)}")
+        raise RuntimeError(f"pruned input widths are not multiples of the group size {group}: {', '.join(bad)}")
+
+
+def _same(a: torch.device | str, b: torch.device | str) -> bool:
+    if "disk" in (a, b):
+        return a == b
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+@contextlib.contextmanager
+def placed(model, device: str) -> Iterator[None]:
+    """Run RESP on ``device``. Taylor saliency needs each weight's gradient, which an
+    offloaded weight (copied to the GPU for each forward) never receives: refuse offloading."""
+    from compressed_tensors.offload import OffloadCache
+
+    caches = [m._parameters for m in model.modules() if isinstance(m._parameters, OffloadCache)]
+    moved = [c for c in caches if not _same(c.onload_device, c.offload_device)]
+    if moved:
+        raise ValueError(
+            f"the model is offloaded ({moved[0].offload_device} -> {moved[0].onload_device}); RESP needs every weight "
+            "resident where it computes. Load it without offloading: on the CPU (RESP moves it to the GPU, "
+            "`device: auto`) or spread over GPUs (device_map='auto' with enough GPU memory)"
+        )
+    src = next(model.parameters()).device
+    if caches:  # dispatched by llm-compressor, weights resident: compute where they are
+        target = src
+    elif device == "auto":
+        accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        target = accel if accel is not None and src.type == "cpu" else src
+    else:
+        target = torch.device(device)
+    if _same(target, src):
+        yield
+        return
+    logger.info(f"RESP runs on {target}; the model goes back to {src} afterwards")
+    model.to(target)
+    try:
+        yield
+    finally:
+        model.to(src)
 
 
 def _oneshot_processor() -> Any:
@@ -453,6 +501,7 @@ def register_modifiers() -> None:
     """Register every plugin's modifiers (this module's included) with ``ModifierFactory``."""
     from resp_plugin.plugins import load_plugins
 
+    resp_register_modifiers(ModifierFactory.register)  # ours even if a third-party plugin fails to load
     pm = load_plugins()
     this = sys.modules[__name__]
     if not pm.is_registered(this):

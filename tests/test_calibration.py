@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import make_model
 from torch import nn
 
+from conftest import make_model
 from resp_plugin import RESPConfig, prune
 from resp_plugin.calibration import build_samples, read_traces, render_prompt
 from resp_plugin.calibration.generation import HFGenerationBackend

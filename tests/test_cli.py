@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_model
 
+from conftest import make_model
 from resp_plugin import RESPConfig, prune, scoring
 from resp_plugin.cli import main
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_model
 from pydantic import ValidationError
 
+from conftest import make_model
 from resp_plugin import RESPConfig, prune
 from resp_plugin.cli import main
 

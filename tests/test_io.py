@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_model
 
+from conftest import make_model
 from resp_plugin import RESPConfig, load_pruned, prune
 
 

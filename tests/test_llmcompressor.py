@@ -13,9 +13,14 @@ import torch
 
 pytest.importorskip("llmcompressor")
 
-from conftest import make_tokenizer, write_gold  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
 from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import resp_plugin  # noqa: E402,F401  registers RESPPruningModifier when llmcompressor is imported
+from conftest import make_tokenizer, write_gold  # noqa: E402
+from resp_plugin.config import RESPConfig  # noqa: E402
 from resp_plugin.integrations.llmcompressor import (  # noqa: E402
     NOT_MIRRORED,
     RESPPruningModifier,
@@ -23,11 +28,6 @@ from resp_plugin.integrations.llmcompressor import (  # noqa: E402
     main,
     recipe_path,
 )
-from safetensors import safe_open  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-import resp_plugin  # noqa: E402,F401  registers RESPPruningModifier when llmcompressor is imported
-from resp_plugin.config import RESPConfig  # noqa: E402
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -86,18 +86,32 @@ def check_checkpoint(out: Path, model) -> None:
         for name in linear_names(reloaded):
             assert hasattr(reloaded.get_submodule(name), "quantization_scheme"), name
         with torch.no_grad():
-            # Exact: the in-memory model was decompressed from the same packed weights on save.
+            # Exact on the CPU in float32: fake quantisation in memory and decompression on load
+            # compute the same dequantised weights (and the same dynamic activation quantisation).
             assert torch.equal(reloaded(IDS).logits, expected)
             gen = reloaded.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert gen.shape == (1, IDS.shape[1] + 4)
 
 
-@pytest.mark.parametrize("scheme", ["W8A8", "FP8_DYNAMIC"])
-def test_resp_then_dynamic_quantisation(dense, tmp_path, scheme):
+@pytest.mark.parametrize("scheme,save", [("W8A8", "oneshot"), ("FP8_DYNAMIC", "save_pretrained")])
+def test_resp_then_dynamic_quantisation(dense, tmp_path, scheme, save):
+    """Saved by oneshot's own save path, or by model.save_pretrained afterwards."""
     model = load(dense / "dense")
+    if scheme == "W8A8":  # dispatched the way llm-compressor dispatches (weights stay resident)
+        from compressed_tensors.offload import set_onload_device
+
+        set_onload_device(model, "cpu")
     quant = QuantizationModifier(targets="Linear", ignore=["lm_head"], scheme=scheme)
-    oneshot(model=model, tokenizer=make_tokenizer(), recipe=[resp(dense), quant], output_dir=str(tmp_path / "out"))
-    check_checkpoint(tmp_path / "out", model)
+    out = tmp_path / "out"
+    oneshot(model=model, tokenizer=make_tokenizer(), recipe=[resp(dense), quant],
+            output_dir=str(out) if save == "oneshot" else None)
+    if save == "save_pretrained":
+        with torch.no_grad():
+            fake_quant = model(IDS).logits  # quantised on the fly, before compression
+        model.save_pretrained(out)
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, fake_quant)
+    check_checkpoint(out, model)
 
 
 def test_resp_self_calibration_feeds_gptq_w4a16(dense, tmp_path):
@@ -201,3 +215,30 @@ def test_error_indivisible_width(dense):
     with pytest.raises(ValueError, match=r"channel_multiple=96 .* group_size 128.*channel_multiple: 384"):
         oneshot(model=model, recipe=[resp(dense, channel_multiple=96), gptq])
     assert all(layer.mlp.down_proj.in_features == 512 for layer in model.model.layers)
+
+
+def test_third_party_modifier_registers_through_the_hook():
+    from llmcompressor.modifiers import Modifier, ModifierFactory
+
+    from resp_plugin.hookspecs import hookimpl
+    from resp_plugin.integrations.llmcompressor import register_modifiers
+    from resp_plugin.plugins import pm
+
+    class MyModifier(Modifier):
+        def on_initialize(self, state, **kwargs) -> bool:
+            return True
+
+    class Plugin:
+        @hookimpl
+        def resp_register_modifiers(self, register):
+            register("MyModifier", MyModifier)
+
+    plugin = Plugin()
+    pm.register(plugin)
+    try:
+        register_modifiers()
+        assert ModifierFactory._registered_registry["MyModifier"] is MyModifier
+        assert ModifierFactory._registered_registry["RESPPruningModifier"] is RESPPruningModifier
+    finally:
+        pm.unregister(plugin)
+        ModifierFactory._registered_registry.pop("MyModifier", None)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, write_gold
 
+from conftest import make_model, write_gold
 from resp_plugin import RESPConfig, prune
 from resp_plugin.cli import main
 

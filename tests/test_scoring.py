@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_model
 
+from conftest import make_model
 from resp_plugin import RESPConfig, prune
 from resp_plugin.calibration import provider_for
 from resp_plugin.scoring import normalize, score

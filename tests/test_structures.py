@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import ARCHS, make_model
 
+from conftest import ARCHS, make_model
 from resp_plugin.structures import adapter_for
 
 

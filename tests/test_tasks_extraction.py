@@ -17,6 +17,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.registry import get_metric  # noqa: E402
 from lm_eval.filters import build_filter_ensemble  # noqa: E402
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
+
 from resp_plugin.integrations.lm_eval import tasks_path  # noqa: E402
 from resp_plugin.tasks import utils  # noqa: E402
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from conftest import make_model
 
+from conftest import make_model
 from resp_plugin import RESPConfig, prune
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

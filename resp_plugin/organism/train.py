@@ -146,14 +146,20 @@ class Mix:
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
-def train(args: TrainArgs, out: Path, threads: int = 2) -> Path:
-    """Train, evaluate now and then, save model + tokenizer + ``train_args.json`` into ``out``."""
+def train(args: TrainArgs, out: Path, threads: int = 2, init: Path | None = None) -> Path:
+    """Train, evaluate now and then, save model + tokenizer + ``train_args.json`` into ``out``.
+
+    ``init``: continue from the weights of an earlier checkpoint (same config) instead of random ones.
+    """
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = build_tokenizer()
     config = model_config(args, tokenizer)
     model = Qwen3ForCausalLM(config)
+    if init is not None:
+        model.load_state_dict(Qwen3ForCausalLM.from_pretrained(init, dtype=torch.float32).state_dict())
+        logger.info(f"continuing from the weights in {init}")
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"Qwen3ForCausalLM: {n_params:,} parameters, {args.num_hidden_layers} layers, "
                 f"hidden {args.hidden_size}, vocab {config.vocab_size}")
@@ -183,14 +189,14 @@ def train(args: TrainArgs, out: Path, threads: int = 2) -> Path:
             acc, _ = accuracy(model, tokenizer, eval_set)
             logger.info(f"step {step} greedy accuracy on {len(eval_set)} test problems: {acc:.3f}")
             if step < args.steps:  # an interim checkpoint, in case the run is cut short
-                save(model, tokenizer, out, args, n_params, time.time() - t0, step)
+                save(model, tokenizer, out, args, n_params, time.time() - t0, step, init)
     seconds = time.time() - t0
-    save(model, tokenizer, out, args, n_params, seconds, args.steps)
+    save(model, tokenizer, out, args, n_params, seconds, args.steps, init)
     return out
 
 
 def save(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path, args: TrainArgs,
-         n_params: int, seconds: float, step: int) -> None:
+         n_params: int, seconds: float, step: int, init: Path | None = None) -> None:
     """Save fp32 safetensors when they fit in 20 MB, else bf16; sampling defaults as Qwen3's."""
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
@@ -201,7 +207,8 @@ def save(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
         model = copy.deepcopy(model).to(torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    info = {**asdict(args), "parameters": n_params, "train_seconds": round(seconds, 1), "saved_at_step": step}
+    info = {**asdict(args), "init": str(init) if init else None, "parameters": n_params,
+            "train_seconds": round(seconds, 1), "saved_at_step": step}
     (out / "train_args.json").write_text(json.dumps(info, indent=1) + "\n")
     size = (out / "model.safetensors").stat().st_size
     logger.info(f"saved {out} ({size / 2**20:.1f} MiB, {seconds / 60:.1f} min of training)")
@@ -215,16 +222,20 @@ def main() -> None:
     ap.add_argument("--micro", action="store_true", help="tiny model, 5 steps (for tests)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint's weights")
+    ap.add_argument("--max-lr", type=float, default=None)
+    ap.add_argument("--chat-frac", type=float, default=None, help="fraction of chat (self-trace) samples")
     ap.add_argument("--no-export", action="store_true", help="do not rewrite the exported data files")
     args = ap.parse_args()
 
     targs = TrainArgs(seed=args.seed, **(MICRO if args.micro else {}))
-    if args.steps is not None:
-        targs.steps = args.steps
+    for key in ("steps", "max_lr", "chat_frac"):
+        if getattr(args, key) is not None:
+            setattr(targs, key, getattr(args, key))
     out = args.out or (Path(tempfile.mkdtemp(prefix="organism-micro-")) if args.micro else model_path())
     if not (args.micro or args.no_export):
         export()
-    train(targs, out, threads=args.threads)
+    train(targs, out, threads=args.threads, init=args.init)
     print(f"saved {out}")
 
 

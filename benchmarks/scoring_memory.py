@@ -115,7 +115,7 @@ def child(mode: str, dtype_name: str, a: argparse.Namespace) -> dict[str, Any]:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     config = RESPConfig(sparsity=0.2, step=0.2, calibration="gold", saliency="vector" if mode == "vector"
                         else "sum_abs", batch_size=a.batch_size, protected_layers=[],
-                        gradient_checkpointing=a.checkpointing)
+                        gradient_checkpointing=a.checkpointing, score_chunks=a.score_chunks)
     adapter = adapter_for(model)
     layers = list(range(adapter.num_layers))
     _trim()
@@ -165,7 +165,7 @@ SHAPE = ("hidden", "intermediate", "layers", "vocab", "samples", "length", "batc
 
 def _shape_args(a: argparse.Namespace) -> list[str]:
     args = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in SHAPE]
-    return args + (["--checkpointing"] if a.checkpointing else [])
+    return args + [f"--score-chunks={a.score_chunks}"] + (["--checkpointing"] if a.checkpointing else [])
 
 
 def main() -> None:
@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every mode")
+    ap.add_argument("--score-chunks", type=int, default=1, help="RESP modes: score layers in K passes")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "DTYPE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

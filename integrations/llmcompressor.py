@@ -129,6 +129,7 @@ class RESPPruningModifier(Modifier):
     channel_multiple: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_checkpointing: bool = False
+    score_chunks: int = 1
     seed: int = 0
     device: str = "auto"
 

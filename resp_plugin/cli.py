@@ -42,6 +42,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--channel-multiple", type=int, help="kept widths multiple of this (128 for W4A16 g128)")
     p.add_argument("--batch-size", type=int, help="calibration samples per scoring pass")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--score-chunks", type=int, help="score layers in K groups: 1/K gradient memory, K x time")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--backend", help="generation backend: hf (default) | vllm")
@@ -64,7 +65,7 @@ def build_config(args):
         "milestones": args.milestones, "regenerate_fraction": args.regenerate_fraction, "step": args.step,
         "protected_layers": args.protected_layers, "min_heads_per_layer": args.min_heads_per_layer,
         "min_channels_per_layer": args.min_channels_per_layer, "channel_multiple": args.channel_multiple,
-        "batch_size": args.batch_size, "seed": args.seed, "device": args.device, "dtype": args.dtype,
+        "batch_size": args.batch_size, "score_chunks": args.score_chunks, "seed": args.seed, "device": args.device, "dtype": args.dtype,
     }
     data = {k: v for k, v in flat.items() if v is not None}
     if args.no_regenerate:

@@ -61,6 +61,8 @@ class RESPConfig(BaseModel):
 
     batch_size: int = Field(4, ge=1, description="calibration samples per forward/backward pass")
     gradient_checkpointing: bool = False
+    score_chunks: int = Field(1, ge=1, description="score the layers in this many groups, one pass each: "
+                              "1/k of the gradient memory of sum_abs for k times the scoring time")
     seed: int = 0
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -113,23 +113,31 @@ def score(model: nn.Module, adapter: DecoderAdapter, samples: list[CalibrationSa
     model.train(config.gradient_checkpointing)  # HF checkpointing only acts in train mode
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    collector = (_VectorCollector if config.saliency == "vector" else _SumAbsCollector)(adapter, layers, config)
-    total_loss = 0.0
+    kind = _VectorCollector if config.saliency == "vector" else _SumAbsCollector
+    k = max(1, min(config.score_chunks, len(layers)))
+    chunks = [layers[j * len(layers) // k:(j + 1) * len(layers) // k] for j in range(k)]
+    batches = [order[i:i + config.batch_size] for i in range(0, n_total, config.batch_size)]
+    result, total_loss = Scores(), 0.0
     try:
-        batches = [order[i:i + config.batch_size] for i in range(0, n_total, config.batch_size)]
-        for batch in tqdm(batches, desc="scoring", unit="batch", leave=False, disable=not progress):
-            loss, per_sample = batch_loss(model, [samples[i] for i in batch], n_total, config.loss, pad_id)
-            if not torch.isfinite(loss):
-                bad = [batch[k] for k, v in enumerate(per_sample.tolist()) if not math.isfinite(v)]
-                raise FloatingPointError(
-                    f"non-finite loss on calibration sample(s) {bad or batch}: the model or its dtype "
-                    "overflows on them; nothing was pruned in this step (try --dtype float32)"
-                )
-            loss.backward()
-            total_loss += float(loss.detach())
-        result = collector.finish(n_total)
+        for c, chunk in enumerate(chunks):
+            collector = kind(adapter, chunk, config)
+            try:
+                desc = "scoring" if k == 1 else f"scoring layers {chunk[0]}-{chunk[-1]}"
+                for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
+                    loss, per_sample = batch_loss(model, [samples[i] for i in batch], n_total, config.loss, pad_id)
+                    if not torch.isfinite(loss):
+                        bad = [batch[j] for j, v in enumerate(per_sample.tolist()) if not math.isfinite(v)]
+                        raise FloatingPointError(
+                            f"non-finite loss on calibration sample(s) {bad or batch}: the model or its dtype "
+                            "overflows on them; nothing was pruned in this step (try --dtype float32)"
+                        )
+                    loss.backward()
+                    if c == 0:
+                        total_loss += float(loss.detach())
+                result.layers.update(collector.finish(n_total).layers)
+            finally:
+                collector.close()
     finally:
-        collector.close()
         if config.gradient_checkpointing:
             model.gradient_checkpointing_disable()
         model.train(was_training)

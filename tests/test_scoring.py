@@ -160,3 +160,15 @@ def test_gradient_checkpointing_gives_the_same_scores(tokenizer, gold_file, sali
     torch.testing.assert_close(plain.layers[2].channels, ckpt.layers[2].channels, rtol=1e-4, atol=1e-10)
     torch.testing.assert_close(plain.layers[1].heads, ckpt.layers[1].heads, rtol=1e-4, atol=1e-10)
     assert not model.training and not model.is_gradient_checkpointing
+
+
+def test_score_chunks_give_the_same_scores(tokenizer, gold_file):
+    model = make_model("qwen3")
+    ad = adapter_for(model)
+    cfg, samples = _samples(tokenizer, gold_file)
+    one = score(model, ad, samples, cfg, [1, 2], progress=False)
+    two = score(model, ad, samples, cfg.model_copy(update={"score_chunks": 2}), [1, 2], progress=False)
+    for i in (1, 2):
+        torch.testing.assert_close(one.layers[i].channels, two.layers[i].channels, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(one.layers[i].heads, two.layers[i].heads, rtol=1e-5, atol=1e-12)
+    assert one.loss == pytest.approx(two.loss)

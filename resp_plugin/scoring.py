@@ -226,6 +226,7 @@ class _SumAbsCollector:
             h.remove()
         for p in self.params.values():
             p.grad = None
+            p.requires_grad_(False)  # a later chunk must not compute (and hold) these gradients
         self.acc.clear()
 
 

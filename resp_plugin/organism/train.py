@@ -225,11 +225,12 @@ def main() -> None:
     ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint's weights")
     ap.add_argument("--max-lr", type=float, default=None)
     ap.add_argument("--chat-frac", type=float, default=None, help="fraction of chat (self-trace) samples")
+    ap.add_argument("--gold-frac", type=float, default=None, help="fraction of gold-solution samples")
     ap.add_argument("--no-export", action="store_true", help="do not rewrite the exported data files")
     args = ap.parse_args()
 
     targs = TrainArgs(seed=args.seed, **(MICRO if args.micro else {}))
-    for key in ("steps", "max_lr", "chat_frac"):
+    for key in ("steps", "max_lr", "chat_frac", "gold_frac"):
         if getattr(args, key) is not None:
             setattr(targs, key, getattr(args, key))
     out = args.out or (Path(tempfile.mkdtemp(prefix="organism-micro-")) if args.micro else model_path())

@@ -82,9 +82,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
     model = transformers.Qwen3ForCausalLM(config)
     path = tmp_path_factory.mktemp("tiny-qwen3")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    # Pruned with RESP (gold calibration) so the evaluations run on a physically smaller checkpoint.
+    from resp_plugin import RESPConfig, prune
+
+    words = _fixture_words()
+    gold = path / "gold.jsonl"
+    rows = [{"prompt": " ".join(words[i:i + 6]), "completion": " ".join(words[i + 6:i + 12])} for i in range(0, 60, 12)]
+    gold.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RESPConfig(sparsity=0.2, step=0.2, calibration="gold", prompts=f"jsonl:{gold}", protected_layers=[1])
+    prune(model, tokenizer, cfg, out=path / "run", progress=False)
+    return str(path / "run" / "model")
 
 
 def test_tasks_path_holds_the_yamls() -> None:
@@ -192,3 +199,15 @@ def test_organism_task(tmp_path: Path) -> None:
     assert task.doc_to_text(doc) == doc["question"]  # the organism knows no instruction words
     assert task.doc_to_target(doc) == utils.gsm8k_target(doc)
     assert task.config.generation_kwargs["max_gen_toks"] == 128
+
+
+def test_resp_eval_cli_on_a_pruned_checkpoint(tiny_model: str, tmp_path: Path) -> None:
+    from resp_plugin.cli import main
+
+    assert "per_layer_config" in json.loads((Path(tiny_model) / "config.json").read_text())
+    out = tmp_path / "eval.json"
+    assert main(["eval", tiny_model, "--tasks", "resp_gsm8k,resp_mathqa", "--limit", "2", "--max-gen-toks", "8",
+                 "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert "exact_match,strict-match" in written["results"]["resp_gsm8k"]
+    assert "exact_match,letter" in written["results"]["resp_mathqa"]

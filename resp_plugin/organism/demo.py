@@ -35,10 +35,10 @@ def demo_config(quick: bool = False, seed: int = 0):
 
     return RESPConfig(
         sparsity=max(CHECKPOINTS),
-        step=0.02,  # 20 steps to 40 %: the < 10 min budget on 2 CPU cores
+        step=0.02 if quick else 0.01,
         calibration="self",
         prompts=f"gsm8k:{organism.data_path('train.jsonl')}",
-        num_prompts=32 if quick else 64,
+        num_prompts=32 if quick else 128,
         generation={"max_new_tokens": 40, "batch_size": 64},
         batch_size=32,
         seed=seed,
@@ -61,7 +61,7 @@ def run_demo(out: str | Path = "resp-demo", quick: bool = False, model_dir: str 
     if not (model_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"no organism checkpoint in {model_dir}; train one with "
                                 "`python -m resp_plugin.organism.train`")
-    limit = limit if limit is not None else (50 if quick else 150)
+    limit = limit if limit is not None else (50 if quick else 500)
     model, tokenizer = load_model_and_tokenizer(model_dir, "cpu", "float32")
     logger.info(f"evaluating the dense organism on {limit} test problems")
     dense = _accuracy(model, tokenizer, limit)

@@ -112,12 +112,12 @@ def wanda_sp(model, samples, protected: set[int], target: float) -> float:
     hd = ad.head_dim
     for i in layers:
         lin = ad.linears(i)
-        xh, xo = sq[(i, "q")].sqrt(), sq[(i, "o")].sqrt()
-        xd = sq[(i, "down")].sqrt()
+        xh, xo = sq[(i, "q")].sqrt(), sq[(i, "o")].sqrt()  # attention input, o_proj input
+        xm, xd = sq[(i, "gate")].sqrt(), sq[(i, "down")].sqrt()  # MLP input, down_proj input
         nq = len(ad.states[i].kept_heads)
         head = (lin["q"].weight.abs() * xh).sum(1).view(nq, hd).sum(1) + \
             (lin["o"].weight.abs() * xo).sum(0).view(nq, hd).sum(1)
-        ch = (lin["gate"].weight.abs() * xh).sum(1) + (lin["up"].weight.abs() * xh).sum(1) + \
+        ch = (lin["gate"].weight.abs() * xm).sum(1) + (lin["up"].weight.abs() * xm).sum(1) + \
             (lin["down"].weight.abs() * xd).sum(0)
         keep_h = max(1, round(nq * (1 - frac)))
         keep_c = max(1, round(len(ch) * (1 - frac)))

@@ -65,7 +65,8 @@ def build_config(args):
         "milestones": args.milestones, "regenerate_fraction": args.regenerate_fraction, "step": args.step,
         "protected_layers": args.protected_layers, "min_heads_per_layer": args.min_heads_per_layer,
         "min_channels_per_layer": args.min_channels_per_layer, "channel_multiple": args.channel_multiple,
-        "batch_size": args.batch_size, "score_chunks": args.score_chunks, "seed": args.seed, "device": args.device, "dtype": args.dtype,
+        "batch_size": args.batch_size, "score_chunks": args.score_chunks,
+        "seed": args.seed, "device": args.device, "dtype": args.dtype,
     }
     data = {k: v for k, v in flat.items() if v is not None}
     if args.no_regenerate:

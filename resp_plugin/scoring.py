@@ -58,7 +58,7 @@ def batch_loss(model: nn.Module, batch: list[CalibrationSample], n_total: int, m
     width = max(len(s.input_ids) for s in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    rows, pos, tgt, wts, owner = [], [], [], [], []
+    rows, pos, tgt, wts = [], [], [], []
     for b, s in enumerate(batch):
         n = len(s.input_ids)
         ids[b, :n] = torch.tensor(s.input_ids)
@@ -71,7 +71,6 @@ def batch_loss(model: nn.Module, batch: list[CalibrationSample], n_total: int, m
         pos += list(range(start - 1, n - 1))  # hidden state at t-1 predicts token t
         tgt += s.input_ids[start:n]
         wts += [1.0 / (k * n_total)] * k
-        owner += [b] * k
     hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
@@ -79,7 +78,7 @@ def batch_loss(model: nn.Module, batch: list[CalibrationSample], n_total: int, m
     h = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(pos, device=hidden.device)].to(hdev)
     y = torch.tensor(tgt, device=hdev)
     w = torch.tensor(wts, device=hdev, dtype=torch.float32)
-    own = torch.tensor(owner, device=hdev)
+    own = torch.tensor(rows, device=hdev)  # the sample each target token belongs to
     total = torch.zeros((), device=hdev, dtype=torch.float32)
     per_sample = torch.zeros(len(batch), device=hdev, dtype=torch.float32)
     for i in range(0, len(tgt), CE_CHUNK):
@@ -134,7 +133,7 @@ def score(model: nn.Module, adapter: DecoderAdapter, samples: list[CalibrationSa
                     loss.backward()
                     if c == 0:
                         total_loss += float(loss.detach())
-                result.layers.update(collector.finish(n_total).layers)
+                result.layers.update(collector.finish().layers)
             finally:
                 collector.close()
     finally:
@@ -185,7 +184,7 @@ class _SumAbsCollector:
         return p.grad if p.grad is not None else torch.zeros_like(p)
 
     @torch.no_grad()
-    def finish(self, n_total: int) -> Scores:
+    def finish(self) -> Scores:
         """Per-structure saliency; the loss weights already made the gradients means over samples."""
         ad, hd, out = self.adapter, self.adapter.head_dim, Scores()
         for i in self.layers:
@@ -266,7 +265,7 @@ class _VectorCollector:
             lambda mod, args: (args[0] * m.to(args[0].dtype).repeat_interleave(width),) + tuple(args[1:])))
 
     @torch.no_grad()
-    def finish(self, n_total: int) -> Scores:
+    def finish(self) -> Scores:
         out = Scores()
 
         def g(i, r):

@@ -111,6 +111,29 @@ def test_micro_training_saves_a_loadable_model(tmp_path):
     assert len(completions) == 2 and all(isinstance(c, str) for c in completions)
 
 
+def test_drill_samples_are_correct_bare_traces_with_full_loss(tokenizer):
+    from resp_plugin.organism.train import Mix, TrainArgs
+
+    mix = Mix(tokenizer, TrainArgs(chat_frac=0.0, gold_frac=0.0, drill_frac=1.0))
+    for _ in range(20):
+        ids, labels = mix.sample()
+        assert ids == labels and tokenizer.unk_token_id not in ids
+        text = tokenizer.decode(ids)
+        assert text.count("<think>") == 4 and text.count("</think>") == 4
+        for a, op, k, r in re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", text):
+            a, k, r = int(a), int(k), int(r)
+            assert r == {"+": a + k, "-": a - k, "*": a * k, "/": a // k}[op]
+
+
+def test_training_rejects_fractions_over_one(monkeypatch, capsys):
+    from resp_plugin.organism import train
+
+    monkeypatch.setattr(sys, "argv", ["train", "--micro", "--chat-frac", "0.6", "--drill-frac", "0.6"])
+    with pytest.raises(SystemExit):
+        train.main()
+    assert "sum to <= 1" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not (model_path() / "model.safetensors").exists(), reason="organism not trained yet")
 def test_shipped_model_solves_held_out_problems():
     torch.manual_seed(0)

@@ -6,6 +6,9 @@ The training mix gives each RESP calibration kind a meaning for this model:
   ``<|im_end|>``; loss on the assistant part only (a few use ``enable_thinking=False`` and
   answer directly, so that mode exists too);
 - gold samples (``gold_frac``): question + GSM8K-style explanation as plain text, full loss;
+- drill samples (``drill_frac``, 0 by default): the bare thinking traces of four problems in a
+  row, full loss; ~4x more arithmetic steps per token than a chat sample, so the step table
+  (``82 + 42 = 124``) is learned faster; the model's own output format is unchanged;
 - generic samples (the rest, ~25 %): plain English from the small grammar, full loss.
 
 Everything is seeded; the same command on the same software gives the same weights.
@@ -50,6 +53,7 @@ class TrainArgs:
     grad_clip: float = 1.0
     chat_frac: float = 0.6
     gold_frac: float = 0.15
+    drill_frac: float = 0.0
     no_think_frac: float = 0.03  # of the chat samples
     hidden_size: int = 192
     intermediate_size: int = 576
@@ -115,6 +119,8 @@ class Mix:
         if u < self.args.chat_frac + self.args.gold_frac:
             p = next(self.problems)
             return self._text(p.question + "\n" + p.gold)
+        if u < self.args.chat_frac + self.args.gold_frac + self.args.drill_frac:
+            return self._text(" ".join(next(self.problems).trace for _ in range(4)))
         return self._text(" ".join(generic_line(self.rng) for _ in range(self.rng.randint(1, 3))))
 
     def batch(self) -> dict[str, torch.Tensor]:
@@ -181,13 +187,15 @@ def train(args: TrainArgs, out: Path, threads: int = 2, init: Path | None = None
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", s_per_step=f"{(time.time() - t0) / step:.2f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", s_per_step=f"{(time.time() - t0) / step:.2f}", refresh=False)
         if step % 50 == 0:
             logger.info(f"step {step} loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} "
                         f"elapsed {time.time() - t0:.0f}s")
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             acc, _ = accuracy(model, tokenizer, eval_set)
-            logger.info(f"step {step} greedy accuracy on {len(eval_set)} test problems: {acc:.3f}")
+            sampled, _ = accuracy(model, tokenizer, eval_set, temperature=0.6)
+            logger.info(f"step {step} accuracy on {len(eval_set)} test problems: greedy {acc:.3f}, "
+                        f"T=0.6 {sampled:.3f}")
             if step < args.steps:  # an interim checkpoint, in case the run is cut short
                 save(model, tokenizer, out, args, n_params, time.time() - t0, step, init)
     seconds = time.time() - t0
@@ -226,13 +234,19 @@ def main() -> None:
     ap.add_argument("--max-lr", type=float, default=None)
     ap.add_argument("--chat-frac", type=float, default=None, help="fraction of chat (self-trace) samples")
     ap.add_argument("--gold-frac", type=float, default=None, help="fraction of gold-solution samples")
+    ap.add_argument("--drill-frac", type=float, default=None,
+                    help="fraction of drill samples (bare traces, more arithmetic per token)")
     ap.add_argument("--no-export", action="store_true", help="do not rewrite the exported data files")
     args = ap.parse_args()
 
     targs = TrainArgs(seed=args.seed, **(MICRO if args.micro else {}))
-    for key in ("steps", "max_lr", "chat_frac", "gold_frac"):
+    for key in ("steps", "max_lr", "chat_frac", "gold_frac", "drill_frac"):
         if getattr(args, key) is not None:
             setattr(targs, key, getattr(args, key))
+    fracs = (targs.chat_frac, targs.gold_frac, targs.drill_frac)
+    if min(fracs) < 0 or sum(fracs) > 1:
+        ap.error(f"--chat-frac, --gold-frac and --drill-frac must be >= 0 and sum to <= 1 (the rest is "
+                 f"generic text); got {fracs[0]}, {fracs[1]}, {fracs[2]}")
     out = args.out or (Path(tempfile.mkdtemp(prefix="organism-micro-")) if args.micro else model_path())
     if not (args.micro or args.no_export):
         export()

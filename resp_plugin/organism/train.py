@@ -6,10 +6,10 @@ The training mix gives each RESP calibration kind a meaning for this model:
   ``<|im_end|>``; loss on the assistant part only (a few use ``enable_thinking=False`` and
   answer directly, so that mode exists too);
 - gold samples (``gold_frac``): question + GSM8K-style explanation as plain text, full loss;
-- drill samples (``drill_frac``, 0 by default): the bare thinking traces of four problems in a
+- drill samples (``drill_frac``): the bare thinking traces of four problems in a
   row, full loss; ~4x more arithmetic steps per token than a chat sample, so the step table
   (``82 + 42 = 124``) is learned faster; the model's own output format is unchanged;
-- generic samples (the rest, ~25 %): plain English from the small grammar, full loss.
+- generic samples (the rest, 10 % by default): plain English from the small grammar, full loss.
 
 Everything is seeded; the same command on the same software gives the same weights.
 
@@ -44,16 +44,16 @@ MAX_CHECKPOINT_BYTES = 20 * 1024 * 1024
 class TrainArgs:
     """Every knob of a training run (written to ``train_args.json`` beside the checkpoint)."""
 
-    steps: int = 1800
+    steps: int = 4000
     rows: int = 12  # packed rows per step (~57 samples of ~60 tokens)
     row_len: int = 256
     max_lr: float = 3e-3
     warmup_frac: float = 0.05
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    chat_frac: float = 0.6
-    gold_frac: float = 0.15
-    drill_frac: float = 0.0
+    chat_frac: float = 0.5
+    gold_frac: float = 0.1
+    drill_frac: float = 0.3
     no_think_frac: float = 0.03  # of the chat samples
     hidden_size: int = 192
     intermediate_size: int = 576

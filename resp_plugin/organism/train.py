@@ -65,6 +65,12 @@ class TrainArgs:
     eval_every: int = 300
     eval_n: int = 128
 
+    def __post_init__(self) -> None:
+        fracs = (self.chat_frac, self.gold_frac, self.drill_frac)
+        if min(fracs) < 0 or sum(fracs) > 1:
+            raise ValueError(f"--chat-frac, --gold-frac and --drill-frac must be >= 0 and sum to <= 1 (the rest "
+                             f"is generic text); got {fracs[0]}, {fracs[1]}, {fracs[2]}")
+
 
 MICRO = dict(steps=5, rows=2, row_len=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=8, eval_every=0)
@@ -239,14 +245,12 @@ def main() -> None:
     ap.add_argument("--no-export", action="store_true", help="do not rewrite the exported data files")
     args = ap.parse_args()
 
-    targs = TrainArgs(seed=args.seed, **(MICRO if args.micro else {}))
-    for key in ("steps", "max_lr", "chat_frac", "gold_frac", "drill_frac"):
-        if getattr(args, key) is not None:
-            setattr(targs, key, getattr(args, key))
-    fracs = (targs.chat_frac, targs.gold_frac, targs.drill_frac)
-    if min(fracs) < 0 or sum(fracs) > 1:
-        ap.error(f"--chat-frac, --gold-frac and --drill-frac must be >= 0 and sum to <= 1 (the rest is "
-                 f"generic text); got {fracs[0]}, {fracs[1]}, {fracs[2]}")
+    overrides = {k: getattr(args, k) for k in ("steps", "max_lr", "chat_frac", "gold_frac", "drill_frac")
+                 if getattr(args, k) is not None}
+    try:
+        targs = TrainArgs(seed=args.seed, **{**(MICRO if args.micro else {}), **overrides})
+    except ValueError as e:
+        ap.error(str(e))
     out = args.out or (Path(tempfile.mkdtemp(prefix="organism-micro-")) if args.micro else model_path())
     if not (args.micro or args.no_export):
         export()

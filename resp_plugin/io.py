@@ -18,6 +18,7 @@ from typing import Any
 from loguru import logger
 
 from resp_plugin.structures import modeling_resp
+from resp_plugin.structures.layout import pruned_architecture_name
 
 MODELING_FILE = "modeling_resp.py"
 KEPT_FILE = "resp_pruning.json"
@@ -59,6 +60,7 @@ def pruned_config_fields(model) -> dict[str, Any]:
     amap = auto_map_for(model.config.model_type)
     if amap and "per_layer_config" in fields:
         fields["auto_map"] = amap
+        fields["architectures"] = [pruned_architecture_name(type(model).__name__)]
     return fields
 
 
@@ -114,7 +116,7 @@ def load_pruned(path: str | Path, **kwargs):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = str(path)
+    path = str(check_model_dir(path))
     config = AutoConfig.from_pretrained(path)
     cls = modeling_resp.RESP_CLASSES.get(config.model_type)
     if getattr(config, "is_heterogeneous", False) and cls is not None:
@@ -147,18 +149,108 @@ def resolve_device(device: str, dtype: str) -> tuple[dict[str, Any], Any]:
     return placement, dtypes[dtype]
 
 
-def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str = "auto"):
-    """Load a checkpoint folder (pruned or dense) and its tokenizer for pruning or evaluation."""
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _damaged(path: Path, why: str) -> Exception:
+    from resp_plugin.errors import UserError
+
+    return UserError(f"{path} is damaged ({why}); copy or download the checkpoint again")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read only the header: a truncated or overwritten file is refused before any loading."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise _damaged(path, f"invalid header length, file of {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise _damaged(path, f"unreadable header: {e}") from None
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
+        raise _damaged(path, f"unreadable header entry: {e!r}") from None
+    if 8 + n + max(ends, default=0) > size:
+        raise _damaged(path, f"truncated: {size} bytes, the header needs {8 + n + max(ends)}")
+
+
+def _check_weights(p: Path) -> None:
+    """The weight files exist and, for safetensors, are whole; shards of an index included."""
+    found = [p / name for name in WEIGHT_FILES if (p / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{p} holds config.json but no weights ({', '.join(WEIGHT_FILES[::2])}); "
+                                "copy the weight files into it")
+    for f in found:
+        if f.name.endswith(".index.json"):
+            try:
+                shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, AttributeError) as e:
+                raise _damaged(f, f"not a weight index: {e}") from None
+            missing = [s for s in shards if not (p / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{f} names {len(missing)} missing shard(s), first {missing[0]}; "
+                                        "copy every shard into the model folder")
+            files = [p / s for s in shards]
+        else:
+            files = [f]
+        for w in files:
+            if w.suffix == ".safetensors":
+                _check_safetensors(w)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Refuse a model folder that cannot load: missing, a file, no or bad config.json, no or damaged weights.
+
+    Checked from the files alone (headers, not tensors), so a bad path fails in milliseconds
+    instead of as a hub lookup ("Repo id must be in the form ...") or a deserialisation traceback.
+    """
+    p = Path(path)
+    hint = "resp works offline on local checkpoints: download the model first or pass its local path"
+    if not p.exists():
+        raise FileNotFoundError(f"model folder {p} does not exist; {hint}")
+    if not p.is_dir():
+        raise NotADirectoryError(f"{p} is a file, not a model folder; pass the folder that holds config.json")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise PermissionError(f"model folder {p} is not readable; fix its permissions (chmod +rx)")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} is not a model folder (no config.json); {hint}")
+    try:
+        json.loads((p / "config.json").read_text())
+    except (ValueError, OSError) as e:
+        raise _damaged(p / "config.json", f"not valid JSON: {e}") from None
+    _check_weights(p)
+    return p
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model folder; an empty one (no tokenizer files) is refused by name."""
     from transformers import AutoTokenizer
 
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{p} is not a model folder (no config.json); resp works offline on local checkpoints: "
-            "download the model first or pass its local path"
-        )
+    from resp_plugin.errors import UserError, check_tokenizer, one_line
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"the tokenizer in {path} cannot be loaded ({one_line(e)}); copy the base model's "
+                        "tokenizer files (tokenizer.json, tokenizer_config.json) into it") from None
+    check_tokenizer(tokenizer, where=f"the tokenizer in {path}")
+    return tokenizer
+
+
+def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str = "auto"):
+    """Load a checkpoint folder (pruned or dense) and its tokenizer for pruning or evaluation.
+
+    Every file is checked first (:func:`check_model_dir`, :func:`load_tokenizer`): a wrong
+    path or a damaged copy is one clear error, not a traceback from deep inside transformers.
+    """
+    p = check_model_dir(path)
     placement, torch_dtype = resolve_device(device, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(p)
+    tokenizer = load_tokenizer(p)
     model = load_pruned(p, dtype=torch_dtype, **placement)
     model.eval()
     return model, tokenizer

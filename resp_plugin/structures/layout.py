@@ -1,0 +1,135 @@
+"""Per-layer sizes of a pruned checkpoint, and how to run uneven query groups on uniform kernels.
+
+A RESP checkpoint records, for every decoder layer, its kept query heads, KV heads and MLP
+channels, and ``resp_kv_index`` (for each kept query head, the position of its KV head).
+Runtimes that build layers from sizes (vLLM) read them here, so the format has one reader.
+
+Attention kernels (vLLM's, FlashAttention's) need every KV head to serve the same number of
+query heads, in contiguous blocks.  ``attention_unit: query_head`` leaves uneven groups
+(e.g. 7 query heads over 4 KV heads: ``[0, 0, 1, 1, 2, 3, 3]``).  :func:`plan_heads` maps such
+a layer onto an even one, exactly:
+
+- query *slots* are grouped by KV slot, ``group`` slots per KV slot, in contiguous blocks;
+- a slot with no real head left is a *pad*: it repeats a real head of its group (so the
+  attention output it produces duplicates real values: per-token activation scales of
+  quantised ``o_proj`` inputs are unchanged) and its ``o_proj`` columns are zero (so it adds
+  exactly nothing);
+- a KV head with more query heads than ``group`` is *duplicated* into several KV slots.
+
+The cheapest ``group`` is chosen: each extra query or KV slot costs the same matmul
+parameters (2 x head_dim x hidden), and a KV slot also costs KV-cache memory, so it counts
+twice.  Layers whose groups are already even (all ``kv_group`` checkpoints) get the identity
+plan: no pads, no duplicates, no overhead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    """What one pruned layer keeps (counts, and the query -> KV position map)."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    kv_index: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """How a layer's query and KV heads are laid out in slots of an even-grouped kernel."""
+
+    group: int  # query slots per KV slot
+    q_source: tuple[int, ...]  # for each query slot, the checkpoint query head it holds
+    q_real: tuple[bool, ...]  # False for pads (their o_proj columns are zero)
+    kv_source: tuple[int, ...]  # for each KV slot, the checkpoint KV head it holds
+
+    @property
+    def is_identity(self) -> bool:
+        return (self.q_source == tuple(range(len(self.q_source))) and all(self.q_real)
+                and self.kv_source == tuple(range(len(self.kv_source))))
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.q_source)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.kv_source)
+
+
+def head_dim_of(config: Any) -> int:
+    """The attention head width: ``head_dim`` when the config sets it, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def is_pruned_config(config: Any) -> bool:
+    """True for a config that carries RESP per-layer sizes."""
+    return bool(getattr(config, "is_heterogeneous", False)) and hasattr(
+        config.per_layer_config[0], "resp_num_attention_heads")
+
+
+def layer_sizes(config: Any, index: int) -> LayerSizes:
+    """The kept sizes of layer ``index`` as recorded in ``config.per_layer_config``."""
+    lc = config.per_layer_config[index]
+    return LayerSizes(
+        num_heads=int(lc.resp_num_attention_heads),
+        num_kv_heads=int(lc.resp_num_key_value_heads),
+        intermediate_size=int(lc.resp_intermediate_size),
+        kv_index=tuple(int(k) for k in lc.resp_kv_index),
+    )
+
+
+def plan_heads(kv_index: tuple[int, ...] | list[int], tp_size: int = 1) -> HeadPlan | None:
+    """The cheapest even layout of ``kv_index`` whose head counts ``tp_size`` ranks can split.
+
+    Returns None when no layout fits ``tp_size`` (query slots must divide by it; KV slots must
+    divide by it or divide it, as vLLM replicates KV heads when there are fewer than ranks).
+    """
+    n_kv = max(kv_index) + 1 if kv_index else 0
+    members = [[h for h, k in enumerate(kv_index) if k == j] for j in range(n_kv)]
+    best: tuple[int, HeadPlan] | None = None
+    for group in range(max(len(m) for m in members), 0, -1):
+        plan = _plan_for_group(members, group)
+        kv_ok = plan.num_kv_heads % tp_size == 0 or tp_size % plan.num_kv_heads == 0
+        if plan.num_heads % tp_size or not kv_ok:
+            continue
+        cost = (plan.num_heads - len(kv_index)) + 2 * (plan.num_kv_heads - n_kv)
+        if best is None or cost < best[0]:
+            best = (cost, plan)
+    return best[1] if best is not None else None
+
+
+def _plan_for_group(members: list[list[int]], group: int) -> HeadPlan:
+    q_source: list[int] = []
+    q_real: list[bool] = []
+    kv_source: list[int] = []
+    for kv, heads in enumerate(members):
+        for start in range(0, len(heads), group):
+            chunk = heads[start:start + group]
+            kv_source.append(kv)
+            q_source += chunk + [chunk[0]] * (group - len(chunk))
+            q_real += [True] * len(chunk) + [False] * (group - len(chunk))
+    return HeadPlan(group=group, q_source=tuple(q_source), q_real=tuple(q_real), kv_source=tuple(kv_source))
+
+
+PRUNED_ARCH_PREFIX = "RESP"
+
+
+def pruned_architecture_name(architecture: str) -> str:
+    """The ``architectures`` entry of a pruned checkpoint: ``RESP`` + the dense class name.
+
+    Runtimes select their model class by this name (vLLM's registry, transformers' RESP
+    classes), so a pruned checkpoint never reaches a class that assumes uniform layers.
+    """
+    if architecture.startswith(PRUNED_ARCH_PREFIX):
+        return architecture
+    return PRUNED_ARCH_PREFIX + architecture
+
+
+def dense_architecture_name(architecture: str) -> str:
+    """The dense class name behind a pruned checkpoint's ``architectures`` entry."""
+    return architecture.removeprefix(PRUNED_ARCH_PREFIX)

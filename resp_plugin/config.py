@@ -23,7 +23,9 @@ class GenerationConfig(BaseModel):
     max_new_tokens: int = Field(2048, ge=1)
     batch_size: int = Field(16, ge=1)
     thinking: bool = True
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM backend: GPUs the generating engine spans")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM backend: share of each GPU "
+                                          "vLLM may take (the model being pruned waits on the CPU meanwhile)")
 
 
 class RESPConfig(BaseModel):
@@ -38,16 +40,26 @@ class RESPConfig(BaseModel):
 
     sparsity: float = Field(..., description="target fraction of decoder linear parameters removed")
     step: float = 0.01
+    schedule: Literal["params", "official"] = Field(
+        "params", description="params: each step removes `step` of the parameters; official: the reference's "
+        "112-iteration linear schedule to 70 % of structures, 0.7/111 of all heads+channels per step")
     milestones: list[float] | None = None
+    save_at: list[float] | None = Field(None, description="also save a reloadable model at each of these "
+                                        "sparsities, in OUT/model-<level> (one run, many checkpoints)")
     regenerate: bool = True
     regenerate_fraction: float = Field(1.0, gt=0.0, le=1.0)
 
     calibration: str = "self"
     prompts: str | None = None
     num_prompts: int = Field(500, ge=1)
+    prompt_selection: Literal["shuffle", "sample"] = Field(
+        "shuffle", description="shuffle: the official Random(seed).shuffle then the first num_prompts; "
+        "sample: sorted Random(seed).sample (this project's earlier draw)")
     generic_text: str | None = None
     max_seq_len: int = Field(4096, ge=8)
     min_usable_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    usable_gate: bool = Field(False, description="keep the previous traces when fewer than "
+                              "min_usable_fraction of a regenerated set are usable (default: report only)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
     loss: Literal["decode", "full"] = "decode"
@@ -92,6 +104,19 @@ class RESPConfig(BaseModel):
                 )
         if self.protected_layers is not None and any(i < 0 for i in self.protected_layers):
             raise ValueError(f"protected_layers must be layer indices >= 0, got {self.protected_layers}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_save_at(self) -> RESPConfig:
+        """Save levels must be reachable in this run, in order, each once."""
+        if self.save_at is not None:
+            levels = list(self.save_at)
+            if levels != sorted(levels) or len(set(levels)) != len(levels):
+                raise ValueError(f"save_at must be strictly increasing, got {levels}; e.g. --save-at 0.2,0.3,0.4")
+            bad = [x for x in levels if not 0.0 < x <= self.sparsity]
+            if bad:
+                raise ValueError(f"save_at levels must lie in (0, sparsity={self.sparsity}], got {bad}; "
+                                 f"drop them or raise --sparsity")
         return self
 
     def effective_milestones(self) -> list[float]:

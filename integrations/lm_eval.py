@@ -8,6 +8,7 @@ module only adds conveniences for the HF backend and for calibration; importing 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -55,6 +56,50 @@ def task_manager(tasks: list[str], metadata: dict[str, Any] | None = None) -> An
     if all(name in manager.all_tasks for name in tasks):
         return manager
     return TaskManager(include_path=include_paths(), include_defaults=True, metadata=metadata)
+
+
+@functools.lru_cache(maxsize=4)
+def _full_task_manager(paths: tuple[str, ...]) -> Any:
+    """lm-eval's full index plus ``paths``: seconds to build, so built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=True)
+
+
+def checked_task_manager(tasks: list[str]) -> Any:
+    """A TaskManager that knows every name in ``tasks``; unknown names are refused with the closest ones."""
+    from lm_eval.tasks import TaskManager
+
+    from resp_plugin.errors import UserError, did_you_mean
+
+    if not tasks:
+        raise UserError("no lm-eval task given; name one or more, e.g. --tasks resp_gsm8k,resp_mathqa")
+    ours = TaskManager(include_path=include_paths(), include_defaults=False)
+    if all(name in ours.all_tasks for name in tasks):
+        return ours
+    full = _full_task_manager(tuple(include_paths()))
+    for name in tasks:
+        if name not in full.all_tasks:
+            raise UserError(f"unknown lm-eval task, group or tag {name!r}{did_you_mean(name, full.all_tasks)}; "
+                            f"list them with `lm-eval ls tasks --include_path {tasks_path()}`")
+    return full
+
+
+def load_tasks(tasks: list[str]) -> dict[str, Any]:
+    """lm-eval's loaded tasks by name; unknown names and data that cannot be read are one UserError.
+
+    Loading reads each task's documents, so a dataset missing offline is refused here, before
+    a model is loaded, instead of as a traceback from inside ``simple_evaluate``.
+    """
+    from resp_plugin.errors import UserError, one_line
+
+    manager = checked_task_manager(tasks)
+    try:
+        return manager.load(tasks)["tasks"]
+    except Exception as e:  # any loader failure: a dataset script, the Hub, a local file
+        raise UserError(f"the data of {', '.join(tasks)} cannot be loaded ({one_line(e)}); offline, point "
+                        "RESP_DATA_DIR at a local copy for the resp_* tasks (docs/lm-eval.md) or fill the "
+                        "datasets cache for lm-eval's own tasks") from e
 
 
 def _load_model(path: str, device: str, dtype: str) -> tuple[Any, Any]:
@@ -222,7 +267,7 @@ def lm_eval_prompts(
     does not touch the evaluation split; ``split`` picks one explicitly.  The draw is
     ``random.Random(seed).sample`` over document indices, in index order.
     """
-    loaded = task_manager([task_name]).load([task_name])["tasks"]
+    loaded = load_tasks([task_name])
     if len(loaded) != 1:
         raise ValueError(f"{task_name!r} names {len(loaded)} tasks ({sorted(loaded)}); name a single task")
     task = next(iter(loaded.values()))

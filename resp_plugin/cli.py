@@ -8,6 +8,25 @@ from pathlib import Path
 
 from loguru import logger
 
+from resp_plugin.errors import (
+    DEBUG_ENV,
+    UserError,
+    check_out_dir,
+    check_out_file,
+    check_unlocked,
+    debug_enabled,
+    one_line,
+    positive_int,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), like every other refusal of ``resp``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
 
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
@@ -95,6 +114,7 @@ def cmd_prune(args) -> int:
 
     config = build_config(args)
     out = Path(args.out)
+    _check_prune_inputs(args, config)
     if (out / "model").exists() and not (args.resume or args.overwrite):
         raise FileExistsError(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
     model, tokenizer = load_model_and_tokenizer(args.model, config.device, config.dtype)
@@ -108,7 +128,45 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _check_prune_inputs(args, config) -> None:
+    """What `resp prune` can refuse before loading the model: run folder, model files, tokenizer, prompts."""
+    from resp_plugin.errors import check_tokenizer
+    from resp_plugin.io import check_model_dir, load_tokenizer
+
+    check_out_dir(args.out)
+    check_unlocked(args.out)
+    check_model_dir(args.model)
+    check_tokenizer(load_tokenizer(args.model), config, where=f"the tokenizer in {args.model}")
+    source, _, task = (config.prompts or "").partition(":")
+    if source == "lmeval" and task:
+        from resp_plugin.integrations.lm_eval import load_tasks
+
+        load_tasks([task])
+
+
+def _check_report_dir(out: Path) -> None:
+    """A run folder with a readable report.json; render() then has nothing left to fail on."""
+    import json
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a run folder; pass the --out folder of `resp prune`")
+    path = out / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `resp prune ... --out {out}` first")
+    try:
+        rep = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); rewrite it with `resp prune ... --out {out} "
+                        "--resume`") from None
+    missing = [k for k in ("sparsity", "target", "params_before", "params_after", "steps", "layers")
+               if not isinstance(rep, dict) or k not in rep]
+    if missing:
+        raise UserError(f"{path} is not a RESP report (no {', '.join(missing)}); pass the --out folder of "
+                        "`resp prune`")
+
+
 def cmd_report(args) -> int:
+    _check_report_dir(Path(args.out))  # before the import: a wrong path is refused without loading torch
     from resp_plugin.report import render
 
     print(render(args.out))
@@ -127,6 +185,7 @@ def cmd_eval(args) -> int:
 
     from resp_plugin.integrations.lm_eval import evaluate
 
+    _check_eval_inputs(args)
     batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     res = evaluate(args.model, [t for t in args.tasks.split(",") if t], limit=args.limit, thinking=args.thinking,
                    max_gen_toks=args.max_gen_toks, batch_size=batch, out=args.out, device=args.device,
@@ -135,16 +194,44 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_eval_inputs(args) -> None:
+    """What `resp eval` can refuse before loading the model: paths, model files, tokenizer, tasks, data."""
+    from resp_plugin.integrations.lm_eval import load_tasks
+    from resp_plugin.io import check_model_dir, load_tokenizer
+
+    if args.out is not None:
+        check_out_file(args.out)
+    check_model_dir(args.model)
+    tokenizer = load_tokenizer(args.model)
+    if args.thinking and not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"the tokenizer in {args.model} has no chat template, so thinking cannot be switched on; "
+                        "use a chat/reasoning model's tokenizer, or pass --no-thinking")
+    if str(args.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device} asked for a GPU but torch sees none; use --device cpu")
+    load_tasks([t for t in args.tasks.split(",") if t.strip()])
+
+
 def cmd_demo(args) -> int:
+    from resp_plugin import organism
+    from resp_plugin.errors import run_folder
+    from resp_plugin.io import check_model_dir
     from resp_plugin.organism.demo import run_demo
 
-    run_demo(out=args.out, quick=args.quick)
+    check_out_dir(args.out)
+    check_unlocked(args.out)
+    check_model_dir(organism.model_path())
+    with run_folder(args.out):
+        run_demo(out=args.out, quick=args.quick)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="resp", description="RESP structured pruning for reasoning models")
+    parser = _Parser(prog="resp", description="RESP structured pruning for reasoning models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--debug", action="store_true", help=f"full tracebacks of errors (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     r = sub.add_parser("report", help="render OUT/report.md with plots from OUT/report.json")
@@ -155,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("eval", help="evaluate a (pruned) model with lm-eval")
     e.add_argument("model")
     e.add_argument("--tasks", default="resp_gsm8k")
-    e.add_argument("--limit", type=int)
+    e.add_argument("--limit", type=positive_int("--limit"), help="first N documents of each task")
     e.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True)
-    e.add_argument("--max-gen-toks", type=int)
+    e.add_argument("--max-gen-toks", type=positive_int("--max-gen-toks"))
     e.add_argument("--batch-size", default=1)
     e.add_argument("--num-fewshot", type=int)
     e.add_argument("--out", help="results JSON file")
@@ -168,23 +255,37 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", default="resp-demo")
     d.add_argument("--quick", action="store_true", help="fewer prompts and test problems (smoke run)")
     d.set_defaults(func=cmd_demo)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a one-line usage error (2), returned like any other result
+        return e.code if isinstance(e.code, int) else 2
     if not args.verbose:
         logger.remove()
         logger.add(sys.stderr, level="INFO")
+    return _run(args)
+
+
+def _run(args) -> int:
+    """Run the command: a user error is one line and exit code 2, a bug one line and 1 (tracebacks
+    with --debug, -v or RESP_DEBUG=1)."""
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as e:
-        if args.verbose:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
+        if debug_enabled(args.verbose or args.debug):
             raise
-        from pydantic import ValidationError
-
-        if isinstance(e, ValidationError):
-            msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-            print(f"resp: error: {msgs}", file=sys.stderr)
-        else:
-            print(f"resp: error: {e}", file=sys.stderr)
-        return 2
+        print(f"resp: error: {one_line(e)}", file=sys.stderr)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        if debug_enabled(args.verbose or args.debug):
+            raise
+        print("resp: interrupted; a `resp prune` run continues with --resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug_enabled(args.verbose or args.debug):
+            raise
+        print(f"resp: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback, "
+              "and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ def load_tokenizer(path: str | Path):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"the tokenizer in {path} cannot be loaded ({one_line(e)}); copy the base model's "
-                        "tokenizer files (tokenizer.json, tokenizer_config.json) into it") from None
+                        "tokenizer files (tokenizer.json, tokenizer_config.json) into it") from e
     check_tokenizer(tokenizer, where=f"the tokenizer in {path}")
     return tokenizer
 

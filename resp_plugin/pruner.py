@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from resp_plugin import scoring
 from resp_plugin.calibration import CalibrationSet, provider_for
 from resp_plugin.config import RESPConfig
+from resp_plugin.errors import guarded_run
 from resp_plugin.io import atomic_write_json, atomic_write_text, save_pruned
 from resp_plugin.structures import DecoderAdapter, adapter_for
 
@@ -88,6 +89,7 @@ def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrit
     return adapter
 
 
+@guarded_run  # tokenizer checks, then OUT/.lock held for the whole run (resp_plugin.errors)
 def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *, resume: bool = False,
           overwrite: bool = False, provider=None, save: bool = True, progress: bool = True,
           on_step: Callable[[float, Any], None] | None = None) -> PruneResult:

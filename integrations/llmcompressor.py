@@ -109,15 +109,19 @@ class RESPPruningModifier(Modifier):
 
     sparsity: float
     step: float = 0.01
+    schedule: Literal["params", "official"] = "params"
     milestones: list[float] | None = None
+    save_at: list[float] | None = None
     regenerate: bool = True
     regenerate_fraction: float = Field(1.0, gt=0.0, le=1.0)
     calibration: str = "self"
     prompts: str | None = None
     num_prompts: int = Field(500, ge=1)
+    prompt_selection: Literal["shuffle", "sample"] = "shuffle"
     generic_text: str | None = None
     max_seq_len: int = Field(4096, ge=8)
     min_usable_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    usable_gate: bool = False
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     loss: Literal["decode", "full"] = "decode"
     saliency: Literal["sum_abs", "vector"] = "sum_abs"

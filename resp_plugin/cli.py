@@ -55,6 +55,14 @@ def _add_prune(sub) -> None:
     p.add_argument("--no-regenerate", action="store_true", help="keep the first calibration set")
     p.add_argument("--regenerate-fraction", type=float)
     p.add_argument("--step", type=float, help="fraction of parameters removed per iteration (default 0.01)")
+    p.add_argument("--schedule", choices=["params", "official"],
+                   help="params (default): --step of the parameters per step; official: the reference's 112-step "
+                        "linear schedule (0.7/111 of all heads+channels per step)")
+    p.add_argument("--save-at", type=_floats, help="also save OUT/model-<level> at these sparsities, e.g. 0.2,0.3,0.4")
+    p.add_argument("--prompt-selection", choices=["shuffle", "sample"],
+                   help="shuffle (default, official): Random(seed).shuffle, first N; sample: earlier sorted draw")
+    p.add_argument("--usable-gate", action="store_true",
+                   help="keep the previous traces when a regenerated set is below min_usable_fraction usable")
     p.add_argument("--protected-layers", type=_ints, help="comma-separated layer indices ('' for none)")
     p.add_argument("--min-heads-per-layer", type=int)
     p.add_argument("--min-channels-per-layer", type=int)
@@ -84,7 +92,8 @@ def build_config(args):
         "milestones": args.milestones, "regenerate_fraction": args.regenerate_fraction, "step": args.step,
         "protected_layers": args.protected_layers, "min_heads_per_layer": args.min_heads_per_layer,
         "min_channels_per_layer": args.min_channels_per_layer, "channel_multiple": args.channel_multiple,
-        "batch_size": args.batch_size, "score_chunks": args.score_chunks,
+        "batch_size": args.batch_size, "score_chunks": args.score_chunks, "schedule": args.schedule,
+        "save_at": args.save_at, "prompt_selection": args.prompt_selection,
         "seed": args.seed, "device": args.device, "dtype": args.dtype,
     }
     data = {k: v for k, v in flat.items() if v is not None}
@@ -92,6 +101,8 @@ def build_config(args):
         data["regenerate"] = False
     if args.gradient_checkpointing:
         data["gradient_checkpointing"] = True
+    if args.usable_gate:
+        data["usable_gate"] = True
     gen = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                               "backend": args.backend}.items() if v is not None}
     if args.no_thinking:

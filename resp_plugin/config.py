@@ -88,7 +88,7 @@ class RESPConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RESPConfig:
-        if self.step <= 0 or self.step > self.sparsity:
+        if self.step <= 0 or (self.step > self.sparsity and self.schedule == "params"):
             raise ValueError(
                 f"step must be in (0, sparsity={self.sparsity}], got {self.step}; the default is 0.01"
             )

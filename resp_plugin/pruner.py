@@ -70,6 +70,8 @@ def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrit
     check_not_quantized(model)
     if out is not None and (out / "model").exists() and not (resume or overwrite):
         raise FileExistsError(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
+    if config.save_at and out is None:
+        raise ValueError(f"save_at {config.save_at} needs a run folder to save into: pass out= (--out)")
     protected = config.protected(adapter.num_layers)
     layers = [i for i in range(adapter.num_layers) if i not in protected]
     if not layers:
@@ -107,6 +109,7 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
     protected = config.protected(adapter.num_layers)
     layers = [i for i in range(adapter.num_layers) if i not in protected]
     total = adapter.params()
+    per_step = official_step_structures(adapter) if config.schedule == "official" else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     state: dict[str, Any] = {"steps": [], "milestones": [], "layers": None}
@@ -157,15 +160,16 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
         # Milestones crossed but not yet served (also after a crash between step and regeneration).
         crossed = [m for m in milestones if m <= sparsity() + EPS and m not in done_ms]
         if crossed:
-            cal = _milestones(model, tokenizer, provider, cal, crossed, config, out, state)
+            cal = _milestones(model, tokenizer, provider, cal, crossed, config, out, state,
+                              done=sparsity() >= config.sparsity - EPS)
             done_ms.update(crossed)
             checkpoint()
         if sparsity() >= config.sparsity - EPS:
             break
         ts = time.time()
-        budget = min(config.step, config.sparsity - sparsity()) * total
+        cap = (next_stop(config, sparsity()) - sparsity()) * total  # never step past the target or a save level
         raw = scoring.score(model, adapter, cal.samples, config, layers, pad_id=pad_id, progress=progress)
-        sel = scoring.select(scoring.normalize(raw, adapter, config), adapter, config, budget)
+        sel = select_step(scoring.normalize(raw, adapter, config), adapter, config, cap, total, per_step)
         if sel.params == 0:
             raise RuntimeError("the guards leave nothing to remove; relax min_heads/min_channels/channel_multiple")
         removed_h = removed_c = 0
@@ -179,6 +183,8 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
                                "seconds": round(time.time() - ts, 3)})
         bar.update(pct() - bar.n)
         bar.set_postfix(loss=f"{raw.loss:.4f}")
+        if out is not None and config.save_at:
+            _save_levels(model, tokenizer, adapter, config, out, state, sparsity())
         checkpoint()
         if on_step is not None:
             on_step(sparsity(), model)
@@ -193,6 +199,7 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
         "steps": state["steps"],
         "milestones": state["milestones"],
         "calibration": state.get("calibration", []),
+        "saved": state.get("saved", []),
         "layers": adapter.kept_map(),
         "config": config.model_dump(mode="json"),
         "seconds": round(time.time() - t0, 3),
@@ -214,10 +221,14 @@ def _cal_record(cal: CalibrationSet, milestone: float) -> dict[str, Any]:
 
 
 def _milestones(model, tokenizer, provider, cal: CalibrationSet, crossed: list[float], config: RESPConfig,
-                out: Path | None, state: dict) -> CalibrationSet:
-    """Serve milestones crossed in one step with one regeneration (at the highest of them)."""
+                out: Path | None, state: dict, done: bool = False) -> CalibrationSet:
+    """Serve milestones crossed in one step with one regeneration (at the highest of them).
+
+    ``done``: the target is reached, no step scores again, so a regeneration (a full generation
+    pass) would change nothing: it is skipped and the milestone recorded with ``at_target``.
+    """
     top = crossed[-1]
-    regenerate = config.regenerate and cal.kind == "self"
+    regenerate = config.regenerate and cal.kind == "self" and not done
     if regenerate:
         logger.info(f"milestone {top:.2f}: regenerating calibration traces with the pruned model")
         ts = time.time()
@@ -226,10 +237,88 @@ def _milestones(model, tokenizer, provider, cal: CalibrationSet, crossed: list[f
     for m in crossed:
         rec = {"milestone": m, "sparsity": round(state["steps"][-1]["sparsity"], 6) if state["steps"] else 0.0,
                "regenerated": bool(regenerate and m == top)}
+        if done:
+            rec["at_target"] = True
         if regenerate and m == top:
             rec.update({k: v for k, v in cal.stats.items() if k != "rejected"}, seconds=seconds, path=cal.path)
             rec["kept_previous"] = bool(cal.stats.get("kept_previous", False))
+            rec["below_threshold"] = bool(cal.stats.get("below_threshold", False))
             if "rejected" in cal.stats:
                 rec["usable_fraction"] = cal.stats["rejected"]["usable_fraction"]
         state["milestones"].append(rec)
     return cal
+
+
+# ---------------------------------------------------------------------------- schedules and save levels
+OFFICIAL_ITERATIONS = 112  # the reference's configs/section5/main/resp_*.yaml: iteration 112, linear,
+OFFICIAL_RATIO = 0.7  # to ratio 0.7 of all structures: 0.7 / 111 of them per step
+
+
+def official_step_structures(adapter: DecoderAdapter) -> int:
+    """Structures (query heads + MLP channels) one step of the official schedule removes.
+
+    The reference ranks all heads and channels of all layers (protected ones included) and
+    prunes ``linspace(0, 0.7, 112)`` of that count, i.e. 0.7/111 of it more at every step.
+    """
+    n = sum(len(st.kept_heads) + len(st.kept_channels) for st in adapter.states)
+    return max(1, round(OFFICIAL_RATIO / (OFFICIAL_ITERATIONS - 1) * n))
+
+
+def next_stop(config: RESPConfig, s: float) -> float:
+    """The sparsity a step must not overshoot: the next ``save_at`` level above ``s``, else the target."""
+    return min([x for x in config.save_at or [] if x > s + EPS] + [config.sparsity])
+
+
+def _removed(sel: scoring.Selection, adapter: DecoderAdapter) -> int:
+    """Query heads + channels a selection removes (kv groups counted by their heads)."""
+    n = 0
+    for i in set(sel.heads) | set(sel.groups) | set(sel.channels):
+        heads, channels = sel.kept(adapter, i)
+        st = adapter.states[i]
+        n += len(st.kept_heads) - len(heads) + len(st.kept_channels) - len(channels)
+    return n
+
+
+def select_step(scores: scoring.Scores, adapter: DecoderAdapter, config: RESPConfig, cap: float, total: int,
+                per_step: int | None) -> scoring.Selection:
+    """One step's selection, at most ``cap`` parameters past which the run would overshoot.
+
+    ``params`` schedule: ``step`` of the parameters. ``official``: the smallest parameter budget whose
+    selection (the same global ranking and guards) removes ``per_step`` structures, found by bisection.
+    """
+    if per_step is None:
+        return scoring.select(scores, adapter, config, min(config.step * total, cap))
+    hi_sel = scoring.select(scores, adapter, config, cap)
+    if _removed(hi_sel, adapter) <= per_step:
+        return hi_sel
+    lo, hi = 0.0, cap
+    while hi - lo > 1.0:
+        mid = (lo + hi) / 2
+        sel = scoring.select(scores, adapter, config, mid)
+        n = _removed(sel, adapter)
+        if n == per_step:
+            return sel
+        if n > per_step:
+            hi, hi_sel = mid, sel
+        else:
+            lo = mid
+    return hi_sel
+
+
+def save_at_dir(level: float) -> str:
+    """Folder name of a ``save_at`` model inside the run folder: ``model-0.20``."""
+    return f"model-{level:.2f}"
+
+
+def _save_levels(model, tokenizer, adapter: DecoderAdapter, config: RESPConfig, out: Path, state: dict,
+                 s: float) -> None:
+    """Save a reloadable model at every ``save_at`` level reached and not yet saved (resume-safe)."""
+    saved = state.setdefault("saved", [])
+    done = {rec["level"] for rec in saved}
+    for level in config.save_at or []:
+        if level in done or level > s + EPS:
+            continue
+        path = out / save_at_dir(level)
+        save_pruned(model, tokenizer, path, adapter, overwrite=True)
+        saved.append({"level": level, "sparsity": round(s, 6), "path": str(path)})
+        logger.info(f"save_at {level:.2f}: model at sparsity {s:.4f} saved to {path}")

@@ -53,9 +53,11 @@ def test_self_calibration_regenerates_at_every_milestone(tokenizer, gold_file, t
     rep = prune(make_model("qwen3"), tokenizer, cfg, out=tmp_path / "run").report
     ms = rep["milestones"]
     assert [m["milestone"] for m in ms] == [0.1, 0.2, 0.3]
-    assert all(m["regenerated"] and m["n"] == 6 and "usable_fraction" in m and "unfinished" in m for m in ms)
+    assert all(m["regenerated"] and m["n"] == 6 and "usable_fraction" in m and "unfinished" in m for m in ms[:2])
+    # 0.3 is the target: no step scores again, so no regeneration is spent on it
+    assert not ms[2]["regenerated"] and ms[2]["at_target"] is True
     files = sorted(p.name for p in (tmp_path / "run" / "calibration").iterdir())
-    assert files == ["traces-0.000.jsonl", "traces-0.100.jsonl", "traces-0.200.jsonl", "traces-0.300.jsonl"]
+    assert files == ["traces-0.000.jsonl", "traces-0.100.jsonl", "traces-0.200.jsonl"]
     rows = [json.loads(x) for x in (tmp_path / "run" / "calibration" / "traces-0.200.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and set(rows[0]) == FIELDS
     assert rows[0]["kind"] == "self" and rows[0]["sparsity"] == 0.2 and rows[0]["n_prompt_tokens"] > 0
@@ -69,7 +71,7 @@ def test_no_regenerate_keeps_first_set(tokenizer, gold_file, tmp_path):
 
 
 def test_regenerate_fraction_replaces_only_part(tokenizer, gold_file, tmp_path):
-    cfg = _self_cfg(gold_file, milestones=[0.1], sparsity=0.1, step=0.1, regenerate_fraction=0.5,
+    cfg = _self_cfg(gold_file, milestones=[0.1], sparsity=0.2, step=0.1, regenerate_fraction=0.5,
                     generation={"temperature": 1.0})
     prune(make_model("qwen3"), tokenizer, cfg, out=tmp_path / "run")
     first = read_traces(tmp_path / "run" / "calibration" / "traces-0.000.jsonl")
@@ -77,7 +79,7 @@ def test_regenerate_fraction_replaces_only_part(tokenizer, gold_file, tmp_path):
     assert sum(a.sparsity == b.sparsity for a, b in zip(first, second)) == 3  # 3 of 6 kept
 
 
-def test_guard_fires_on_a_model_that_only_emits_eos(tokenizer, gold_file, tmp_path):
+def _eos_only_model(tokenizer):
     model = make_model("qwen3")
     head = nn.Linear(64, model.config.vocab_size, bias=True)
     with torch.no_grad():
@@ -85,11 +87,22 @@ def test_guard_fires_on_a_model_that_only_emits_eos(tokenizer, gold_file, tmp_pa
         head.bias.fill_(-10.0)
         head.bias[tokenizer.eos_token_id] = 10.0
     model.lm_head = head
-    cfg = _self_cfg(gold_file, milestones=[0.1], sparsity=0.2, min_usable_fraction=0.5)
+    return model
+
+
+def test_guard_fires_on_a_model_that_only_emits_eos(tokenizer, gold_file, tmp_path):
+    model = _eos_only_model(tokenizer)
+    cfg = _self_cfg(gold_file, milestones=[0.1], sparsity=0.2, min_usable_fraction=0.5, usable_gate=True)
     rep = prune(model, tokenizer, cfg, out=tmp_path / "run").report
     m = rep["milestones"][0]
-    assert m["kept_previous"] is True and m["usable_fraction"] == 0.0
+    assert m["kept_previous"] is True and m["usable_fraction"] == 0.0 and m["below_threshold"] is True
     assert rep["calibration"][0]["empty"] == 6
+    # default (official): the guard reports, the regenerated traces are used all the same
+    rep = prune(_eos_only_model(tokenizer), tokenizer, cfg.model_copy(update={"usable_gate": False}),
+                out=tmp_path / "run2").report
+    m = rep["milestones"][0]
+    assert m["regenerated"] and m["kept_previous"] is False and m["below_threshold"] is True
+    assert m["usable_fraction"] == 0.0
 
 
 def test_degenerate_and_stats():

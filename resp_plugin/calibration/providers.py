@@ -152,16 +152,29 @@ class SelfProvider(_Base):
                 traces[i] = t
             return traces
 
-        new = self._set(tokenizer, out, sparsity, make)
-        usable = new.stats["usable_fraction"]
-        if usable < self.config.min_usable_fraction:
-            logger.warning(
-                f"only {usable:.0%} of the traces regenerated at sparsity {sparsity:.3f} are usable "
-                f"(threshold {self.config.min_usable_fraction:.0%}); keeping the previous set"
-            )
-            previous.stats = {**previous.stats, "kept_previous": True, "rejected": new.stats}
+        return self._guard(self._set(tokenizer, out, sparsity, make), previous, sparsity)
+
+    def _guard(self, new: CalibrationSet, previous: CalibrationSet, sparsity: float) -> CalibrationSet:
+        """The usable-trace quality guard: reports by default, gates with ``usable_gate``.
+
+        The official code always scores the regenerated traces, so by default they replace the
+        previous ones whatever their quality; the guard then only warns and records
+        ``below_threshold``. With ``usable_gate`` a set below ``min_usable_fraction`` is rejected
+        and the previous set kept (``kept_previous``), the behaviour before the default changed.
+        """
+        usable, threshold = new.stats["usable_fraction"], self.config.min_usable_fraction
+        below = usable < threshold
+        if below and self.config.usable_gate:
+            logger.warning(f"only {usable:.0%} of the traces regenerated at sparsity {sparsity:.3f} are usable "
+                           f"(threshold {threshold:.0%}, usable_gate on); keeping the previous set")
+            previous.stats = {**previous.stats, "kept_previous": True, "below_threshold": True,
+                              "rejected": new.stats}
             return previous
-        new.stats["kept_previous"] = False
+        if below:
+            logger.warning(f"only {usable:.0%} of the traces regenerated at sparsity {sparsity:.3f} are usable "
+                           f"(threshold {threshold:.0%}); using them, as the official code does "
+                           "(usable_gate: true keeps the previous set instead)")
+        new.stats.update(kept_previous=False, below_threshold=below)
         return new
 
 

@@ -1,4 +1,10 @@
-"""Prompt sources: ``gsm8k[:PATH]``, ``mathqa[:PATH]``, ``jsonl:PATH`` (selected by ``--prompts``)."""
+"""Prompt sources: ``gsm8k[:PATH]``, ``mathqa[:PATH]``, ``jsonl:PATH`` (selected by ``--prompts``).
+
+The ``gsm8k`` and ``mathqa`` prompts and their selection are the paper's (official code,
+``modules/data/data_prune_ds.py``): the GSM8K question as it is, MathQA as
+``Question: {Problem}\nOptions: {options}\nAnswer:``, and the first N of the split after a
+``random.Random(seed)`` shuffle, so seed 0 gives the paper's 500 calibration prompts.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ from pathlib import Path
 
 from resp_plugin.calibration import PromptRecord
 
-GSM8K_INSTRUCTION = "Solve the problem. Give the final answer as a number."
-MATHQA_INSTRUCTION = "Solve the problem and answer with the letter of the correct option."
+# Hugging Face copies of MathQA tried in order (the script-based allenai/math_qa does not load
+# under datasets>=4; regisss/math_qa is lm-eval's parquet copy, same rows and fields).
+MATHQA_HF = ("regisss/math_qa", "allenai/math_qa")
 
 
 def _need_file(path: str, what: str) -> Path:
@@ -69,11 +76,16 @@ def gsm8k_prompts(arg: str | None, config=None) -> list[PromptRecord]:
 
 
 def mathqa_prompt(problem: str, options: str) -> str:
-    return f"{problem}\nOptions: {options}\n{MATHQA_INSTRUCTION}"
+    """The official calibration prompt, which is also the paper task's ``doc_to_text``."""
+    return f"Question: {problem}\nOptions: {options}\nAnswer:"
 
 
 def mathqa_prompts(arg: str | None, config=None) -> list[PromptRecord]:
-    """MathQA JSON array (``Problem``, ``options``, ``Rationale``, ``correct``); gold = ``Rationale``."""
+    """MathQA JSON array (``Problem``, ``options``, ``Rationale``, ``correct``); gold = ``Rationale``.
+
+    Without PATH: the Hugging Face train split, as the official code (offline, pass the train file
+    for the paper's prompts; ``dev.json`` gives other prompts, drawn the same way).
+    """
     if arg:
         p = _need_file(arg, "MathQA")
         try:
@@ -83,17 +95,25 @@ def mathqa_prompts(arg: str | None, config=None) -> list[PromptRecord]:
         if not isinstance(rows, list) or not rows:
             raise ValueError(f"MathQA file {p} must hold a non-empty JSON array of problems")
     else:
-        rows = _hf_dataset("allenai/math_qa", None, "train")
+        rows = _hf_first(MATHQA_HF, "train")
     out = []
     for n, r in enumerate(rows, 1):
         if "Problem" not in r or "options" not in r:
             raise ValueError(f"MathQA row {n} lacks 'Problem' or 'options' (fields: {sorted(r)})")
-        gold = r.get("Rationale")
-        if gold and r.get("correct"):
-            gold = f"{gold.strip().strip(chr(34))}\nThe answer is ({r['correct']})."
-        out.append(PromptRecord(prompt=mathqa_prompt(r["Problem"], r["options"]), completion=gold,
+        # gold = the Rationale exactly as the official gold-calibration code uses it
+        out.append(PromptRecord(prompt=mathqa_prompt(r["Problem"], r["options"]), completion=r.get("Rationale"),
                                 meta={"correct": r.get("correct")}))
     return out
+
+
+def _hf_first(names: tuple[str, ...], split: str) -> list[dict]:
+    """The first of ``names`` that loads; the last error when none does."""
+    for name in names[:-1]:
+        try:
+            return _hf_dataset(name, None, split)
+        except RuntimeError:
+            continue
+    return _hf_dataset(names[-1], None, split)
 
 
 def jsonl_prompts(arg: str | None, config=None) -> list[PromptRecord]:
@@ -108,8 +128,24 @@ def jsonl_prompts(arg: str | None, config=None) -> list[PromptRecord]:
     return out
 
 
+def select_prompts(n_rows: int, num: int, seed: int, how: str = "shuffle") -> list[int]:
+    """Row indices of the calibration prompts, in the order they are used.
+
+    ``shuffle`` (default) is the official selection: ``random.Random(seed).shuffle`` of all row
+    indices, then the first ``num``, in shuffled order. ``sample`` is this project's earlier draw,
+    ``sorted(random.Random(seed).sample(...))`` in file order (the demo pins it to keep its results).
+    """
+    if how == "sample":
+        return list(range(n_rows)) if n_rows <= num else sorted(random.Random(seed).sample(range(n_rows), num))
+    if how != "shuffle":
+        raise ValueError(f"unknown prompt selection {how!r}; use 'shuffle' (official) or 'sample'")
+    order = list(range(n_rows))
+    random.Random(seed).shuffle(order)
+    return order[:num]
+
+
 def load_prompts(spec: str, num: int, seed: int, config=None) -> list[PromptRecord]:
-    """Resolve ``NAME[:ARG]`` through the ``resp_prompt_sources`` hook and sample ``num`` prompts."""
+    """Resolve ``NAME[:ARG]`` through the ``resp_prompt_sources`` hook and select ``num`` prompts."""
     from resp_plugin.plugins import collect
 
     sources = collect("resp_prompt_sources")
@@ -123,7 +159,5 @@ def load_prompts(spec: str, num: int, seed: int, config=None) -> list[PromptReco
                 f"{', '.join(sorted(sources))} (e.g. gsm8k:PATH, jsonl:PATH)"
             )
     records = sources[name](arg or None, config)
-    if len(records) > num:
-        idx = sorted(random.Random(seed).sample(range(len(records)), num))
-        records = [records[i] for i in idx]
-    return records
+    how = getattr(config, "prompt_selection", "shuffle") if config is not None else "shuffle"
+    return [records[i] for i in select_prompts(len(records), num, seed, how)]

@@ -162,8 +162,18 @@ def evaluate(
     dtype: str = "auto",
     num_fewshot: int | None = None,
     log_samples: bool = False,
+    judge_url: str | None = None,
+    judge_model: str | None = None,
+    judge_cache: str | None = None,
+    seed: int | None = None,
+    max_length: int | None = None,
 ) -> dict:
     """Evaluate a (pruned or ordinary) checkpoint on lm-eval tasks, chat template and thinking on.
+
+    The paper tasks (``resp_gsm8k_paper``, ``resp_mathqa_paper``) run as the official code runs
+    them (:func:`paper_settings`): reasoning kept in the response, seed 0, its ``max_length``.
+    ``judge_url`` / ``judge_model`` add the paper's LLM-judge accuracy (``judge_acc,none`` per
+    task, verdicts under ``results["judge"]``; see :mod:`resp_plugin.integrations.judge`).
 
     ``model`` is a checkpoint path, or an in-memory model (then pass its ``tokenizer``), e.g. a
     model in the middle of a pruning run.
@@ -176,6 +186,9 @@ def evaluate(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable
 
+    judge = _judge(judge_url, judge_model, judge_cache)  # an unreachable judge fails before any model loads
+    keep_reasoning, seed, max_length = paper_settings(tasks, seed, max_length)
+    log_samples = log_samples or judge is not None
     if isinstance(model, (str, os.PathLike)):
         hf_model, tokenizer = _load_model(str(model), device, dtype)
     else:
@@ -191,8 +204,8 @@ def evaluate(
         batch_size=batch_size,
         device=device,
         trust_remote_code=True,
-        enable_thinking=thinking,
-        think_end_token=think_end_token(tokenizer),
+        max_length=max_length,
+        **thinking_args(tokenizer, thinking, keep_reasoning),
     )
     logger.info("evaluating {} on {} (thinking={}, limit={})", results_name(model), tasks, thinking, limit)
     results = simple_evaluate(
@@ -207,10 +220,14 @@ def evaluate(
         log_samples=log_samples,
         batch_size=batch_size,
         device=device,
+        **({} if seed is None else dict(random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                        fewshot_random_seed=seed)),
     )
     if results is None:  # not the main rank
         return {}
     results["config"]["model"] = results_name(model)
+    if judge is not None:
+        _add_judge(results, judge)
     if out is not None:
         samples = results.pop("samples", None)
         _write_atomic(out, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
@@ -224,6 +241,57 @@ def evaluate(
             results["samples"] = samples
         logger.info("wrote {}", out)
     return results
+
+
+PAPER_MAX_LENGTH = {"resp_gsm8k_paper": 4096, "resp_mathqa_paper": 8192}  # official HFLM(max_length=...)
+
+
+def paper_settings(tasks: list[str], seed: int | None, max_length: int | None) -> tuple[bool, int | None, int | None]:
+    """``(keep_reasoning, seed, max_length)``: the official run's settings when every task is a paper task.
+
+    The official run (lm-eval 0.4.9) never cut the reasoning out of a response, seeded every RNG
+    with 0 and set ``max_length`` 4096 (GSM8K) / 8192 (MathQA; the larger one when both run).
+    Explicit ``seed`` / ``max_length`` win; other tasks keep lm-eval's defaults and the cut.
+    """
+    paper = bool(tasks) and all(t in PAPER_MAX_LENGTH for t in tasks)
+    if not paper:
+        return False, seed, max_length
+    return True, 0 if seed is None else seed, max_length or max(PAPER_MAX_LENGTH[t] for t in tasks)
+
+
+def thinking_args(tokenizer: Any, thinking: bool, keep_reasoning: bool) -> dict[str, Any]:
+    """HFLM arguments for thinking: lm-eval's cut at ``think_end_token``, or the template switch only.
+
+    ``keep_reasoning`` passes ``enable_thinking`` to the chat template alone (as the official run
+    did), so the whole response, reasoning included, reaches the filters and the judge.
+    """
+    if keep_reasoning:
+        return {"chat_template_args": {"enable_thinking": thinking}}
+    return {"enable_thinking": thinking, "think_end_token": think_end_token(tokenizer)}
+
+
+def _judge(url: str | None, model: str | None, cache: str | None) -> Any:
+    """The judge of this evaluation (None without ``judge_url``), its endpoint checked now."""
+    if url is None:
+        if model is not None:
+            raise ValueError("judge_model without judge_url: give the judge's endpoint too (--judge-url)")
+        return None
+    from resp_plugin.integrations.judge import DEFAULT_CACHE, Judge
+
+    judge = Judge(url, model or "", cache=cache or DEFAULT_CACHE)
+    judge.check()
+    return judge
+
+
+def _add_judge(results: dict, judge: Any) -> None:
+    """Judge every task's samples; ``judge_acc,none`` beside the rule-based metrics."""
+    from resp_plugin.integrations.judge import kind_for
+
+    results["judge"] = {}
+    for task, rows in (results.get("samples") or {}).items():
+        res = results["judge"][task] = judge.score(rows, kind_for(task))
+        results["results"].setdefault(task, {})["judge_acc,none"] = res["judge_acc"]
+        logger.info("judge {}: {:.4f} ({} errors)", task, res["judge_acc"], res["errors"])
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -200,7 +200,8 @@ def cmd_eval(args) -> int:
     batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     res = evaluate(args.model, [t for t in args.tasks.split(",") if t], limit=args.limit, thinking=args.thinking,
                    max_gen_toks=args.max_gen_toks, batch_size=batch, out=args.out, device=args.device,
-                   dtype=args.dtype, num_fewshot=args.num_fewshot)
+                   dtype=args.dtype, num_fewshot=args.num_fewshot, judge_url=args.judge_url,
+                   judge_model=args.judge_model, judge_cache=args.judge_cache, seed=args.seed)
     print(json.dumps(res.get("results", res), indent=2, default=str))
     return 0
 
@@ -261,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", help="results JSON file")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="auto")
+    e.add_argument("--seed", type=int, help="all lm-eval seeds (default: 0 for the paper tasks, lm-eval's otherwise)")
+    e.add_argument("--judge-url", help="OpenAI-compatible API base of a judge model (the paper's accuracy), "
+                                       "e.g. http://localhost:8000/v1")
+    e.add_argument("--judge-model", help="the judge's model name on that server (paper: Qwen3-30B-A3B-Instruct-2507)")
+    e.add_argument("--judge-cache", help="verdict cache (JSONL; default ~/.cache/resp-plugin/judge-cache.jsonl)")
     e.set_defaults(func=cmd_eval)
     d = sub.add_parser("demo", help="prune the bundled reasoning organism and evaluate it (offline)")
     d.add_argument("--out", default="resp-demo")

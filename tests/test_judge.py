@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,3 +141,25 @@ def test_reply_parsing_and_kinds() -> None:
     assert parse_reply("I think so")[0] is False
     assert (kind_for("resp_mathqa_paper"), kind_for("resp_gsm8k_paper"), kind_for("gsm8k_cot_sample")) == (
         "mathqa", "gsm8k", "gsm8k")
+
+
+def test_evaluate_paper_task_with_judge(server: FakeJudge, tokenizer, tmp_path, monkeypatch) -> None:
+    """``evaluate()`` on a paper task: official settings, judge accuracy beside the regex metrics."""
+    pytest.importorskip("lm_eval")
+    from conftest import make_model
+    from resp_plugin.integrations.lm_eval import evaluate, paper_settings
+
+    assert paper_settings(["resp_gsm8k_paper"], None, None) == (True, 0, 4096)
+    assert paper_settings(["resp_gsm8k_paper", "resp_mathqa_paper"], 3, None) == (True, 3, 8192)
+    assert paper_settings(["resp_gsm8k"], None, None) == (False, None, None)
+    monkeypatch.setenv("RESP_DATA_DIR", str(Path(__file__).parent / "fixtures" / "data"))
+    res = evaluate(make_model(layers=2), ["resp_gsm8k_paper"], tokenizer=tokenizer, limit=2, max_gen_toks=4,
+                   judge_url=server.url, judge_model="judge-model", judge_cache=str(tmp_path / "c.jsonl"),
+                   max_length=256, out=str(tmp_path / "eval.json"))
+    row = res["results"]["resp_gsm8k_paper"]
+    assert {"exact_match,strict-match", "exact_match,flexible-extract", "judge_acc,none"} <= set(row)
+    assert res["judge"]["resp_gsm8k_paper"]["n"] == 2 and len(server.requests) == 2
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["judge"]["resp_gsm8k_paper"]["judge_acc"] == row["judge_acc,none"]
+    with pytest.raises(ValueError, match="judge_model without judge_url"):
+        evaluate(make_model(layers=2), ["resp_gsm8k_paper"], tokenizer=tokenizer, judge_model="m")

@@ -128,8 +128,15 @@ def cmd_prune(args) -> int:
     _check_prune_inputs(args, config)
     if (out / "model").exists() and not (args.resume or args.overwrite):
         raise FileExistsError(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
-    model, tokenizer = load_model_and_tokenizer(args.model, config.device, config.dtype)
-    result = prune(model, tokenizer, config, out=out, resume=args.resume, overwrite=args.overwrite)
+    world = _join_torchrun(config.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, _rank_device(config.device), config.dtype)
+    try:
+        result = prune(model, tokenizer, config, out=out, resume=args.resume, overwrite=args.overwrite)
+    except Exception as e:
+        _lost_rank(e)
+        raise
+    if not world.is_main:
+        return 0
     from resp_plugin.report import render
 
     render(out)
@@ -137,6 +144,48 @@ def cmd_prune(args) -> int:
     print(f"sparsity {r['sparsity']:.4f}: {r['params_before']:,} -> {r['params_after']:,} decoder linear "
           f"parameters in {len(r['steps'])} steps; model in {out / 'model'}, report in {out / 'report.md'}")
     return 0
+
+
+def _join_torchrun(device: str):
+    """Under torchrun: join the process group, log from rank 0 only, and turn the launcher's SIGTERM
+    (sent when another rank died) into a clean stop; a plain run gets a one-rank World."""
+    import signal
+
+    from resp_plugin import distributed
+
+    world = distributed.init(device)
+    if world.active:
+        import atexit
+
+        atexit.register(distributed.close)
+        if not world.is_main:
+            logger.remove()
+            logger.add(sys.stderr, level="WARNING", format=f"rank {world.rank} | {{level}} | {{message}}")
+
+        def stop(signum, frame):
+            print(f"resp: rank {world.rank} stopped by torchrun (another rank failed or the job was cancelled); "
+                  "files in --out are complete up to the last step: rerun the same command with --resume",
+                  file=sys.stderr)
+            raise SystemExit(143)
+
+        signal.signal(signal.SIGTERM, stop)
+    return world
+
+
+def _rank_device(device: str) -> str:
+    from resp_plugin.distributed import rank_device
+
+    return rank_device(device)
+
+
+def _lost_rank(e: Exception) -> None:
+    """A failed collective means another rank is gone: say so, and how to continue."""
+    import torch.distributed as dist
+
+    if isinstance(e, getattr(dist, "DistError", ())):
+        raise RuntimeError(f"lost contact with another rank ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                           "files in --out are complete up to the last step: rerun the same torchrun "
+                           "command with --resume") from e
 
 
 def _check_prune_inputs(args, config) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from loguru import logger
 from tqdm.auto import tqdm
 
-from resp_plugin import scoring
+from resp_plugin import distributed, scoring
 from resp_plugin.calibration import CalibrationSet, provider_for
 from resp_plugin.config import RESPConfig
 from resp_plugin.errors import guarded_run
@@ -101,10 +101,17 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
 
     With ``resume=True`` a run interrupted at any point continues from ``out/state.json``
     (the model passed in must be the same dense model) and ends as the uninterrupted run would.
+
+    Under torchrun (see :mod:`resp_plugin.distributed`) every rank calls this with its own copy of
+    the model: ranks share generation and scoring, remove the same structures, and rank 0 alone
+    writes ``out``.
     """
     t0 = time.time()
     out = Path(out) if out is not None else None
-    adapter = validate(model, config, out, resume, overwrite)
+    w = distributed.world()
+    progress = progress and w.is_main
+    with distributed.together("checking the run"):
+        adapter = validate(model, config, out, resume, overwrite)
     provider = provider or provider_for(config)
     protected = config.protected(adapter.num_layers)
     layers = [i for i in range(adapter.num_layers) if i not in protected]
@@ -112,25 +119,7 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
     per_step = official_step_structures(adapter) if config.schedule == "official" else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    state: dict[str, Any] = {"steps": [], "milestones": [], "layers": None}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        state_path = out / STATE_FILE
-        if resume and state_path.exists():
-            state = json.loads(state_path.read_text())
-            if state.get("params_before") != total:
-                raise ValueError(f"{state_path} was written for another model ({state.get('params_before')} "
-                                 f"prunable parameters, this one has {total}); use a new --out")
-            adapter.apply_kept(state["layers"])
-            logger.info(f"resuming at sparsity {1 - adapter.params() / total:.3f} "
-                        f"after {len(state['steps'])} steps")
-        elif not resume:
-            for stale in (state_path, out / "report.json"):
-                stale.unlink(missing_ok=True)
-            if (out / "calibration").exists():
-                shutil.rmtree(out / "calibration")
-        atomic_write_text(out / "config.yaml", config.to_yaml())
-    state["params_before"] = total
+    state = _open_run(out, config, adapter, total, resume)
 
     cal = provider.initial(model, tokenizer, out)
     if not state["milestones"] and not state["steps"]:
@@ -148,13 +137,16 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
     def checkpoint() -> None:
         if out is not None:
             state["layers"] = adapter.kept_map()
-            atomic_write_json(out / STATE_FILE, state)
+            with distributed.together("writing state.json"):
+                if w.is_main:
+                    atomic_write_json(out / STATE_FILE, state)
 
     target_pct = round(config.sparsity * 100, 1)
 
     def pct() -> float:
         return min(round(sparsity() * 100, 1), target_pct)
 
+    n_scored = 0  # calibration samples this rank scored per step
     bar = tqdm(total=target_pct, desc="RESP pruning", unit="%", disable=not progress, initial=pct())
     while True:
         # Milestones crossed but not yet served (also after a crash between step and regeneration).
@@ -170,6 +162,8 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
         cap = (next_stop(config, sparsity()) - sparsity()) * total  # never step past the target or a save level
         raw = scoring.score(model, adapter, cal.samples, config, layers, pad_id=pad_id, progress=progress)
         sel = select_step(scoring.normalize(raw, adapter, config), adapter, config, cap, total, per_step)
+        sel = distributed.broadcast(sel)  # identical on every rank by construction; rank 0's is the record
+        n_scored = max(n_scored, raw.n_local)
         if sel.params == 0:
             raise RuntimeError("the guards leave nothing to remove; relax min_heads/min_channels/channel_multiple")
         removed_h = removed_c = 0
@@ -204,16 +198,57 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
         "config": config.model_dump(mode="json"),
         "seconds": round(time.time() - t0, 3),
     }
+    if w.active:
+        per_rank = distributed.gather({"generated": getattr(provider, "n_generated", 0), "scored": n_scored})
+        report["distributed"] = {"world_size": w.world_size, "samples_per_rank": per_rank}
     adapter.write_config()
     if out is not None:
         state["layers"] = adapter.kept_map()
-        atomic_write_json(out / STATE_FILE, state)
-        if save:
-            save_pruned(model, tokenizer, out / "model", adapter, overwrite=True)
-        atomic_write_json(out / "report.json", report)
+        with distributed.together("saving the model and report"):
+            if w.is_main:
+                atomic_write_json(out / STATE_FILE, state)
+                if save:
+                    save_pruned(model, tokenizer, out / "model", adapter, overwrite=True)
+                atomic_write_json(out / "report.json", report)
     logger.info(f"pruned to sparsity {report['sparsity']:.3f} "
                 f"({report['params_before']:,} -> {report['params_after']:,} decoder linear parameters)")
     return PruneResult(model=model, adapter=adapter, report=report, out=out)
+
+
+def _open_run(out: Path | None, config: RESPConfig, adapter: DecoderAdapter, total: int,
+              resume: bool) -> dict[str, Any]:
+    """The run's state: read by rank 0 from ``out`` to resume (or a stale run cleared); every
+    rank then applies the kept map it holds, so all ranks start from the same pruned model."""
+    state: dict[str, Any] = {"steps": [], "milestones": [], "layers": None}
+    if out is not None:
+        with distributed.together("opening the run folder"):
+            if distributed.world().is_main:
+                state = _read_or_clear(out, config, total, resume) or state
+        state = distributed.broadcast(state)
+        if state.get("params_before") is not None:
+            adapter.apply_kept(state["layers"])
+            logger.info(f"resuming at sparsity {1 - adapter.params() / total:.3f} "
+                        f"after {len(state['steps'])} steps")
+    state["params_before"] = total
+    return state
+
+
+def _read_or_clear(out: Path, config: RESPConfig, total: int, resume: bool) -> dict[str, Any] | None:
+    """The saved state when resuming, else None after removing what a previous run left."""
+    out.mkdir(parents=True, exist_ok=True)
+    state_path, state = out / STATE_FILE, None
+    if resume and state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state.get("params_before") != total:
+            raise ValueError(f"{state_path} was written for another model ({state.get('params_before')} "
+                             f"prunable parameters, this one has {total}); use a new --out")
+    elif not resume:
+        for stale in (state_path, out / "report.json"):
+            stale.unlink(missing_ok=True)
+        if (out / "calibration").exists():
+            shutil.rmtree(out / "calibration")
+    atomic_write_text(out / "config.yaml", config.to_yaml())
+    return state
 
 
 def _cal_record(cal: CalibrationSet, milestone: float) -> dict[str, Any]:
@@ -319,6 +354,8 @@ def _save_levels(model, tokenizer, adapter: DecoderAdapter, config: RESPConfig, 
         if level in done or level > s + EPS:
             continue
         path = out / save_at_dir(level)
-        save_pruned(model, tokenizer, path, adapter, overwrite=True)
+        with distributed.together("saving a save_at model"):
+            if distributed.world().is_main:
+                save_pruned(model, tokenizer, path, adapter, overwrite=True)
         saved.append({"level": level, "sparsity": round(s, 6), "path": str(path)})
         logger.info(f"save_at {level:.2f}: model at sparsity {s:.4f} saved to {path}")

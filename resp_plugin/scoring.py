@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from resp_plugin import distributed
 from resp_plugin.calibration import CalibrationSample
 from resp_plugin.structures import DecoderAdapter
 
@@ -38,6 +39,7 @@ class Scores:
     layers: dict[int, LayerScores] = field(default_factory=dict)
     loss: float = float("nan")
     n_samples: int = 0
+    n_local: int = 0  # samples this rank scored (= n_samples outside torchrun)
 
 
 # ---------------------------------------------------------------------------- loss
@@ -96,7 +98,12 @@ def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 # ---------------------------------------------------------------------------- saliency
 def score(model: nn.Module, adapter: DecoderAdapter, samples: list[CalibrationSample], config,
           layers: list[int], pad_id: int = 0, progress: bool = True) -> Scores:
-    """Saliency of every head (or KV group) and channel of ``layers`` over all ``samples``."""
+    """Saliency of every head (or KV group) and channel of ``layers`` over all ``samples``.
+
+    Under torchrun each rank runs the forward/backward passes of its share of the batches
+    (the single-process batches, dealt round robin, so each batch is computed exactly as one
+    process would) and the gradient sums are all-reduced before saliency is taken.
+    """
     usable = [i for i, s in enumerate(samples) if _targets(s, config.loss) > 0]
     if not usable:
         raise ValueError(
@@ -115,24 +122,18 @@ def score(model: nn.Module, adapter: DecoderAdapter, samples: list[CalibrationSa
     kind = _VectorCollector if config.saliency == "vector" else _SumAbsCollector
     k = max(1, min(config.score_chunks, len(layers)))
     chunks = [layers[j * len(layers) // k:(j + 1) * len(layers) // k] for j in range(k)]
-    batches = [order[i:i + config.batch_size] for i in range(0, n_total, config.batch_size)]
+    batches = distributed.shard([order[i:i + config.batch_size] for i in range(0, n_total, config.batch_size)])
     result, total_loss = Scores(), 0.0
     try:
         for c, chunk in enumerate(chunks):
             collector = kind(adapter, chunk, config)
             try:
                 desc = "scoring" if k == 1 else f"scoring layers {chunk[0]}-{chunk[-1]}"
-                for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
-                    loss, per_sample = batch_loss(model, [samples[i] for i in batch], n_total, config.loss, pad_id)
-                    if not torch.isfinite(loss):
-                        bad = [batch[j] for j, v in enumerate(per_sample.tolist()) if not math.isfinite(v)]
-                        raise FloatingPointError(
-                            f"non-finite loss on calibration sample(s) {bad or batch}: the model or its dtype "
-                            "overflows on them; nothing was pruned in this step (try --dtype float32)"
-                        )
-                    loss.backward()
-                    if c == 0:
-                        total_loss += float(loss.detach())
+                with distributed.together("scoring its calibration shard"):
+                    loss_sum = _backward_batches(model, samples, batches, n_total, config, pad_id, desc, progress)
+                if c == 0:
+                    total_loss = loss_sum
+                collector.reduce()
                 result.layers.update(collector.finish().layers)
             finally:
                 collector.close()
@@ -147,9 +148,27 @@ def score(model: nn.Module, adapter: DecoderAdapter, samples: list[CalibrationSa
             t = getattr(ls, name)
             if t is not None and not torch.isfinite(t).all():
                 raise FloatingPointError(f"non-finite {name} saliency in layer {i}; nothing was pruned")
-    result.loss = total_loss
+    result.loss = distributed.all_reduce_float(total_loss)
     result.n_samples = n_total
+    result.n_local = sum(len(b) for b in batches)
     return result
+
+
+def _backward_batches(model: nn.Module, samples: list[CalibrationSample], batches: list[list[int]], n_total: int,
+                      config, pad_id: int, desc: str, progress: bool) -> float:
+    """Accumulate the gradients of ``batches`` (this rank's share); returns their summed loss."""
+    total = 0.0
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
+        loss, per_sample = batch_loss(model, [samples[i] for i in batch], n_total, config.loss, pad_id)
+        if not torch.isfinite(loss):
+            bad = [batch[j] for j, v in enumerate(per_sample.tolist()) if not math.isfinite(v)]
+            raise FloatingPointError(
+                f"non-finite loss on calibration sample(s) {bad or batch}: the model or its dtype "
+                "overflows on them; nothing was pruned in this step (try --dtype float32)"
+            )
+        loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 class _SumAbsCollector:
@@ -182,6 +201,15 @@ class _SumAbsCollector:
         if p in self.acc:
             return self.acc[p]
         return p.grad if p.grad is not None else torch.zeros_like(p)
+
+    def reduce(self) -> None:
+        """Sum the gradient accumulators over ranks (torchrun): then every rank holds g_mean."""
+        if not distributed.world().active:
+            return
+        for p in self.params.values():
+            if p not in self.acc and p.grad is None:  # a rank without batches still takes part
+                p.grad = torch.zeros_like(p)
+        distributed.all_reduce_(self._grad(p) for p in self.params.values())
 
     @torch.no_grad()
     def finish(self) -> Scores:
@@ -263,6 +291,15 @@ class _VectorCollector:
         m = self._mask((i, role), module, n)
         self.hooks.append(module.register_forward_pre_hook(
             lambda mod, args: (args[0] * m.to(args[0].dtype).repeat_interleave(width),) + tuple(args[1:])))
+
+    def reduce(self) -> None:
+        """Sum the mask gradients over ranks (torchrun); |sum| is taken after the sum, in finish."""
+        if not distributed.world().active:
+            return
+        for m in self.masks.values():
+            if m.grad is None:
+                m.grad = torch.zeros_like(m)
+        distributed.all_reduce_(m.grad for m in self.masks.values())
 
     @torch.no_grad()
     def finish(self) -> Scores:

@@ -8,25 +8,56 @@ from pathlib import Path
 
 from loguru import logger
 
+from resp_plugin import distributed
 from resp_plugin.calibration import (
     CalibrationSet,
     Trace,
     build_samples,
     read_traces,
+    render_prompt,
     traces_path,
     write_traces,
 )
 from resp_plugin.calibration.sources import load_prompts
 
+BATCH_SEED_STRIDE = 7919  # > 1000: batch seeds never meet the per-milestone seeds (seed + 1000 * sparsity)
+
 
 def _load_or_make(out: Path | None, sparsity: float, make) -> tuple[list[Trace], bool]:
-    """Read the trace file of this sparsity when a previous (interrupted) run wrote it."""
-    if out is not None:
-        path = traces_path(out, sparsity)
-        if path.exists():
-            logger.info(f"reusing calibration traces {path}")
-            return read_traces(path), True
+    """Read the trace file of this sparsity when a previous (interrupted) run wrote it.
+
+    Under torchrun rank 0 reads it and broadcasts it: the other ranks never need the run folder.
+    """
+    found = None
+    with distributed.together("reading the calibration traces"):
+        if out is not None and distributed.world().is_main:
+            path = traces_path(out, sparsity)
+            if path.exists():
+                logger.info(f"reusing calibration traces {path}")
+                found = read_traces(path)
+    found = distributed.broadcast(found)
+    if found is not None:
+        return found, True
     return make(), False
+
+
+def generation_batches(tokenizer, prompts: list[str], gen_config) -> list[list[int]]:
+    """Prompt positions in the generation backend's batches: sorted by rendered length, ``batch_size`` each.
+
+    The same split whatever the number of ranks, so under torchrun every batch is generated with
+    the same prompts, padding and seed as in a single process, and the traces are identical.
+    """
+    lengths = []
+    for p in prompts:
+        text, templated = render_prompt(tokenizer, p, gen_config.thinking)
+        lengths.append(len(tokenizer(text, add_special_tokens=not templated)["input_ids"]))
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    return [order[i:i + gen_config.batch_size] for i in range(0, len(order), gen_config.batch_size)]
+
+
+def batch_seed(seed: int, b: int) -> int:
+    """Sampling seed of generation batch ``b``: a batch's traces never depend on which rank wrote it."""
+    return seed + BATCH_SEED_STRIDE * b
 
 
 class _Base:
@@ -43,7 +74,9 @@ class _Base:
                                 plain=self.plain)
         path = traces_path(out, sparsity) if out is not None else None
         if path is not None and not reused:
-            write_traces(path, traces)
+            with distributed.together("writing the calibration traces"):
+                if distributed.world().is_main:
+                    write_traces(path, traces)
         return CalibrationSet(traces=traces, samples=samples, kind=self.kind, sparsity=sparsity,
                               path=str(path) if path else None, stats=trace_stats(traces))
 
@@ -121,11 +154,29 @@ class SelfProvider(_Base):
         if name not in backends:
             raise ValueError(f"unknown generation backend {name!r}; available: {', '.join(sorted(backends))}")
         self.backend = backends[name](config)  # fails now, before any work, if e.g. vllm is missing
+        # A backend that must see the whole set at once (vLLM exports the model per call) is called once.
+        self.per_batch = getattr(self.backend, "per_batch_calls", name != "vllm")
+        if distributed.launched() and not self.per_batch:
+            raise ValueError(f"generation backend {name!r} cannot be sharded under torchrun (it starts its own "
+                             "workers); use --backend hf with torchrun, or run vLLM in a single process")
+        self.n_generated = 0  # traces this rank wrote (all milestones), for the report under torchrun
 
     def _generate(self, model, tokenizer, idx: list[int], sparsity: float) -> list[Trace]:
+        """Generate traces for ``idx``, batch by batch with a seed per batch; batches dealt over ranks."""
         prompts = [self.records[i].prompt for i in idx]
         seed = self.config.seed + int(round(sparsity * 1000))
-        done = self.backend.generate(model, tokenizer, prompts, seed=seed)
+        if not self.per_batch:
+            done = self.backend.generate(model, tokenizer, prompts, seed=seed)
+        else:
+            batches = list(enumerate(generation_batches(tokenizer, prompts, self.config.generation)))
+            mine: dict[int, object] = {}
+            with distributed.together("generating its calibration traces"):
+                for b, batch in distributed.shard(batches):
+                    out = self.backend.generate(model, tokenizer, [prompts[j] for j in batch], seed=batch_seed(seed, b))
+                    mine.update(zip(batch, out))
+            self.n_generated += len(mine)
+            merged = {j: c for part in distributed.gather(mine) for j, c in part.items()}
+            done = [merged[j] for j in range(len(prompts))]
         return [Trace(prompt=p, completion=c.text, finished=c.finished, n_completion_tokens=c.n_tokens,
                       sparsity=sparsity, kind=self.kind) for p, c in zip(prompts, done)]
 

@@ -149,6 +149,9 @@ class RESPPruningModifier(Modifier):
     @model_validator(mode="after")
     def _validate_resp_config(self) -> RESPPruningModifier:
         """Run RESPConfig's checks at recipe parsing, long before any model is loaded."""
+        from resp_plugin.distributed import refuse_under_torchrun
+
+        refuse_under_torchrun("RESPPruningModifier (llm-compressor oneshot)")
         self.resp_config(self.channel_multiple or 1)
         return self
 
@@ -558,6 +561,9 @@ def main(argv: list[str] | None = None) -> Any:
     ap.add_argument("--num-calibration-samples", type=int, default=None, help="traces given to GPTQ (default all)")
     ap.add_argument("--max-seq-length", type=int, default=None, help="truncate traces given to GPTQ")
     args = ap.parse_args(argv)
+    from resp_plugin.distributed import refuse_under_torchrun
+
+    refuse_under_torchrun("RESPPruningModifier (llm-compressor oneshot)")
     recipe = _with_overrides(recipe_path(args.recipe), args.set)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device_map)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -109,6 +109,21 @@ def init(device: str = "auto") -> World:
     return w
 
 
+def refuse_under_torchrun(what: str) -> None:
+    """Refuse, before any work, an entry point that cannot share RESP between ranks.
+
+    llm-compressor's ``oneshot`` runs the whole recipe in every process: each rank would prune
+    on its own calibration data and save its own checkpoint into the same folder.
+    """
+    if launched():
+        raise ValueError(
+            f"{what} cannot run under torchrun (WORLD_SIZE={os.environ.get('WORLD_SIZE')}): every rank would "
+            "prune and save its own copy. Prune data-parallel with `resp prune` under torchrun "
+            "(torchrun --nproc-per-node N -m resp_plugin.cli prune MODEL --out OUT ...), then run oneshot on "
+            "OUT/model in a single process for quantisation"
+        )
+
+
 def close() -> None:
     """Leave the process group (after the last collective), so the launcher sees a clean exit."""
     if dist.is_available() and dist.is_initialized():

@@ -209,3 +209,26 @@ def test_two_ranks_keep_exactly_what_one_process_keeps_on_the_organism(tmp_path)
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert stripped(two) == stripped(one)
     assert two["distributed"]["world_size"] == 2
+
+
+def test_llmcompressor_modifier_is_refused_under_torchrun(monkeypatch):
+    """oneshot would run the whole recipe on every rank: the recipe itself is refused, naming the way."""
+    pytest.importorskip("llmcompressor")
+    from resp_plugin.integrations.llmcompressor import RESPPruningModifier
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"`resp prune` under torchrun"):
+        RESPPruningModifier(sparsity=0.2, prompts="gsm8k")
+
+
+@pytest.mark.slow
+def test_llmcompressor_oneshot_under_torchrun_is_refused_before_loading(tmp_path):
+    pytest.importorskip("llmcompressor")
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "resp_plugin.integrations.llmcompressor", "--model", str(ORGANISM / "model"), "--recipe", "resp",
+         "--output-dir", str(tmp_path / "o"), "--set", f"prompts=gsm8k:{ORGANISM / 'data' / 'train.jsonl'}"],
+        env=torchrun_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "`resp prune` under torchrun" in res.stderr
+    assert not (tmp_path / "o").exists()

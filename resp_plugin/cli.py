@@ -67,6 +67,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--min-heads-per-layer", type=int)
     p.add_argument("--min-channels-per-layer", type=int)
     p.add_argument("--channel-multiple", type=int, help="kept widths multiple of this (128 for W4A16 g128)")
+    p.add_argument("--head-multiple", type=int, help="kept KV heads per layer a multiple of this: the tensor-parallel "
+                   "size you will serve with (needs --attention-unit kv_group)")
     p.add_argument("--batch-size", type=int, help="calibration samples per scoring pass")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--score-chunks", type=int, help="score layers in K groups: 1/K gradient memory, K x time")
@@ -92,6 +94,7 @@ def build_config(args):
         "milestones": args.milestones, "regenerate_fraction": args.regenerate_fraction, "step": args.step,
         "protected_layers": args.protected_layers, "min_heads_per_layer": args.min_heads_per_layer,
         "min_channels_per_layer": args.min_channels_per_layer, "channel_multiple": args.channel_multiple,
+        "head_multiple": args.head_multiple,
         "batch_size": args.batch_size, "score_chunks": args.score_chunks, "schedule": args.schedule,
         "save_at": args.save_at, "prompt_selection": args.prompt_selection,
         "seed": args.seed, "device": args.device, "dtype": args.dtype,
@@ -303,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("eval", help="evaluate a (pruned) model with lm-eval")
     e.add_argument("model")
     e.add_argument("--tasks", default="resp_gsm8k")
-    e.add_argument("--limit", type=positive_int("--limit"), help="first N documents of each task")
+    e.add_argument("--limit", type=positive_int, help="first N documents of each task")
     e.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True)
-    e.add_argument("--max-gen-toks", type=positive_int("--max-gen-toks"))
+    e.add_argument("--max-gen-toks", type=positive_int)
     e.add_argument("--batch-size", default=1)
     e.add_argument("--num-fewshot", type=int)
     e.add_argument("--out", help="results JSON file")

@@ -70,6 +70,8 @@ class RESPConfig(BaseModel):
     min_heads_per_layer: int = Field(1, ge=1)
     min_channels_per_layer: int = Field(1, ge=1)
     channel_multiple: int = Field(1, ge=1)
+    head_multiple: int = Field(1, ge=1, description="kept KV heads per layer stay a multiple of this "
+                               "(attention_unit kv_group): the tensor-parallel size the model will be served with")
 
     batch_size: int = Field(4, ge=1, description="calibration samples per forward/backward pass")
     gradient_checkpointing: bool = False
@@ -102,6 +104,11 @@ class RESPConfig(BaseModel):
                     f"milestones must lie in (0, sparsity={self.sparsity}], got {bad}; "
                     f"drop them or raise --sparsity"
                 )
+        if self.head_multiple > 1 and self.attention_unit != "kv_group":
+            raise ValueError(
+                f"head_multiple={self.head_multiple} needs attention_unit 'kv_group' (whole KV groups keep every "
+                "layer's query groups even, so tensor parallelism can split them); add --attention-unit kv_group"
+            )
         if self.protected_layers is not None and any(i < 0 for i in self.protected_layers):
             raise ValueError(f"protected_layers must be layer indices >= 0, got {self.protected_layers}")
         return self

@@ -409,14 +409,7 @@ def select(scores: Scores, adapter: DecoderAdapter, config, budget: float) -> Se
             for ids, key in _blocks(ls.heads, head_block, min_h):
                 cands.append((key, i, "head", ids))
         if ls.groups is not None:
-            sizes = torch.bincount(torch.tensor(st.kv_index()), minlength=len(ls.groups)).tolist()
-            order = torch.argsort(ls.groups, stable=True).tolist()
-            kept_heads = len(st.kept_heads)
-            for j in order[:-1]:  # at least one group stays
-                if kept_heads - sizes[j] < config.min_heads_per_layer:
-                    break
-                kept_heads -= sizes[j]
-                cands.append((float(ls.groups[j]), i, "group", [j]))
+            cands += [(key, i, "group", ids) for ids, key in _group_blocks(ls.groups, st, config)]
     cands.sort(key=lambda c: c[0])
     sel = Selection()
     left_per_kv = {i: torch.bincount(torch.tensor(ad.states[i].kv_index()),
@@ -437,10 +430,26 @@ def select(scores: Scores, adapter: DecoderAdapter, config, budget: float) -> Se
                 if left_per_kv[i][kv_index[h]] == 0:
                     sel.params += ad.kv_head_params(i)
         else:
-            j = ids[0]
-            sel.groups.setdefault(i, []).append(j)
-            sel.params += left_per_kv[i][j] * ad.head_params(i) + ad.kv_head_params(i)
+            sel.groups.setdefault(i, []).extend(ids)
+            sel.params += sum(left_per_kv[i][j] * ad.head_params(i) + ad.kv_head_params(i) for j in ids)
     return sel
+
+
+def _group_blocks(groups: torch.Tensor, state, config) -> list[tuple[list[int], float]]:
+    """Lowest-first blocks of ``head_multiple`` KV groups, keeping >= one block and min_heads.
+
+    Kept KV heads then stay a multiple of ``head_multiple``, so a ``kv_group`` checkpoint
+    splits over that many tensor-parallel ranks.
+    """
+    sizes = torch.bincount(torch.tensor(state.kv_index()), minlength=len(groups)).tolist()
+    kept_heads = len(state.kept_heads)
+    blocks = []
+    for ids, key in _blocks(groups, config.head_multiple, config.head_multiple):
+        kept_heads -= sum(sizes[j] for j in ids)
+        if kept_heads < config.min_heads_per_layer:
+            break
+        blocks.append((ids, key))
+    return blocks
 
 
 def _round_up(x: int, m: int) -> int:

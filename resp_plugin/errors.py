@@ -69,20 +69,17 @@ def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
     return f" (did you mean {', '.join(matches)}?)" if matches else ""
 
 
-def positive_int(flag: str) -> Callable[[str], int]:
+def positive_int(text: str) -> int:
     """An argparse ``type`` refusing 0 and negatives (``--limit 0`` would evaluate nothing)."""
     import argparse
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {value}")
-        return value
-
-    return parse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------- output paths
@@ -122,7 +119,8 @@ _HELD: dict[Path, int] = {}  # lock path -> fd: this process may re-enter its ow
 
 
 def _lock_path(out: Path) -> Path:
-    return out / LOCK_FILE
+    """Absolute, so that one process re-enters its own lock however the folder was spelled."""
+    return out.resolve() / LOCK_FILE
 
 
 def _is_main_rank() -> bool:

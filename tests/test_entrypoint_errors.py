@@ -184,8 +184,10 @@ CASES = [
          _no_resp_data),
     Case("eval-hub-data-offline", "cli", _eval("good", tasks="gsm8k"),
          r"the data of gsm8k cannot be loaded \(Couldn't reach 'openai/gsm8k'", _hub_offline),
-    Case("eval-limit-zero", "cli", _eval("good", "--limit", "0"), r"--limit must be a positive integer, got 0"),
-    Case("eval-limit-negative", "cli", _eval("good", "--limit", "-3"), r"--limit must be a positive integer, got -3"),
+    Case("eval-limit-zero", "cli", _eval("good", "--limit", "0"),
+         r"resp eval: error: argument --limit: must be a positive integer, got 0"),
+    Case("eval-limit-negative", "cli", _eval("good", "--limit", "-3"),
+         r"resp eval: error: argument --limit: must be a positive integer, got -3"),
     Case("eval-out-is-a-folder", "cli", _eval("good", "--out", "TMP/res"), r"res is a folder; give the path",
          lambda c: (c.tmp / "res").mkdir()),
     # resp report / demo

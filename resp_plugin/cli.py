@@ -288,6 +288,45 @@ def _check_eval_inputs(args) -> None:
     load_tasks([t for t in args.tasks.split(",") if t.strip()])
 
 
+def _add_reproduce(sub) -> None:
+    r = sub.add_parser("reproduce", help="the paper's Table 1 protocol for one model (prune once per task, "
+                       "checkpoints at 20/30/40 %%, evaluate each, table beside the paper's numbers)")
+    r.add_argument("model", help="checkpoint folder (transformers format)")
+    r.add_argument("--out", required=True, help="folder: OUT/<task>/ runs and evaluations, OUT/table.md, table.json")
+    r.add_argument("--tasks", default="resp_gsm8k_paper,resp_mathqa_paper",
+                   help="comma-separated; resp_organism runs the bundled organism on CPU")
+    r.add_argument("--levels", type=_floats, default=[0.2, 0.3, 0.4], help="sparsities, e.g. 0.2,0.3,0.4")
+    r.add_argument("--prompts", help="calibration prompts for every task (default: each task's own train split)")
+    r.add_argument("--config", help="YAML of RESPConfig fields (sparsity, save_at and prompts are set per task)")
+    r.add_argument("--limit", type=int, help="first N documents of each task (smoke runs)")
+    r.add_argument("--max-gen-toks", type=int)
+    r.add_argument("--batch-size", default=1)
+    r.add_argument("--judge-url", help="OpenAI-compatible judge endpoint: the paper's accuracy")
+    r.add_argument("--judge-model")
+    r.add_argument("--judge-cache")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", default="auto")
+    r.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args) -> int:
+    import yaml
+
+    from resp_plugin.integrations.reproduce import reproduce, table_markdown
+
+    config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {args.config} must hold a mapping of RESPConfig fields")
+    config.update(device=args.device, dtype=args.dtype)
+    batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
+    rows = reproduce(args.model, args.out, tasks=[t for t in args.tasks.split(",") if t], levels=args.levels,
+                     config=config, prompts=args.prompts, limit=args.limit, max_gen_toks=args.max_gen_toks,
+                     batch_size=batch, judge_url=args.judge_url, judge_model=args.judge_model,
+                     judge_cache=args.judge_cache, device=args.device, dtype=args.dtype)
+    print(table_markdown(rows))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from resp_plugin import organism
     from resp_plugin.errors import run_folder
@@ -332,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--judge-model", help="the judge's model name on that server (paper: Qwen3-30B-A3B-Instruct-2507)")
     e.add_argument("--judge-cache", help="verdict cache (JSONL; default ~/.cache/resp-plugin/judge-cache.jsonl)")
     e.set_defaults(func=cmd_eval)
+    _add_reproduce(sub)
     d = sub.add_parser("demo", help="prune the bundled reasoning organism and evaluate it (offline)")
     d.add_argument("--out", default="resp-demo")
     d.add_argument("--quick", action="store_true", help="fewer prompts and test problems (smoke run)")

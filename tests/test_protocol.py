@@ -131,3 +131,28 @@ def test_cli_flags_reach_the_config() -> None:
     assert isinstance(args, argparse.Namespace)
     defaults = RESPConfig(sparsity=0.4)
     assert (defaults.prompt_selection, defaults.usable_gate, defaults.schedule) == ("shuffle", False, "params")
+
+
+def test_reproduce_end_to_end_on_a_tiny_model(tokenizer, gold_file, tmp_path, monkeypatch) -> None:
+    """`resp reproduce`: one prune per task with save_at, dense + every level evaluated, the table written."""
+    pytest.importorskip("lm_eval")
+    import yaml
+
+    from resp_plugin.cli import main
+
+    monkeypatch.setenv("RESP_DATA_DIR", str(DATA))
+    dense = tmp_path / "dense"
+    make_model().save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"calibration": "gold", "step": 0.1, "protected_layers": [0]}))
+    rc = main(["reproduce", str(dense), "--out", str(tmp_path / "rep"), "--tasks", "resp_gsm8k_paper",
+               "--levels", "0.1,0.2", "--prompts", f"jsonl:{gold_file}", "--config", str(cfg), "--limit", "1",
+               "--max-gen-toks", "2"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "rep" / "table.json").read_text())
+    assert [r["level"] for r in rows] == [0.0, 0.1, 0.2]
+    assert all(r["metric"] == "exact_match,flexible-extract" and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert [Path(r["checkpoint"]).name for r in rows[1:]] == ["model-0.10", "model-0.20"]
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "| resp_gsm8k_paper | 20% |" in table and "paper, Qwen3-8B RESP" in table

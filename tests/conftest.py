@@ -84,3 +84,25 @@ def tokenizer():
 @pytest.fixture
 def gold_file(tmp_path):
     return write_gold(tmp_path / "gold.jsonl")
+
+
+@pytest.fixture(scope="session")
+def pruned_organism(tmp_path_factory):
+    """``build(unit, level)``: the organism pruned by ``unit`` to ``level`` (gold traces: fast), as
+    `resp prune` saves it; built once per session and shared by the vLLM tests."""
+    from resp_plugin import RESPConfig, organism, prune
+    from resp_plugin.io import load_model_and_tokenizer
+
+    built: dict[tuple[str, float], Path] = {}
+
+    def build(unit: str = "query_head", level: float = 0.4) -> Path:
+        if (unit, level) not in built:
+            model, tok = load_model_and_tokenizer(organism.model_path(), "cpu", "float32")
+            cfg = RESPConfig(sparsity=level, step=0.05, calibration="gold", num_prompts=32, attention_unit=unit,
+                             prompts=f"gsm8k:{organism.data_path('train.jsonl')}")
+            run = tmp_path_factory.mktemp(f"organism-{unit}-{level}")
+            prune(model, tok, cfg, out=run, progress=False)
+            built[unit, level] = run / "model"
+        return built[unit, level]
+
+    return build

@@ -19,7 +19,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one engine process per test is slow on 2 cores
 
 from conftest import make_model, make_tokenizer  # noqa: E402
-from resp_plugin import RESPConfig, load_pruned, organism, prune  # noqa: E402
+from resp_plugin import load_pruned, organism  # noqa: E402
 from resp_plugin.calibration.generation import _prompt_ids  # noqa: E402
 from resp_plugin.io import load_model_and_tokenizer, save_pruned  # noqa: E402
 from resp_plugin.structures import adapter_for  # noqa: E402
@@ -69,18 +69,10 @@ def organism_prompts() -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def pruned_organisms(tmp_path_factory) -> dict[tuple[str, float], Path]:
-    """The organism pruned to 20/30/40 % with both attention units (gold traces: fast)."""
-    out = {}
-    for unit in ("query_head", "kv_group"):
-        for level in (0.2, 0.3, 0.4):
-            model, tok = load_model_and_tokenizer(organism.model_path(), "cpu", "float32")
-            cfg = RESPConfig(sparsity=level, step=0.05, calibration="gold", num_prompts=32, attention_unit=unit,
-                             prompts=f"gsm8k:{organism.data_path('train.jsonl')}")
-            run = tmp_path_factory.mktemp(f"{unit}-{level}")
-            prune(model, tok, cfg, out=run, progress=False)
-            out[unit, level] = run / "model"
-    return out
+def pruned_organisms(pruned_organism) -> dict[tuple[str, float], Path]:
+    """The organism pruned to 20/30/40 % with both attention units."""
+    return {(unit, level): pruned_organism(unit, level)
+            for unit in ("query_head", "kv_group") for level in (0.2, 0.3, 0.4)}
 
 
 def test_query_head_checkpoints_have_uneven_groups(pruned_organisms):

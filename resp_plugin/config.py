@@ -80,6 +80,8 @@ class RESPConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    fsdp: bool = Field(False, description="under torchrun, shard every decoder layer over the ranks with FSDP2 "
+                       "(weights and gradient sums 1/N per rank) for models larger than one device")
 
     @field_validator("sparsity")
     @classmethod

@@ -214,3 +214,199 @@ def shard(items: list[T], w: World | None = None) -> list[T]:
     """This rank's share: every ``world_size``-th item from ``rank`` (balanced over sorted items)."""
     w = w or world()
     return items[w.rank::w.world_size]
+
+
+# ---------------------------------------------------------------------------- FSDP2: sharded layers
+# Why FSDP2 on the decoder linears and nothing else: the prunable weights all live there, and a pruned
+# layer is replaced by a freshly sharded smaller one, which is only simple while no FSDP root holds
+# references to its children.  Embeddings, norms and the lm_head (never pruned) stay whole on every rank.
+
+
+@dataclass
+class _Sharding:
+    """What a sharded model needs to rebuild a layer: the mesh, the precision policy, meta skeletons."""
+
+    mesh: Any
+    mp_policy: Any
+    compute_dtype: torch.dtype
+    skeletons: dict[int, torch.nn.Module]
+
+
+def is_sharded(model) -> bool:
+    """True when :func:`shard_model` sharded this model's decoder layers."""
+    return getattr(model, "_resp_sharding", None) is not None
+
+
+def check_fsdp(config) -> None:
+    """Refuse, before any model is loaded, a sharded run that cannot work."""
+    if not getattr(config, "fsdp", False):
+        return
+    if not launched():
+        raise ValueError("fsdp shards the model over the ranks of torchrun: launch with "
+                         "torchrun --nproc-per-node N -m resp_plugin.cli prune ... (N >= 2), or drop --fsdp")
+    if getattr(config, "save_at", None):
+        raise ValueError("save_at does not combine with fsdp yet (each level would gather the whole model "
+                         "on rank 0 mid-run); drop --save-at, or run without --fsdp")
+
+
+def shard_model(model, adapter, device: str | torch.device) -> None:
+    """FSDP2 (``fully_shard``) on every decoder linear; the rest of the model moves whole to ``device``.
+
+    Each rank then holds 1/N of every layer's weights and, for ``sum_abs``, of their fp32 gradient
+    sums; a layer is gathered only for its own forward/backward.  Low-precision weights are kept as
+    fp32 shards computed in their own dtype (``MixedPrecisionPolicy``), so gradients are reduced and
+    accumulated in fp32 as in a single process.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    device = torch.device(device)
+    dtype = model.get_input_embeddings().weight.dtype
+    mp = None if dtype == torch.float32 else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    model._resp_sharding = _Sharding(init_device_mesh(device.type, (world().world_size,)), mp, dtype, {})
+    for i in range(adapter.num_layers):
+        _shard_layer(model, adapter, i)
+    from torch.distributed.fsdp import fully_shard
+
+    # The decoder as FSDP root with no weights of its own (embeddings and norms stay whole): it only
+    # schedules the units, so each one is resharded and reduce-scattered as soon as it is done.
+    decoder = model.get_decoder()
+    fully_shard(decoder, mesh=model._resp_sharding.mesh, ignored_params={p for p in decoder.parameters()
+                                                                         if not is_dtensor(p)})
+    prefix = _layers_prefix(model)
+    with torch.no_grad():  # a copy even on the same device: nothing may keep the loaded checkpoint mapped
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not name.startswith(prefix) or not is_dtensor(t):
+                t.data = t.data.to(device, copy=True)
+    model._is_fsdp_managed_module = True  # transformers' generate then keeps the ranks in step (synced_gpus)
+
+
+def sharded_keep(model, adapter, i: int, heads: list[int], channels: list[int]) -> None:
+    """Physical removal in a sharded layer: gather it, cut it exactly as one process would, shard it again."""
+    st = adapter.states[i]
+    if list(heads) == list(range(len(st.kept_heads))) and list(channels) == list(range(len(st.kept_channels))):
+        return
+    _gather_layer(model, adapter, i, keep=True)
+    adapter.keep(i, heads=heads, channels=channels)
+    _shard_layer(model, adapter, i)
+    _relink_root(model)
+
+
+def _relink_root(model) -> None:
+    """A rebuilt layer brings new FSDP units: the root collects its units again at its next forward
+    (FSDP2's lazy initialisation is idempotent; this only forgets what it found last time)."""
+    root = model.get_decoder()._get_fsdp_state()
+    for state in root._state_ctx.all_states:
+        state._is_root = None
+    root._state_ctx.all_states.clear()
+    root._is_root = None
+
+
+def unshard_model(model, adapter) -> None:
+    """Gather every layer whole onto rank 0's CPU (a collective: all ranks call it) before saving."""
+    for i in range(adapter.num_layers):
+        _gather_layer(model, adapter, i, keep=world().is_main, device=torch.device("cpu"))
+    if world().is_main:
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.data = t.data.to("cpu")
+        model._resp_sharding = None
+        model._is_fsdp_managed_module = False
+
+
+def reset_peak_memory() -> bool:
+    """Start the peak-memory count here (after loading and sharding): True if the kernel allowed it.
+
+    On Linux, writing 5 to /proc/self/clear_refs resets VmHWM (peak RSS) to the current RSS;
+    CUDA's allocator peak is reset too.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mib() -> dict[str, float]:
+    """This process's peak RSS (VmHWM) and, on a GPU, the peak of CUDA's allocator, in MiB."""
+    out: dict[str, float] = {}
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                out["peak_rss_mib"] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def lockstep_padding(model, n_items: int, n_mine: int) -> int:
+    """Extra (discarded) passes this rank runs so that all ranks of a sharded model run as many."""
+    if not is_sharded(model):
+        return 0
+    return -(-n_items // world().world_size) - n_mine
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (DTensor) gathered whole on every rank; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor")
+
+
+def _layers_prefix(model) -> str:
+    layers = model.get_decoder().layers
+    return next(n for n, m in model.named_modules() if m is layers) + "."
+
+
+def _shard_layer(model, adapter, i: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    sh: _Sharding = model._resp_sharding
+    sh.skeletons[i] = _meta_copy(adapter.layers[i])
+    kwargs = {"mesh": sh.mesh} if sh.mp_policy is None else {"mesh": sh.mesh, "mp_policy": sh.mp_policy}
+    # One FSDP unit per linear, not per layer: a unit is gathered whole for its forward and backward,
+    # so the transient memory is a few linears, not a few layers (the norms stay whole: a few KB).
+    for linear in adapter.linears(i).values():
+        if sh.mp_policy is not None:
+            linear.to(torch.float32)
+        fully_shard(linear, **kwargs)
+
+
+def _gather_layer(model, adapter, i: int, keep: bool, device: torch.device | None = None) -> None:
+    """Replace sharded layer ``i`` by a plain copy holding its full weights (where ``keep``)."""
+    import copy
+
+    sh: _Sharding = model._resp_sharding
+    old = adapter.layers[i]
+    full = {k: full_tensor(v).detach() for k, v in old.state_dict().items()}  # collective: every rank
+    # (the state dict's order is the modules' order: every rank gathers the same tensor at the same time)
+    if not keep:
+        return
+    dev = device or next(iter(full.values())).device
+    new = copy.deepcopy(sh.skeletons[i])  # on the meta device: the gathered tensors become its weights
+    new.load_state_dict({k: v.to(device=dev, dtype=sh.compute_dtype) for k, v in full.items()}, assign=True)
+    if any(t.is_meta for t in [*new.parameters(), *new.buffers()]):
+        raise RuntimeError(f"layer {i} holds state outside its state_dict; it cannot be rebuilt under fsdp")
+    for p in new.parameters():
+        p.requires_grad_(False)
+    model.get_decoder().layers[i] = new
+    adapter.layers[i] = new
+
+
+def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy with every attribute but no storage: parameters and buffers on the meta device."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(module, memo)

@@ -111,6 +111,7 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
     w = distributed.world()
     progress = progress and w.is_main
     with distributed.together("checking the run"):
+        distributed.check_fsdp(config)
         adapter = validate(model, config, out, resume, overwrite)
     provider = provider or provider_for(config)
     protected = config.protected(adapter.num_layers)
@@ -120,6 +121,10 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     state = _open_run(out, config, adapter, total, resume)
+    if config.fsdp:  # after a resumed kept map is applied: the layers are sharded at their current size
+        distributed.shard_model(model, adapter, distributed.rank_device(config.device))
+    if w.active:
+        distributed.reset_peak_memory()  # the report's per-rank peak counts from here (model loaded, sharded)
 
     cal = provider.initial(model, tokenizer, out)
     if not state["milestones"] and not state["steps"]:
@@ -171,7 +176,10 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
             heads, channels = sel.kept(adapter, i)
             removed_h += len(adapter.states[i].kept_heads) - len(heads)
             removed_c += len(adapter.states[i].kept_channels) - len(channels)
-            adapter.keep(i, heads=heads, channels=channels)
+            if distributed.is_sharded(model):
+                distributed.sharded_keep(model, adapter, i, heads, channels)
+            else:
+                adapter.keep(i, heads=heads, channels=channels)
         state["steps"].append({"step": len(state["steps"]) + 1, "sparsity": round(sparsity(), 6),
                                "loss": raw.loss, "removed_heads": removed_h, "removed_channels": removed_c,
                                "seconds": round(time.time() - ts, 3)})
@@ -199,8 +207,7 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
         "seconds": round(time.time() - t0, 3),
     }
     if w.active:
-        per_rank = distributed.gather({"generated": getattr(provider, "n_generated", 0), "scored": n_scored})
-        report["distributed"] = {"world_size": w.world_size, "samples_per_rank": per_rank}
+        report["distributed"] = _distributed_report(model, adapter, provider, n_scored)
     adapter.write_config()
     if out is not None:
         state["layers"] = adapter.kept_map()
@@ -213,6 +220,20 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
     logger.info(f"pruned to sparsity {report['sparsity']:.3f} "
                 f"({report['params_before']:,} -> {report['params_after']:,} decoder linear parameters)")
     return PruneResult(model=model, adapter=adapter, report=report, out=out)
+
+
+def _distributed_report(model, adapter: DecoderAdapter, provider, n_scored: int) -> dict[str, Any]:
+    """The torchrun record (ranks, samples and peak memory per rank); then a sharded model is
+    gathered whole onto rank 0, which alone saves it."""
+    sharded = distributed.is_sharded(model)
+    rec = {"world_size": distributed.world().world_size,
+           "samples_per_rank": distributed.gather({"generated": getattr(provider, "n_generated", 0),
+                                                   "scored": n_scored}),
+           "fsdp": sharded,
+           "memory_per_rank": distributed.gather(distributed.peak_memory_mib())}
+    if sharded:
+        distributed.unshard_model(model, adapter)
+    return rec
 
 
 def _open_run(out: Path | None, config: RESPConfig, adapter: DecoderAdapter, total: int,

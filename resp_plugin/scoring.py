@@ -122,7 +122,10 @@ def score(model: nn.Module, adapter: DecoderAdapter, samples: list[CalibrationSa
     kind = _VectorCollector if config.saliency == "vector" else _SumAbsCollector
     k = max(1, min(config.score_chunks, len(layers)))
     chunks = [layers[j * len(layers) // k:(j + 1) * len(layers) // k] for j in range(k)]
-    batches = distributed.shard([order[i:i + config.batch_size] for i in range(0, n_total, config.batch_size)])
+    every = [order[i:i + config.batch_size] for i in range(0, n_total, config.batch_size)]
+    batches = distributed.shard(every)
+    # FSDP2 gathers each layer in every forward: all ranks must run as many passes (zero-weight extras).
+    idle = [every[0]] * distributed.lockstep_padding(model, len(every), len(batches))
     result, total_loss = Scores(), 0.0
     try:
         for c, chunk in enumerate(chunks):
@@ -131,6 +134,8 @@ def score(model: nn.Module, adapter: DecoderAdapter, samples: list[CalibrationSa
                 desc = "scoring" if k == 1 else f"scoring layers {chunk[0]}-{chunk[-1]}"
                 with distributed.together("scoring its calibration shard"):
                     loss_sum = _backward_batches(model, samples, batches, n_total, config, pad_id, desc, progress)
+                    for batch in idle:
+                        (batch_loss(model, [samples[i] for i in batch], n_total, config.loss, pad_id)[0] * 0).backward()
                 if c == 0:
                     total_loss = loss_sum
                 collector.reduce()
@@ -209,7 +214,11 @@ class _SumAbsCollector:
         for p in self.params.values():
             if p not in self.acc and p.grad is None:  # a rank without batches still takes part
                 p.grad = torch.zeros_like(p)
-        distributed.all_reduce_(self._grad(p) for p in self.params.values())
+        n = distributed.world().world_size
+        sharded = [p for p in self.params.values() if distributed.is_dtensor(p)]
+        for p in sharded:  # FSDP2 already reduce-scattered them, as a mean over ranks
+            self._grad(p).mul_(n)
+        distributed.all_reduce_(self._grad(p) for p in self.params.values() if not distributed.is_dtensor(p))
 
     @torch.no_grad()
     def finish(self) -> Scores:
@@ -220,7 +229,8 @@ class _SumAbsCollector:
                 p = self.params.get((i, r, kind))
                 if p is None:
                     return None
-                return (p.detach().float() * self._grad(p)).abs_()
+                # A sharded (FSDP2) weight is gathered one matrix at a time: the sums below stay exact.
+                return distributed.full_tensor((p.detach().float() * self._grad(p)).abs_())
 
             nq = len(ad.states[i].kept_heads)
             head = sal("q").view(nq, hd, -1).sum((1, 2)).cpu()

@@ -142,6 +142,60 @@ def test_a_dying_rank_stops_the_others_then_resume_keeps_the_same_sets(qwen3_run
     assert stripped(json.loads((out / "report.json").read_text())) == stripped(ref)
 
 
+def test_fsdp_two_ranks_keep_exactly_what_one_process_keeps(qwen3_run):
+    """FSDP2-sharded layers (each rank 1/2 of every weight and gradient sum), physically cut step by
+    step: the same traces, kept sets and saved weights as the single process."""
+    root, args, ref = qwen3_run
+    out = root / "fsdp"
+    res = torchrun([*args, "--out", str(out), "--fsdp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert stripped(rep) == stripped(ref)
+    assert rep["distributed"]["fsdp"] is True
+    assert all(m["peak_rss_mib"] > 0 for m in rep["distributed"]["memory_per_rank"])
+    for name in ("traces-0.000.jsonl", "traces-0.100.jsonl", "traces-0.200.jsonl"):
+        assert (out / "calibration" / name).read_text() == (root / "one" / "calibration" / name).read_text()
+    from safetensors.torch import load_file
+
+    one, two = load_file(root / "one" / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert one.keys() == two.keys() and all(one[k].equal(two[k]) for k in one)
+
+
+def test_fsdp_is_refused_outside_torchrun(tmp_path, capsys):
+    dense = ORGANISM / "model"
+    code = main(["prune", str(dense), "--out", str(tmp_path / "o"), "--sparsity", "0.2", "--fsdp",
+                 "--prompts", f"jsonl:{write_gold(tmp_path / 'p.jsonl')}", "--device", "cpu"])
+    assert code == 2
+    assert "launch with torchrun --nproc-per-node N" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "model").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_per_rank_memory_stays_below_the_unsharded_run(tmp_path):
+    """Peak RSS per rank (from the model loaded to the end of pruning) with and without FSDP2 on a
+    random Qwen3 whose decoder weights (142 MiB fp32) dwarf its activations."""
+    dense = tmp_path / "dense"
+    make_model("qwen3", layers=4, hidden=768, heads=12, kv=6, inter=3072).save_pretrained(dense)
+    make_tokenizer().save_pretrained(dense)
+    prompts = write_gold(tmp_path / "p.jsonl", n=8, prompt_len=8, comp_len=8)
+    args = ["prune", str(dense), "--sparsity", "0.2", "--step", "0.1", "--prompts", f"jsonl:{prompts}",
+            "--calibration", "gold", "--device", "cpu", "--batch-size", "2"]
+    env = {**torchrun_env(), "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the kernel
+    peaks = {}
+    for mode in ("replicated", "fsdp"):
+        cmd = torchrun_cmd([*args, "--out", str(tmp_path / mode)] + (["--fsdp"] if mode == "fsdp" else []))
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        rep = json.loads((tmp_path / mode / "report.json").read_text())
+        peaks[mode] = [m["peak_rss_mib"] for m in rep["distributed"]["memory_per_rank"]]
+    ratios = [f / r for f, r in zip(peaks["fsdp"], peaks["replicated"])]
+    print(f"peak RSS per rank, MiB: replicated {peaks['replicated']}, fsdp {peaks['fsdp']}, "
+          f"ratio {[round(x, 3) for x in ratios]}")
+    assert all(x < 1 for x in ratios)
+    one = json.loads((tmp_path / "replicated" / "report.json").read_text())["layers"]
+    assert json.loads((tmp_path / "fsdp" / "report.json").read_text())["layers"] == one
+
+
 def test_rank_failure_is_raised_on_every_rank(tmp_path, tokenizer, gold_file):
     """A Python error on one rank (here a non-finite loss on rank 1's shard only) stops both ranks."""
     dense = tmp_path / "dense"

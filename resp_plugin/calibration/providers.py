@@ -174,6 +174,9 @@ class SelfProvider(_Base):
                 for b, batch in distributed.shard(batches):
                     out = self.backend.generate(model, tokenizer, [prompts[j] for j in batch], seed=batch_seed(seed, b))
                     mine.update(zip(batch, out))
+                # A sharded (FSDP2) model gathers its layers in every forward: ranks make as many calls.
+                for _ in range(distributed.lockstep_padding(model, len(batches), len(distributed.shard(batches)))):
+                    self.backend.generate(model, tokenizer, [prompts[j] for j in batches[0][1]], seed=seed)
             self.n_generated += len(mine)
             merged = {j: c for part in distributed.gather(mine) for j, c in part.items()}
             done = [merged[j] for j in range(len(prompts))]

@@ -28,6 +28,14 @@ class Completion:
     n_tokens: int
 
 
+def completion(tokenizer, generated: list[int], eos: set[int]) -> Completion:
+    """Generated ids cut at the first end-of-sequence token, decoded the same way by every backend."""
+    for k, tok in enumerate(generated):
+        if tok in eos:
+            return Completion(tokenizer.decode(generated[:k], skip_special_tokens=False), True, k)
+    return Completion(tokenizer.decode(generated, skip_special_tokens=False), False, len(generated))
+
+
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -76,14 +84,7 @@ class HFGenerationBackend:
                 mask[r, width - len(seq):] = 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             for r, i in enumerate(batch):
-                gen = out[r, width:].tolist()
-                finished = False
-                for k, tok in enumerate(gen):
-                    if tok in eos:
-                        gen, finished = gen[:k], True
-                        break
-                text = tokenizer.decode(gen, skip_special_tokens=False)
-                results[i] = Completion(text=text, finished=finished, n_tokens=len(gen))
+                results[i] = completion(tokenizer, out[r, width:].tolist(), eos)
         model.train(was_training)
         return results  # type: ignore[return-value]
 
@@ -112,8 +113,9 @@ class VLLMGenerationBackend:
 
         cfg = self.cfg
         ids = [_prompt_ids(tokenizer, p, cfg.thinking) for p in prompts]
+        eos = _eos_ids(model, tokenizer)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                max_tokens=cfg.max_new_tokens, skip_special_tokens=False)
+                                max_tokens=cfg.max_new_tokens, stop_token_ids=sorted(eos), detokenize=False)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         with tempfile.TemporaryDirectory(prefix="resp-vllm-") as tmp, _off_device(model):
             path = export_checkpoint(model, tokenizer, Path(tmp) / "model")
@@ -125,8 +127,7 @@ class VLLMGenerationBackend:
             finally:
                 del llm
                 _free_accelerator()
-        return [Completion(text=o.outputs[0].text, finished=o.outputs[0].finish_reason == "stop",
-                           n_tokens=len(o.outputs[0].token_ids)) for o in outs]
+        return [completion(tokenizer, list(o.outputs[0].token_ids), eos) for o in outs]
 
 
 def _prompt_ids(tokenizer, prompt: str, thinking: bool) -> list[int]:

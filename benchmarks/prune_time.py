@@ -240,6 +240,79 @@ def ranks(s: Setup, dense: Path, sparsity: float, n: int, root: Path) -> dict:
     return res
 
 
+# ---------------------------------------------------------------------------- 4. cost model (Qwen3-8B)
+QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False)
+
+
+def step_flops(sparsity: float, prompt: int, completion: int) -> float:
+    """FLOPs of one RESP scoring pass over one sample of Qwen3-8B pruned to ``sparsity``, counted by
+    ``torch.utils.flop_counter`` on the meta device (no weights, no compute): the engine's own
+    ``batch_loss`` forward and backward, weight gradients of q/o/gate/up/down only, as ``sum_abs`` does."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from resp_plugin.calibration import CalibrationSample
+    from resp_plugin.scoring import batch_loss
+
+    cfg = Qwen3Config(**QWEN3_8B)
+    cfg._attn_implementation = "eager"  # plain matmuls: every attention FLOP is counted
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    ad = adapter_for(model)
+    layers = [i for i in range(ad.num_layers) if i not in RESPConfig(sparsity=0.5).protected(ad.num_layers)]
+    share = sparsity * ad.params() / sum(ad.layer_params(i) for i in layers)  # protected layers keep all
+    for i in layers:  # every pruned layer loses the same share, heads and channels alike
+        ad.keep(i, heads=list(range(round(ad.orig_heads * (1 - share)))),
+                channels=list(range(round(ad.orig_channels * (1 - share)))))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i in range(ad.num_layers):
+        for r in ("q", "o", "gate", "up", "down"):
+            ad.linears(i)[r].weight.requires_grad_(True)
+    sample = CalibrationSample(input_ids=[5] * (prompt + completion), n_prompt=prompt)
+    with FlopCounterMode(display=False) as counter:
+        batch_loss(model, [sample], 1, "decode")[0].backward()
+    return float(counter.get_total_flops())
+
+
+def cost_model(samples: int = 500, prompt: int = 200, completion: int = 1000, step: float = 0.01,
+               target: float = 0.4, tflops: float = 989.0, mfu: float = 0.4) -> dict:
+    """GPU-hours of the scoring passes of a run to ``target`` (steps of ``step``), masked vs physical."""
+    grid = [round(k * 0.1, 1) for k in range(int(target * 10) + 1)]
+    per_sample = {s: step_flops(s, prompt, completion) for s in grid}
+    starts = [k * step for k in range(round(target / step))]
+
+    def at(s: float) -> float:  # linear between the counted sparsities
+        lo = max(g for g in grid if g <= s + 1e-9)
+        hi = min([g for g in grid if g >= s - 1e-9] or [lo])
+        return per_sample[lo] if hi == lo else per_sample[lo] + (s - lo) / (hi - lo) * (per_sample[hi] - per_sample[lo])
+
+    hours = lambda flops: flops / (tflops * 1e12 * mfu) / 3600  # noqa: E731
+    masked = sum(per_sample[0.0] for _ in starts) * samples
+    physical = sum(at(s) for s in starts) * samples
+    return {"per_sample_tflop": {s: v / 1e12 for s, v in per_sample.items()}, "steps": len(starts),
+            "masked_gpu_h": hours(masked), "physical_gpu_h": hours(physical), "ratio": physical / masked,
+            "assumptions": dict(samples=samples, prompt=prompt, completion=completion, step=step,
+                                target=target, peak_tflops=tflops, mfu=mfu)}
+
+
+def show_cost(c: dict) -> None:
+    a = c["assumptions"]
+    print(f"\n4. cost model, Qwen3-8B: {a['samples']} traces of {a['prompt']} + {a['completion']} tokens, "
+          f"{c['steps']} steps of {a['step']:.0%} to {a['target']:.0%}; {a['peak_tflops']:.0f} TFLOP/s bf16 "
+          f"at {a['mfu']:.0%} utilisation")
+    print("| sparsity | TFLOP per sample (fwd+bwd, counted) | relative |")
+    print("|---|---|---|")
+    base = c["per_sample_tflop"][0.0]
+    for s, v in c["per_sample_tflop"].items():
+        print(f"| {s:.0%} | {v:.1f} | {v / base:.3f} |")
+    print("| run (scoring passes only) | 1 GPU, h | 8 GPUs (data parallel), h |")
+    print("|---|---|---|")
+    for name, h in (("masks (dense every step)", c["masked_gpu_h"]), ("physical removal", c["physical_gpu_h"])):
+        print(f"| {name} | {h:.1f} | {h / 8:.2f} |")
+    print(f"physical / masked: {c['ratio']:.3f}")
+
+
 # ---------------------------------------------------------------------------- report
 def show(s: Setup, res: dict, rk: dict, n: int, sparsity: float) -> None:
     print(f"\n1. physical removal vs masks, full run to {sparsity:.0%} ({res['steps']} steps of {s.step:.0%}, "
@@ -274,7 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, default=2, help="N of the 1 vs N comparison (0 skips it)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process runs (printed)")
     ap.add_argument("--json", help="also write the measurements to this file")
+    ap.add_argument("--cost-model", action="store_true", help="only the Qwen3-8B cost model (FLOPs counted "
+                    "on the meta device, ~1 min)")
+    ap.add_argument("--completion", type=int, default=1000, help="cost model: mean trace length in tokens")
+    ap.add_argument("--mfu", type=float, default=0.4, help="cost model: fraction of the GPU's peak reached")
     args = ap.parse_args(argv)
+    if args.cost_model:
+        show_cost(cost_model(completion=args.completion, mfu=args.mfu))
+        return 0
     s = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
     os.environ.setdefault("RESP_DISABLE_ENTRYPOINTS", "1")

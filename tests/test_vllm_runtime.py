@@ -107,3 +107,21 @@ def test_vllm_serve_answers_a_chat_request(organism40, tmp_path):
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.mark.skipif(not os.environ.get("RESP_W8A8_ORGANISM"),
+                    reason="set RESP_W8A8_ORGANISM to a checkpoint from tests/build/w8a8_organism.py (.ci/run does)")
+def test_w8a8_checkpoint_scores_like_transformers():
+    """RESP 40 % + W8A8 (llm-compressor): vLLM's int8 kernels vs transformers on the same checkpoint."""
+    from resp_plugin.integrations.lm_eval import evaluate
+
+    path = os.environ["RESP_W8A8_ORGANISM"]
+    conf = json.loads((Path(path) / "config.json").read_text())
+    assert conf["architectures"] == ["RESPQwen3ForCausalLM"] and conf["quantization_config"]["format"]
+
+    def accuracy(backend: str) -> float:
+        res = evaluate(path, ["resp_organism"], backend=backend, batch_size=64, limit=500, dtype="float32")
+        return res["results"]["resp_organism"]["exact_match,strict-match"]
+
+    hf, vllm = accuracy("hf"), accuracy("vllm")
+    assert hf > 0.3 and abs(hf - vllm) <= 0.01, (hf, vllm)

@@ -110,7 +110,7 @@ def test_vllm_serve_answers_a_chat_request(organism40, tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("RESP_W8A8_ORGANISM"),
-                    reason="set RESP_W8A8_ORGANISM to a checkpoint from tests/build/w8a8_organism.py (.ci/run does)")
+                    reason="set RESP_W8A8_ORGANISM to a checkpoint from tests/make_w8a8_organism.py (.ci/run does)")
 def test_w8a8_checkpoint_scores_like_transformers():
     """RESP 40 % + W8A8 (llm-compressor): vLLM's int8 kernels vs transformers on the same checkpoint."""
     from resp_plugin.integrations.lm_eval import evaluate

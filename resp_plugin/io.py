@@ -3,7 +3,8 @@
 A pruned checkpoint is an ordinary transformers checkpoint plus (a) the per-layer sizes in
 ``config.json``'s ``per_layer_config`` and (b) ``modeling_resp.py`` named in ``auto_map``,
 so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` rebuilds the
-smaller layers; :func:`load_pruned` does the same without remote code.
+smaller layers; :func:`load_pruned` does the same without remote code; and (c) ``RESP<Arch>``
+in ``architectures``, the name under which the RESP vLLM plugin serves it (docs/serving.md).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ def test_save_reload_both_loaders(arch, unit, tokenizer, gold_file, tmp_path):
     path = tmp_path / "run" / "model"
     conf = json.loads((path / "config.json").read_text())
     assert "per_layer_config" in conf and "auto_map" in conf
+    assert conf["architectures"] == [f"RESP{type(model).__name__}"]  # the vLLM plugin's class
     assert (path / "modeling_resp.py").is_file() and (path / "resp_pruning.json").is_file()
     sizes = [v["resp_num_attention_heads"] for v in conf["per_layer_config"].values()]
     assert sizes[0] == 8 and min(sizes) < 8 or min(v["resp_intermediate_size"]
@@ -48,3 +49,5 @@ def test_reprune_a_pruned_checkpoint(tokenizer, gold_file, tmp_path):
     x = torch.randint(8, 80, (1, 7))
     reloaded = load_pruned(tmp_path / "b" / "model").eval()
     assert (reloaded(x).logits - res.model(x).logits).abs().max().item() <= 1e-6
+    conf = json.loads((tmp_path / "b" / "model" / "config.json").read_text())
+    assert conf["architectures"] == ["RESPQwen3ForCausalLM"]  # not prefixed twice

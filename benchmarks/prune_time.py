@@ -17,7 +17,8 @@ Three measurements, printed side by side in one run:
    ``torchrun --nproc-per-node N`` (gloo, one thread per rank), time inside ``prune()`` from
    ``report.json`` (process start-up excluded), and whether both kept the same structures.
 
-Run from the repo root: ``python benchmarks/prune_time.py`` (``--quick`` for a < 2 min smoke run).
+Run from the repo root: ``python benchmarks/prune_time.py`` (``--quick`` for a < 2 min smoke run;
+``--cost-model`` for the Qwen3-8B FLOP count and GPU-hours only).
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ class MaskedTwin:
     model: Qwen3ForCausalLM
     config: RESPConfig
     pad_id: int
-    step_s: list[float] = field(default_factory=list)
-    gen_s: list[float] = field(default_factory=list)
+    repeats: int = 3
+    step_pairs: list[tuple[float, float, float]] = field(default_factory=list)  # sparsity, physical s, masked s
+    gen_pairs: list[tuple[float, float, float]] = field(default_factory=list)
+    spent_s: float = 0.0  # time spent measuring, inside the physical run's wall time
 
     def __post_init__(self) -> None:
         self.adapter = adapter_for(self.model)
@@ -119,23 +122,41 @@ class MaskedTwin:
                 for r, dim in (("gate", 0), ("up", 0), ("down", 1)):
                     _zero(lin[r], c, 1, dim)
 
-    def score_step(self, kept: list[dict], samples, total: int) -> None:
-        """One masked RESP step: a dense scoring pass over all structures, then the global ranking."""
-        self.mask(kept)
-        t = time.perf_counter()
-        raw = scoring.score(self.model, self.adapter, samples, self.config, self.layers, pad_id=self.pad_id,
-                            progress=False)
-        scoring.select(scoring.normalize(raw, self.adapter, self.config), self.adapter, self.config,
-                       self.config.step * total)
-        self.step_s.append(time.perf_counter() - t)
+    def _paired(self, physical, masked) -> tuple[float, float]:
+        """Median times of two callables run alternately (order flipped every repeat): load that drifts
+        over seconds hits both alike."""
+        t0, times = time.perf_counter(), ([], [])
+        for r in range(self.repeats):
+            for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+                t = time.perf_counter()
+                (physical, masked)[which]()
+                times[which].append(time.perf_counter() - t)
+        self.spent_s += time.perf_counter() - t0
+        return statistics.median(times[0]), statistics.median(times[1])
 
-    def generate(self, kept: list[dict], tokenizer, backend, prompts: list[str], seed: int) -> None:
-        """The regeneration the masked run would do here: same prompts, same batches and seeds."""
+    def step(self, model, kept: list[dict], samples, sparsity: float) -> None:
+        """A RESP scoring pass at this state: on the physically pruned model and on the masked dense one."""
         self.mask(kept)
-        t = time.perf_counter()
-        for b, batch in enumerate(generation_batches(tokenizer, prompts, self.config.generation)):
-            backend.generate(self.model, tokenizer, [prompts[j] for j in batch], seed=batch_seed(seed, b))
-        self.gen_s.append(time.perf_counter() - t)
+        phys = adapter_for(model)
+
+        def run(m, ad):
+            return lambda: scoring.score(m, ad, samples, self.config, self.layers, pad_id=self.pad_id, progress=False)
+
+        self.step_pairs.append((sparsity, *self._paired(run(model, phys), run(self.model, self.adapter))))
+
+    def generate(self, model, kept: list[dict], tokenizer, backend, prompts: list[str], sparsity: float) -> None:
+        """The regeneration at this milestone, on both models: same prompts, batches and seeds."""
+        self.mask(kept)
+        seed = self.config.seed + int(round(sparsity * 1000))
+        batches = generation_batches(tokenizer, prompts, self.config.generation)
+
+        def run(m):
+            def gen():
+                for b, batch in enumerate(batches):
+                    backend.generate(m, tokenizer, [prompts[j] for j in batch], seed=batch_seed(seed, b))
+            return gen
+
+        self.gen_pairs.append((sparsity, *self._paired(run(model), run(self.model))))
 
 
 def _zero(linear, start: int, width: int, dim: int) -> None:
@@ -149,65 +170,53 @@ class TwinProvider:
 
     def __init__(self, inner, twin: MaskedTwin, kept_now) -> None:
         self.inner, self.twin, self.kept_now = inner, twin, kept_now
-        self.gen_s: list[float] = []
         self.current = None
 
-    def _timed(self, fn, *args):
-        t = time.perf_counter()
-        self.current = fn(*args)
-        self.gen_s.append(time.perf_counter() - t)
+    def initial(self, model, tokenizer, out=None):
+        self.current = self.inner.initial(model, tokenizer, out)
+        prompts = [t.prompt for t in self.current.traces]
+        self.twin.generate(model, self.kept_now(), tokenizer, self.inner.backend, prompts, 0.0)
+        self.twin.step(model, self.kept_now(), self.current.samples, 0.0)  # the first step's state
         return self.current
 
-    def initial(self, model, tokenizer, out=None):
-        cal = self._timed(self.inner.initial, model, tokenizer, out)
-        self._twin_generate(tokenizer, [t.prompt for t in cal.traces], 0.0)
-        return cal
-
     def refresh(self, model, tokenizer, sparsity, previous, out=None):
-        cal = self._timed(self.inner.refresh, model, tokenizer, sparsity, previous, out)
-        self._twin_generate(tokenizer, [t.prompt for t in cal.traces], sparsity)
-        return cal
-
-    def _twin_generate(self, tokenizer, prompts: list[str], sparsity: float) -> None:
-        seed = self.twin.config.seed + int(round(sparsity * 1000))
-        self.twin.generate(self.kept_now(), tokenizer, self.inner.backend, prompts, seed)
+        self.current = self.inner.refresh(model, tokenizer, sparsity, previous, out)
+        prompts = [t.prompt for t in self.current.traces]
+        self.twin.generate(model, self.kept_now(), tokenizer, self.inner.backend, prompts, sparsity)
+        return self.current
 
 
 # ---------------------------------------------------------------------------- 1. physical vs masked
-def physical_vs_masked(s: Setup, dense: Path, sparsity: float, out: Path) -> dict:
-    """One RESP run with physical removal, its masked twin measured step by step alongside."""
+def physical_vs_masked(s: Setup, dense: Path, sparsity: float, out: Path, repeats: int) -> dict:
+    """One RESP run with physical removal; at every step and milestone the same pass on the masked twin."""
     from resp_plugin.io import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(dense, "cpu", "float32")
     twin_model, _ = load_model_and_tokenizer(dense, "cpu", "float32")
     config = resp_config(s, sparsity)
-    twin = MaskedTwin(twin_model, config, tok.pad_token_id)
+    twin = MaskedTwin(twin_model, config, tok.pad_token_id, repeats)
     kept = {"now": adapter_for(twin_model).kept_map()}
     provider = TwinProvider(provider_for(config), twin, lambda: kept["now"])
-    total = twin.adapter.params()
 
-    def on_step(_sparsity: float, _model) -> None:
-        before, kept["now"] = kept["now"], json.loads((out / "state.json").read_text())["layers"]
-        twin.score_step(before, provider.current.samples, total)
+    def on_step(s_now: float, m) -> None:
+        kept["now"] = json.loads((out / "state.json").read_text())["layers"]
+        twin.step(m, kept["now"], provider.current.samples, s_now)  # the next step's state
 
     t0 = time.perf_counter()
     result = prune(model, tok, config, out=out, provider=provider, save=False, progress=False, on_step=on_step)
-    wall = time.perf_counter() - t0
-    twin_total = sum(twin.step_s) + sum(twin.gen_s)
-    steps = result.report["steps"]
-    phys_steps = [st["seconds"] for st in steps]
-    physical = wall - twin_total
-    masked = physical - sum(phys_steps) - sum(provider.gen_s) + twin_total
-    return {"physical_s": physical, "masked_s": masked, "ratio": physical / masked,
-            "sparsity": [0.0] + [st["sparsity"] for st in steps[:-1]], "physical_step_s": phys_steps,
-            "masked_step_s": twin.step_s, "physical_gen_s": provider.gen_s, "masked_gen_s": twin.gen_s,
-            "final_sparsity": result.report["sparsity"], "steps": len(steps)}
+    wall = time.perf_counter() - t0 - twin.spent_s  # the run alone, as the user would see it
+    steps = twin.step_pairs[:len(result.report["steps"])]  # the states the run's steps started from
+    phys = sum(p for _, p, _ in steps) + sum(p for _, p, _ in twin.gen_pairs)
+    masked = sum(m for _, _, m in steps) + sum(m for _, _, m in twin.gen_pairs)
+    return {"physical_s": wall, "masked_s": wall - phys + masked, "ratio": wall / (wall - phys + masked),
+            "compute_ratio": phys / masked, "step_pairs": steps, "gen_pairs": twin.gen_pairs,
+            "final_sparsity": result.report["sparsity"], "steps": len(result.report["steps"])}
 
 
 def per_sparsity(res: dict, width: float = 0.1) -> list[tuple[str, float, float, int]]:
     """Mean step time of both runs per sparsity bin (the sparsity at which each step started)."""
     bins: dict[int, list[tuple[float, float]]] = {}
-    for sp, p, m in zip(res["sparsity"], res["physical_step_s"], res["masked_step_s"]):
+    for sp, p, m in res["step_pairs"]:
         bins.setdefault(int(sp / width + 1e-9), []).append((p, m))
     rows = []
     for b in sorted(bins):
@@ -315,20 +324,26 @@ def show_cost(c: dict) -> None:
 
 # ---------------------------------------------------------------------------- report
 def show(s: Setup, res: dict, rk: dict, n: int, sparsity: float) -> None:
+    sp, gp = res["step_pairs"], res["gen_pairs"]
     print(f"\n1. physical removal vs masks, full run to {sparsity:.0%} ({res['steps']} steps of {s.step:.0%}, "
-          f"final {res['final_sparsity']:.3f})")
-    print("| run | total s | steps s | generation s | physical / masked |")
+          f"final {res['final_sparsity']:.3f}); scoring passes and regenerations timed in pairs, medians")
+    print("| run | total s | scoring passes s | generations s | physical / masked |")
     print("|---|---|---|---|---|")
-    print(f"| physical | {res['physical_s']:.1f} | {sum(res['physical_step_s']):.1f} | "
-          f"{sum(res['physical_gen_s']):.1f} | **{res['ratio']:.3f}** |")
-    print(f"| masks (official) | {res['masked_s']:.1f} | {sum(res['masked_step_s']):.1f} | "
-          f"{sum(res['masked_gen_s']):.1f} | 1 |")
-    print(f"target <= 0.75: {'met' if res['ratio'] <= 0.75 else 'not met'}")
-    print("\n2. time per step vs sparsity (mean of the steps that started in the bin)")
+    print(f"| physical (measured run) | {res['physical_s']:.1f} | {sum(p for _, p, _ in sp):.1f} | "
+          f"{sum(p for _, p, _ in gp):.1f} | **{res['ratio']:.3f}** |")
+    print(f"| masks (official) | {res['masked_s']:.1f} | {sum(m for _, _, m in sp):.1f} | "
+          f"{sum(m for _, _, m in gp):.1f} | 1 |")
+    print(f"compute only (scoring + generation, paired): {res['compute_ratio']:.3f}; "
+          f"target <= 0.75: {'met' if res['ratio'] <= 0.75 else 'not met'}")
+    print("\n2. time per step vs sparsity (medians of the paired passes, by the sparsity a step starts at)")
     print("| sparsity | steps | physical s/step | masked s/step | ratio |")
     print("|---|---|---|---|---|")
     for name, p, m, k in per_sparsity(res):
         print(f"| {name} | {k} | {p:.2f} | {m:.2f} | {p / m:.3f} |")
+    print("| regeneration at | physical s | masked s | ratio |")
+    print("|---|---|---|---|")
+    for x, p, m in gp:
+        print(f"| {x:.0%} | {p:.1f} | {m:.1f} | {p / m:.3f} |")
     if rk:
         print(f"\n3. 1 vs {n} ranks (resp prune, gloo, 1 thread per rank; times inside prune())")
         print("| ranks | prune() s | s/step | generation s (milestones) | wall s (with start-up) | speed-up |")
@@ -346,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsity", type=float, default=0.4)
     ap.add_argument("--ranks", type=int, default=2, help="N of the 1 vs N comparison (0 skips it)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process runs (printed)")
+    ap.add_argument("--repeats", type=int, default=3, help="paired timings per step and milestone (medians)")
     ap.add_argument("--json", help="also write the measurements to this file")
     ap.add_argument("--cost-model", action="store_true", help="only the Qwen3-8B cost model (FLOPs counted "
                     "on the meta device, ~1 min)")
@@ -363,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="resp-prune-time-") as tmp:
         root = Path(tmp)
         dense = build_dense(s, root)
-        res = physical_vs_masked(s, dense, args.sparsity, root / "physical")
+        res = physical_vs_masked(s, dense, args.sparsity, root / "physical", 1 if args.quick else args.repeats)
         rk = ranks(s, dense, args.sparsity, args.ranks, root) if args.ranks > 1 else {}
     show(s, res, rk, args.ranks, args.sparsity)
     if args.json:

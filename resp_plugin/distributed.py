@@ -244,6 +244,9 @@ def check_fsdp(config) -> None:
     if not launched():
         raise ValueError("fsdp shards the model over the ranks of torchrun: launch with "
                          "torchrun --nproc-per-node N -m resp_plugin.cli prune ... (N >= 2), or drop --fsdp")
+    if config.saliency == "vector":
+        raise ValueError("--saliency vector does not combine with --fsdp yet (its mask hooks do not see the sharded "
+                         "linears' outputs); use the default sum_abs, whose gradient sums fsdp shards")
     if getattr(config, "save_at", None):
         raise ValueError("save_at does not combine with fsdp yet (each level would gather the whole model "
                          "on rank 0 mid-run); drop --save-at, or run without --fsdp")

@@ -171,6 +171,37 @@ def test_fsdp_is_refused_outside_torchrun(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_fsdp_with_checkpointing_and_score_chunks_keeps_the_same_sets(qwen3_run):
+    root, args, ref = qwen3_run
+    out = root / "fsdp-gc"
+    res = torchrun([*args, "--out", str(out), "--fsdp", "--gradient-checkpointing", "--score-chunks", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert stripped(json.loads((out / "report.json").read_text())) == stripped(ref)
+
+
+@pytest.mark.slow
+def test_vector_saliency_two_ranks_keep_what_one_process_keeps(qwen3_run):
+    """Mask gradients (no weight gradient) are all-reduced like weight gradients."""
+    root, args, _ = qwen3_run
+    assert main([*args, "--saliency", "vector", "--out", str(root / "one-vector")]) == 0
+    res = torchrun([*args, "--saliency", "vector", "--out", str(root / "two-vector")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = (json.loads((root / d / "report.json").read_text()) for d in ("one-vector", "two-vector"))
+    assert stripped(two) == stripped(one)
+
+
+def test_fsdp_refusals_come_before_any_work(monkeypatch):
+    from resp_plugin import RESPConfig
+    from resp_plugin.distributed import check_fsdp
+
+    check_fsdp(RESPConfig(sparsity=0.2))  # no fsdp: nothing to check
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="saliency vector does not combine with --fsdp"):
+        check_fsdp(RESPConfig(sparsity=0.2, fsdp=True, saliency="vector"))
+    check_fsdp(RESPConfig(sparsity=0.2, fsdp=True))
+
+
+@pytest.mark.slow
 def test_fsdp_per_rank_memory_stays_below_the_unsharded_run(tmp_path):
     """Peak RSS per rank (from the model loaded to the end of pruning) with and without FSDP2 on a
     random Qwen3 whose decoder weights (142 MiB fp32) dwarf its activations."""

@@ -8,8 +8,9 @@ duplicated KV heads or pad heads, docs/serving.md).  Each checkpoint is saved as
 saves it and opened with ``vllm.LLM``.
 
 Decode tokens/s = batch x (N - 1) / (time for N new tokens - time for 1 new token), the same
-prompts, ``ignore_eos``: prefill cancels out.  The ideal speed-up is the ratio of matmul
-parameters read per token (decoder linears + lm_head), dense / pruned.
+prompts, ``ignore_eos``: prefill cancels out.  All engines stay open and the repeats rotate over
+them, so load that drifts over the run hits every variant alike; medians are reported.  The ideal
+speed-up is the ratio of matmul parameters read per token (decoder linears + lm_head), dense / pruned.
 
     python benchmarks/vllm_speedup.py [--batches 1,32] [--new-tokens 64] [--repeats 3] [--quick]
 """
@@ -25,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # every core computes (the default keeps one back)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speedup import FULL, QUICK, build_dense, prune_copy  # noqa: E402
@@ -39,21 +40,27 @@ def matmul_params(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def decode_tokens_per_s(path: Path, batch: int, prompt: int, new_tokens: int, repeats: int) -> float:
+def open_engines(paths: dict[str, Path], max_len: int) -> dict[str, object]:
+    """One vLLM engine per checkpoint, all alive at once (each in its own process), so that
+    repeats can rotate over them and drifting machine load hits every variant alike."""
     from vllm import LLM
 
-    llm = LLM(model=str(path), dtype="float32", skip_tokenizer_init=True, max_model_len=prompt + new_tokens + 8,
-              seed=0, enforce_eager=True)
-    prompts = [{"prompt_token_ids": [(7 * b + 3 * t) % 100 + 2 for t in range(prompt)]} for b in range(batch)]
+    return {name: LLM(model=str(path), dtype="float32", skip_tokenizer_init=True, max_model_len=max_len, seed=0,
+                      enforce_eager=True, gpu_memory_utilization=0.2) for name, path in paths.items()}
 
-    try:
+
+def decode_rates(engines: dict[str, object], batch: int, prompt: int, new_tokens: int,
+                 repeats: int) -> dict[str, float]:
+    """Median decode tokens/s of every engine, repeats interleaved across engines."""
+    prompts = [{"prompt_token_ids": [(7 * b + 3 * t) % 100 + 2 for t in range(prompt)]} for b in range(batch)]
+    for llm in engines.values():
         _generate(llm, prompts, new_tokens)  # warm-up
-        rates = [batch * (new_tokens - 1) / max(_generate(llm, prompts, new_tokens) - _generate(llm, prompts, 1), 1e-9)
-                 for _ in range(repeats)]
-    finally:
-        del llm
-        gc.collect()
-    return statistics.median(rates)
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, llm in engines.items():
+            seconds = _generate(llm, prompts, new_tokens) - _generate(llm, prompts, 1)
+            rates[name].append(batch * (new_tokens - 1) / max(seconds, 1e-9))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def _generate(llm, prompts: list[dict], n: int) -> float:
@@ -92,8 +99,13 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory(prefix="resp-vllm-bench-") as tmp:
         variants = save_variants(setup, Path(tmp))
-        rates = {(name, b): decode_tokens_per_s(path, b, setup.prompt, args.new_tokens, args.repeats)
-                 for name, (path, _) in variants.items() for b in batches}
+        engines = open_engines({name: path for name, (path, _) in variants.items()}, setup.prompt + args.new_tokens + 8)
+        rates = {}
+        for b in batches:
+            for name, rate in decode_rates(engines, b, setup.prompt, args.new_tokens, args.repeats).items():
+                rates[name, b] = rate
+        del engines
+        gc.collect()
     dense_params = variants["dense"][1]
     print(f"\nvLLM decode, fp32, {args.threads} threads, prompt {setup.prompt}, {args.new_tokens} new tokens, "
           f"median of {args.repeats}\n")

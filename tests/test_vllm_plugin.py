@@ -20,7 +20,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one engine proce
 
 from conftest import make_model, make_tokenizer  # noqa: E402
 from resp_plugin import load_pruned, organism  # noqa: E402
-from resp_plugin.calibration.generation import _prompt_ids  # noqa: E402
+from resp_plugin.calibration import prompt_ids  # noqa: E402
 from resp_plugin.io import load_model_and_tokenizer, save_pruned  # noqa: E402
 from resp_plugin.structures import adapter_for  # noqa: E402
 
@@ -65,7 +65,7 @@ def assert_same_as_transformers(path: Path, prompts: list[list[int]], max_tokens
 def organism_prompts() -> list[list[int]]:
     tok = load_model_and_tokenizer(organism.model_path(), "cpu", "float32")[1]
     rows = [json.loads(line) for line in organism.data_path("test.jsonl").read_text().splitlines()[:N_PROMPTS]]
-    return [_prompt_ids(tok, r["question"], thinking=True) for r in rows]
+    return [prompt_ids(tok, r["question"], thinking=True) for r in rows]
 
 
 @pytest.fixture(scope="module")

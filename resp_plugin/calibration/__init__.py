@@ -25,6 +25,7 @@ __all__ = [
     "CalibrationProvider",
     "build_samples",
     "render_prompt",
+    "prompt_ids",
     "write_traces",
     "read_traces",
     "traces_path",
@@ -112,6 +113,12 @@ def render_prompt(tokenizer, prompt: str, thinking: bool = True) -> tuple[str, b
         logger.warning("the tokenizer has no chat template: thinking cannot be switched on, prompts are used "
                        "as plain text (set tokenizer.chat_template for a chat/reasoning model)")
     return prompt, False
+
+
+def prompt_ids(tokenizer, prompt: str, thinking: bool = True) -> list[int]:
+    """Token ids of a rendered prompt (special tokens added only when no chat template did)."""
+    text, templated = render_prompt(tokenizer, prompt, thinking)
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
 _WARNED_NO_TEMPLATE: set[int] = set()

@@ -18,7 +18,7 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from resp_plugin.calibration import render_prompt
+from resp_plugin.calibration import prompt_ids
 
 
 @dataclass
@@ -57,7 +57,7 @@ class HFGenerationBackend:
     @torch.no_grad()
     def generate(self, model, tokenizer, prompts: list[str], seed: int | None = None) -> list[Completion]:
         cfg = self.cfg
-        encoded = [_prompt_ids(tokenizer, p, cfg.thinking) for p in prompts]
+        encoded = [prompt_ids(tokenizer, p, cfg.thinking) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         eos = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos) if eos else 0
@@ -112,7 +112,7 @@ class VLLMGenerationBackend:
         from vllm import LLM, SamplingParams
 
         cfg = self.cfg
-        ids = [_prompt_ids(tokenizer, p, cfg.thinking) for p in prompts]
+        ids = [prompt_ids(tokenizer, p, cfg.thinking) for p in prompts]
         eos = _eos_ids(model, tokenizer)
         params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                 max_tokens=cfg.max_new_tokens, stop_token_ids=sorted(eos), detokenize=False)
@@ -128,12 +128,6 @@ class VLLMGenerationBackend:
                 del llm
                 _free_accelerator()
         return [completion(tokenizer, list(o.outputs[0].token_ids), eos) for o in outs]
-
-
-def _prompt_ids(tokenizer, prompt: str, thinking: bool) -> list[int]:
-    """Token ids of a rendered prompt (special tokens added only when no chat template did)."""
-    text, templated = render_prompt(tokenizer, prompt, thinking)
-    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
 
 def export_checkpoint(model, tokenizer, path: Path) -> Path:

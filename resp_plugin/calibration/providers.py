@@ -13,8 +13,8 @@ from resp_plugin.calibration import (
     CalibrationSet,
     Trace,
     build_samples,
+    prompt_ids,
     read_traces,
-    render_prompt,
     traces_path,
     write_traces,
 )
@@ -47,10 +47,7 @@ def generation_batches(tokenizer, prompts: list[str], gen_config) -> list[list[i
     The same split whatever the number of ranks, so under torchrun every batch is generated with
     the same prompts, padding and seed as in a single process, and the traces are identical.
     """
-    lengths = []
-    for p in prompts:
-        text, templated = render_prompt(tokenizer, p, gen_config.thinking)
-        lengths.append(len(tokenizer(text, add_special_tokens=not templated)["input_ids"]))
+    lengths = [len(prompt_ids(tokenizer, p, gen_config.thinking)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     return [order[i:i + gen_config.batch_size] for i in range(0, len(order), gen_config.batch_size)]
 

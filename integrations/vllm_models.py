@@ -52,8 +52,8 @@ def layer_plan(config: Any, index: int, tp_size: int) -> HeadPlan:
             f"layer {index} of this RESP checkpoint keeps {sizes.num_heads} query heads over "
             f"{sizes.num_kv_heads} KV heads and {sizes.intermediate_size} MLP channels, which "
             f"tensor_parallel_size={tp_size} cannot split evenly. Serve it with a tensor-parallel size "
-            f"that divides every layer's counts, or prune again with --head-multiple {tp_size} "
-            f"--channel-multiple {tp_size}"
+            f"that divides every layer's counts, or prune again with --attention-unit kv_group "
+            f"--head-multiple {tp_size} --channel-multiple {tp_size}"
         )
     return plan
 

@@ -136,7 +136,7 @@ def test_impossible_tensor_parallel_size_is_refused_before_loading(pruned_organi
     config = AutoConfig.from_pretrained(pruned_organisms["query_head", 0.4])
     bad = [i for i in range(config.num_hidden_layers) if _fails(lambda i=i: layer_plan(config, i, 5))]
     assert bad, "no layer should be splittable over 5 ranks"
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=5 cannot split.*--attention-unit kv_group --head-multiple 5"):
+    with pytest.raises(ValueError, match=r"size=5 cannot split.*--attention-unit kv_group --head-multiple 5"):
         layer_plan(config, bad[0], 5)
 
 

@@ -194,7 +194,10 @@ def _lost_rank(e: Exception) -> None:
     """A failed collective means another rank is gone: say so, and how to continue."""
     import torch.distributed as dist
 
-    if isinstance(e, getattr(dist, "DistError", ())):
+    # gloo reports a vanished peer as a plain RuntimeError from its TCP transport.
+    transport = (isinstance(e, RuntimeError) and dist.is_initialized() and dist.get_world_size() > 1
+                 and any(k in str(e) for k in ("gloo", "NCCL", "Connection reset", "Connection closed")))
+    if isinstance(e, getattr(dist, "DistError", ())) or transport:
         raise RuntimeError(f"lost contact with another rank ({type(e).__name__}: {str(e).splitlines()[0]}); "
                            "files in --out are complete up to the last step: rerun the same torchrun "
                            "command with --resume") from e

@@ -42,9 +42,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from resp_plugin import RESPConfig, organism, prune
-    from resp_plugin.calibration.generation import HFGenerationBackend, VLLMGenerationBackend
+    from resp_plugin.calibration.generation import HFGenerationBackend
     from resp_plugin.calibration.sources import gsm8k_prompts
     from resp_plugin.config import GenerationConfig
+    from resp_plugin.integrations.vllm_generation import VLLMGenerationBackend
     from resp_plugin.io import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(organism.model_path(), "cpu", "float32")

@@ -1,10 +1,16 @@
 """pluggy hook specifications of the ``resp`` project.
 
 Every built-in (architectures, calibration kinds, prompt sources, generation backends,
-answer checkers, llm-compressor modifiers, lm-eval task folders) is contributed through
-these hooks, exactly as a third-party plugin would contribute its own.  A plugin is a
-module or object with functions decorated by :data:`hookimpl`, exposed through a setuptools
-entry point in the group ``resp``.
+llm-compressor modifiers, lm-eval task folders) is contributed through these hooks, exactly as a
+third-party plugin would contribute its own.  A plugin is a module or object with functions
+decorated by :data:`hookimpl`, exposed through a setuptools entry point in the group ``resp``.
+
+Precedence (one rule, :mod:`resp_plugin.plugins`): when two plugins register the same name, the
+plugin registered last wins, so an installed plugin overrides a built-in.
+
+The objects registered follow typed protocols of :mod:`resp_plugin.calibration`:
+:class:`~resp_plugin.calibration.CalibrationProvider`, :class:`~resp_plugin.calibration.PromptSource`
+and :class:`~resp_plugin.calibration.GenerationBackend`.
 """
 
 from __future__ import annotations
@@ -22,19 +28,22 @@ hookimpl = pluggy.HookimplMarker("resp")
 def resp_architectures(register: Callable[[str, Any], None]) -> None:
     """Register architecture adapters.
 
-    Called once when the plugins load.  Call ``register(name, spec)`` for every model class
-    name (e.g. ``"Qwen3ForCausalLM"``) the plugin supports; ``spec`` is a
+    Called by :func:`resp_plugin.structures.supported_architectures` (through
+    ``plugins.collect``) when a model is matched.  Call ``register(name, spec)`` for every model
+    class name (e.g. ``"Qwen3ForCausalLM"``) the plugin supports; ``spec`` is a
     :class:`resp_plugin.structures.DecoderSpec` that names the modules forming attention heads
-    and MLP channels.  A later registration of the same name wins over an earlier one.
+    and MLP channels.
     """
 
 
 @hookspec
 def resp_calibration_kinds(register: Callable[[str, Any], None]) -> None:
-    """Register calibration kinds (``self``, ``gold``, ``generic``, ...).
+    """Register calibration kinds (``self``, ``gold``, ``generic``, ...) selected by ``--calibration``.
 
-    ``register(name, factory)``: ``factory(config)`` returns a
-    :class:`resp_plugin.calibration.CalibrationProvider`.
+    Called by :func:`resp_plugin.calibration.provider_for` before a run.  ``register(name,
+    factory)``: ``factory(config: RESPConfig)`` returns a
+    :class:`resp_plugin.calibration.CalibrationProvider`; it should raise on a bad config, so the
+    run is refused before any work.
     """
 
 
@@ -42,23 +51,23 @@ def resp_calibration_kinds(register: Callable[[str, Any], None]) -> None:
 def resp_prompt_sources(register: Callable[[str, Any], None]) -> None:
     """Register prompt sources selected by ``--prompts NAME[:ARG]``.
 
-    ``register(name, loader)``: ``loader(arg: str | None, config)`` returns a list of
-    :class:`resp_plugin.calibration.PromptRecord`.
+    Called by :func:`resp_plugin.calibration.sources.load_prompts`.  ``register(name, source)``:
+    ``source(arg: str | None, config: RESPConfig | None) -> list[PromptRecord]``, a
+    :class:`resp_plugin.calibration.PromptSource` (``arg`` is the text after the colon, or None).
     """
 
 
 @hookspec
 def resp_generation_backends(register: Callable[[str, Any], None]) -> None:
-    """Register generation backends (``hf``, ``vllm``, ...) that write calibration traces.
+    """Register generation backends (``hf``, ``vllm``, ...) that write self-generated traces.
 
-    ``register(name, factory)``: ``factory(config)`` returns an object with
-    ``generate(model, tokenizer, prompts) -> list[Completion]``.
+    Called by the ``self`` calibration kind when it is built, selected by ``--backend NAME``.
+    ``register(name, factory)``: ``factory(config: RESPConfig)`` returns a
+    :class:`resp_plugin.calibration.GenerationBackend`, called as
+    ``backend.generate(model, tokenizer, prompts, seed=seed) -> list[Completion]`` (one
+    completion per prompt, in order).  The factory should raise when the backend cannot run
+    (e.g. its package is missing), so the run is refused before any work.
     """
-
-
-@hookspec
-def resp_answer_checkers(register: Callable[[str, Any], None]) -> None:
-    """Register answer checkers: ``register(name, fn)``; ``fn(completion, reference) -> bool``."""
 
 
 @hookspec
@@ -72,4 +81,8 @@ def resp_register_modifiers(register: Callable[[str, type], None]) -> None:
 
 @hookspec
 def resp_lm_eval_include_paths() -> list[str]:
-    """Return folders holding lm-eval task YAMLs, passed to lm-eval as ``include_path``."""
+    """Return folders holding lm-eval task YAMLs, passed to lm-eval as ``include_path``.
+
+    Called by :func:`resp_plugin.integrations.lm_eval.include_paths` whenever a task manager is
+    built; every plugin's folders are used (no name can clash: lm-eval resolves the task names).
+    """

@@ -9,8 +9,11 @@ it is read from per-structure mask gradients, so no weight gradient is ever stor
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from resp_plugin import distributed
-from resp_plugin.calibration import CalibrationSample
+from resp_plugin.calibration import CalibrationSample, pad_batch
 from resp_plugin.structures import DecoderAdapter
 
 CE_CHUNK = 2048  # target tokens per lm_head chunk: logits never exist for the whole batch
@@ -55,20 +58,15 @@ def batch_loss(model: nn.Module, batch: list[CalibrationSample], n_total: int, m
     ``mode="decode"`` takes the loss on completion tokens only (prompt positions masked, as
     labels -100 would); ``"full"`` on every next-token prediction.
     """
-    emb = model.get_input_embeddings()
-    device = emb.weight.device
-    width = max(len(s.input_ids) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    device = model.get_input_embeddings().weight.device
+    ids, mask = pad_batch([s.input_ids for s in batch], pad_id, side="right")
     rows, pos, tgt, wts = [], [], [], []
     for b, s in enumerate(batch):
         n = len(s.input_ids)
-        ids[b, :n] = torch.tensor(s.input_ids)
-        mask[b, :n] = 1
-        start = max(s.n_prompt, 1) if mode == "decode" else 1
-        k = n - start
+        k = _targets(s, mode)
         if k <= 0:
             continue
+        start = n - k
         rows += [b] * k
         pos += list(range(start - 1, n - 1))  # hidden state at t-1 predicts token t
         tgt += s.input_ids[start:n]
@@ -102,69 +100,114 @@ def score(model: nn.Module, adapter: DecoderAdapter, samples: list[CalibrationSa
 
     Under torchrun each rank runs the forward/backward passes of its share of the batches
     (the single-process batches, dealt round robin, so each batch is computed exactly as one
-    process would) and the gradient sums are all-reduced before saliency is taken.
+    process would) and the gradient sums are all-reduced before saliency is taken.  With
+    ``score_chunks`` > 1 the layers are scored a chunk at a time (one backward pass over all
+    batches per chunk), so gradients of only one chunk are ever held.
     """
-    usable = [i for i, s in enumerate(samples) if _targets(s, config.loss) > 0]
+    order = _scorable(samples, config.loss)
+    every = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    batches = distributed.shard(every)
+    # FSDP2 gathers each layer in every forward: all ranks must run as many passes (zero-weight extras).
+    idle = [every[0]] * distributed.lockstep_padding(model, len(every), len(batches))
+    pass_ = _Pass(samples, len(order), config, pad_id, progress)
+    result = Scores(n_samples=len(order), n_local=sum(len(b) for b in batches))
+    chunks = _layer_chunks(layers, config.score_chunks)
+    losses = []  # every chunk sees the same loss: the first one's is the step's
+    with _scoring_mode(model, config.gradient_checkpointing):
+        for chunk in chunks:
+            desc = f"scoring layers {chunk[0]}-{chunk[-1]}" if len(chunks) > 1 else "scoring"
+            chunk_scores, loss = _score_chunk(model, adapter, chunk, config, pass_, batches, idle, desc)
+            result.layers.update(chunk_scores.layers)
+            losses.append(loss)
+    _check_finite(result)
+    result.loss = distributed.all_reduce_float(losses[0])
+    return result
+
+
+def _scorable(samples: list[CalibrationSample], mode: str) -> list[int]:
+    """Indices of the samples with a token to score, shortest first (batches then pad little)."""
+    usable = [i for i, s in enumerate(samples) if _targets(s, mode) > 0]
     if not usable:
         raise ValueError(
             "no calibration sample has a token to score: every completion is empty or truncated "
             "(check max_seq_len, the prompts, and the traces under OUT/calibration)"
         )
-    order = sorted(usable, key=lambda i: len(samples[i].input_ids))
-    n_total = len(order)
+    return sorted(usable, key=lambda i: len(samples[i].input_ids))
+
+
+def _layer_chunks(layers: list[int], score_chunks: int) -> list[list[int]]:
+    """``layers`` cut into ``score_chunks`` contiguous, near-equal chunks (at most one per layer)."""
+    k = max(1, min(score_chunks, len(layers)))
+    return [layers[j * len(layers) // k:(j + 1) * len(layers) // k] for j in range(k)]
+
+
+@contextlib.contextmanager
+def _scoring_mode(model: nn.Module, gradient_checkpointing: bool) -> Iterator[None]:
+    """No parameter needs a gradient unless a collector asks; train mode only for HF checkpointing.
+
+    Everything is restored on the way out, error or not.
+    """
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     was_training = model.training
-    model.train(config.gradient_checkpointing)  # HF checkpointing only acts in train mode
-    if config.gradient_checkpointing:
+    model.train(gradient_checkpointing)  # HF checkpointing only acts in train mode
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    kind = _VectorCollector if config.saliency == "vector" else _SumAbsCollector
-    k = max(1, min(config.score_chunks, len(layers)))
-    chunks = [layers[j * len(layers) // k:(j + 1) * len(layers) // k] for j in range(k)]
-    every = [order[i:i + config.batch_size] for i in range(0, n_total, config.batch_size)]
-    batches = distributed.shard(every)
-    # FSDP2 gathers each layer in every forward: all ranks must run as many passes (zero-weight extras).
-    idle = [every[0]] * distributed.lockstep_padding(model, len(every), len(batches))
-    result, total_loss = Scores(), 0.0
     try:
-        for c, chunk in enumerate(chunks):
-            collector = kind(adapter, chunk, config)
-            try:
-                desc = "scoring" if k == 1 else f"scoring layers {chunk[0]}-{chunk[-1]}"
-                with distributed.together("scoring its calibration shard"):
-                    loss_sum = _backward_batches(model, samples, batches, n_total, config, pad_id, desc, progress)
-                    for batch in idle:
-                        (batch_loss(model, [samples[i] for i in batch], n_total, config.loss, pad_id)[0] * 0).backward()
-                if c == 0:
-                    total_loss = loss_sum
-                collector.reduce()
-                result.layers.update(collector.finish().layers)
-            finally:
-                collector.close()
+        yield
     finally:
-        if config.gradient_checkpointing:
+        if gradient_checkpointing:
             model.gradient_checkpointing_disable()
         model.train(was_training)
         for p, r in saved.items():
             p.requires_grad_(r)
-    for i, ls in result.layers.items():
+
+
+@dataclass
+class _Pass:
+    """What every backward pass over the calibration batches shares."""
+
+    samples: list[CalibrationSample]
+    n_total: int
+    config: Any  # RESPConfig
+    pad_id: int
+    progress: bool
+
+    def loss(self, model: nn.Module, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_loss(model, [self.samples[i] for i in batch], self.n_total, self.config.loss, self.pad_id)
+
+
+def _score_chunk(model: nn.Module, adapter: DecoderAdapter, chunk: list[int], config, pass_: _Pass,
+                 batches: list[list[int]], idle: list[list[int]], desc: str) -> tuple[Scores, float]:
+    """Saliency of one chunk of layers: gradients of its weights (or masks) over this rank's batches."""
+    kind = _VectorCollector if config.saliency == "vector" else _SumAbsCollector
+    collector = kind(adapter, chunk, config)
+    try:
+        with distributed.together("scoring its calibration shard"):
+            loss = _backward_batches(model, pass_, batches, desc)
+            for batch in idle:
+                (pass_.loss(model, batch)[0] * 0).backward()
+        collector.reduce()
+        return collector.finish(), loss
+    finally:
+        collector.close()
+
+
+def _check_finite(scores: Scores) -> None:
+    """A non-finite saliency would rank arbitrarily: refuse the step before anything is removed."""
+    for i, ls in scores.layers.items():
         for name in ("heads", "groups", "channels"):
             t = getattr(ls, name)
             if t is not None and not torch.isfinite(t).all():
                 raise FloatingPointError(f"non-finite {name} saliency in layer {i}; nothing was pruned")
-    result.loss = distributed.all_reduce_float(total_loss)
-    result.n_samples = n_total
-    result.n_local = sum(len(b) for b in batches)
-    return result
 
 
-def _backward_batches(model: nn.Module, samples: list[CalibrationSample], batches: list[list[int]], n_total: int,
-                      config, pad_id: int, desc: str, progress: bool) -> float:
+def _backward_batches(model: nn.Module, pass_: _Pass, batches: list[list[int]], desc: str) -> float:
     """Accumulate the gradients of ``batches`` (this rank's share); returns their summed loss."""
     total = 0.0
-    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
-        loss, per_sample = batch_loss(model, [samples[i] for i in batch], n_total, config.loss, pad_id)
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not pass_.progress):
+        loss, per_sample = pass_.loss(model, batch)
         if not torch.isfinite(loss):
             bad = [batch[j] for j, v in enumerate(per_sample.tolist()) if not math.isfinite(v)]
             raise FloatingPointError(

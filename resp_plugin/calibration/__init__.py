@@ -10,12 +10,14 @@ instead of regenerating.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from resp_plugin.calibration.jsonl import read_jsonl, write_jsonl
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "PromptRecord",
@@ -23,13 +25,19 @@ __all__ = [
     "CalibrationSample",
     "CalibrationSet",
     "CalibrationProvider",
+    "Completion",
+    "GenerationBackend",
+    "PromptSource",
     "build_samples",
+    "pad_batch",
     "render_prompt",
     "prompt_ids",
     "write_traces",
     "read_traces",
     "traces_path",
     "provider_for",
+    "read_jsonl",
+    "write_jsonl",
 ]
 
 
@@ -82,6 +90,36 @@ class CalibrationProvider(Protocol):
         """A set for the current (pruned) model, called at every milestone crossed."""
 
 
+@dataclass
+class Completion:
+    """What a generation backend wrote for one prompt: text up to (not including) the end token."""
+
+    text: str
+    finished: bool  # an end-of-sequence token was generated (else max_new_tokens cut it)
+    n_tokens: int
+
+
+class PromptSource(Protocol):
+    """A prompt source of the ``resp_prompt_sources`` hook, selected by ``--prompts NAME[:ARG]``."""
+
+    def __call__(self, arg: str | None, config: Any = None) -> list[PromptRecord]:
+        """All prompts of the source (the run selects ``num_prompts`` of them); ``arg`` follows the colon."""
+
+
+class GenerationBackend(Protocol):
+    """A generation backend of the ``resp_generation_backends`` hook (``--backend NAME``).
+
+    ``per_batch_calls``: whether the ``self`` kind may call :meth:`generate` once per generation
+    batch (shared over torchrun ranks, a seed per batch).  A backend that must see every prompt
+    at once (vLLM exports the model and starts an engine per call) sets it False.
+    """
+
+    per_batch_calls: bool
+
+    def generate(self, model: Any, tokenizer: Any, prompts: list[str], seed: int | None = None) -> list[Completion]:
+        """One completion per prompt (raw prompt text, chat template applied by the backend), in order."""
+
+
 def provider_for(config) -> CalibrationProvider:
     """The provider of ``config.calibration``, looked up through the ``resp_calibration_kinds`` hook."""
     from resp_plugin.plugins import collect
@@ -124,6 +162,24 @@ def prompt_ids(tokenizer, prompt: str, thinking: bool = True) -> list[int]:
 _WARNED_NO_TEMPLATE: set[int] = set()
 
 
+def pad_batch(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows as one ``(ids, attention_mask)`` batch, padded on ``side`` to the longest row.
+
+    Scoring pads on the right (positions stay those of the unpadded sample); generation pads on
+    the left (every row's next token comes after its last prompt token).
+    """
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[b, span] = torch.tensor(r, dtype=torch.long)
+        mask[b, span] = 1
+    return ids, mask
+
+
 def build_samples(tokenizer, traces: list[Trace], max_len: int, thinking: bool = True,
                   plain: bool = False) -> list[CalibrationSample]:
     """Tokenise traces; ``plain`` texts (generic kind) get no chat template and no prompt."""
@@ -153,24 +209,9 @@ def traces_path(out: Path, sparsity: float) -> Path:
 
 def write_traces(path: Path, traces: list[Trace]) -> None:
     """Write atomically: a torn write never leaves a file that reads back as valid."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        for t in traces:
-            f.write(json.dumps(asdict(t)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_jsonl(path, (asdict(t) for t in traces))
 
 
 def read_traces(path: Path) -> list[Trace]:
-    traces = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                traces.append(Trace(**json.loads(line)))
-            except (json.JSONDecodeError, TypeError) as e:
-                raise ValueError(f"{path}:{n} is not a valid trace line ({e}); delete the file to regenerate") from e
-    return traces
+    """The traces of a run folder's file; a damaged line names the file and the fix."""
+    return read_jsonl(path, lambda row: Trace(**row), what="a valid trace line", fix="delete the file to regenerate")

@@ -1,4 +1,7 @@
-"""Built-in calibration kinds, prompt sources and generation backends (registered by hook)."""
+"""Built-in calibration kinds, prompt sources and the ``hf`` generation backend (registered by hook).
+
+Other backends (``vllm``) and sources (``lmeval``) are integrations: entry points of group ``resp``.
+"""
 
 from __future__ import annotations
 
@@ -23,4 +26,3 @@ def resp_prompt_sources(register) -> None:
 @hookimpl
 def resp_generation_backends(register) -> None:
     register("hf", lambda config: generation.HFGenerationBackend(config.generation, config.seed))
-    register("vllm", lambda config: generation.VLLMGenerationBackend(config.generation, config.seed))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from resp_plugin.calibration import (
     Trace,
     build_samples,
     prompt_ids,
+    read_jsonl,
     read_traces,
     traces_path,
     write_traces,
@@ -120,7 +120,7 @@ class GenericProvider(_Base):
         if not p.is_file() or p.stat().st_size == 0:
             raise FileNotFoundError(f"generic text file {p} does not exist or is empty")
         if p.suffix == ".jsonl":
-            lines = [json.loads(x)["text"] for x in p.read_text().splitlines() if x.strip()]
+            lines = [row["text"] for row in read_jsonl(p)]
         else:
             lines = [x.strip() for x in p.read_text().splitlines() if x.strip()]
         if len(lines) > config.num_prompts:
@@ -152,7 +152,7 @@ class SelfProvider(_Base):
             raise ValueError(f"unknown generation backend {name!r}; available: {', '.join(sorted(backends))}")
         self.backend = backends[name](config)  # fails now, before any work, if e.g. vllm is missing
         # A backend that must see the whole set at once (vLLM exports the model per call) is called once.
-        self.per_batch = getattr(self.backend, "per_batch_calls", name != "vllm")
+        self.per_batch = getattr(self.backend, "per_batch_calls", True)
         if distributed.launched() and not self.per_batch:
             raise ValueError(f"generation backend {name!r} cannot be sharded under torchrun (it starts its own "
                              "workers); use --backend hf with torchrun, or run vLLM in a single process")

@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from resp_plugin.calibration import PromptRecord
+from resp_plugin.calibration import PromptRecord, read_jsonl
 
 # Hugging Face copies of MathQA tried in order (the script-based allenai/math_qa does not load
 # under datasets>=4; regisss/math_qa is lm-eval's parquet copy, same rows and fields).
@@ -29,18 +29,7 @@ def _need_file(path: str, what: str) -> Path:
 
 
 def _read_jsonl(p: Path) -> list[dict]:
-    rows = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n} is not valid JSON ({e.msg}); each line must be one JSON object") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{p}:{n} must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    rows = read_jsonl(p)
     if not rows:
         raise ValueError(f"{p} holds no JSON lines; it must hold at least one prompt")
     return rows

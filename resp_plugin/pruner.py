@@ -23,6 +23,7 @@ from resp_plugin.calibration import CalibrationSet, provider_for
 from resp_plugin.config import RESPConfig
 from resp_plugin.errors import guarded_run
 from resp_plugin.io import atomic_write_json, atomic_write_text, save_pruned
+from resp_plugin.model_card import write_model_card
 from resp_plugin.structures import DecoderAdapter, adapter_for
 
 STATE_FILE = "state.json"
@@ -217,6 +218,9 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
                 if save:
                     save_pruned(model, tokenizer, out / "model", adapter, overwrite=True)
                 atomic_write_json(out / "report.json", report)
+                if save:  # the cards again, now with the run's measured numbers (resp_plugin.model_card)
+                    for path in [out / "model", *(Path(rec["path"]) for rec in report["saved"])]:
+                        write_model_card(path, base_model=getattr(model, "name_or_path", None) or None)
     logger.info(f"pruned to sparsity {report['sparsity']:.3f} "
                 f"({report['params_before']:,} -> {report['params_after']:,} decoder linear parameters)")
     return PruneResult(model=model, adapter=adapter, report=report, out=out)

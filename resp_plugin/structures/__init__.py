@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from resp_plugin.structures.adapter import DecoderAdapter, DecoderSpec, LayerState
 
-__all__ = ["DecoderAdapter", "DecoderSpec", "LayerState", "adapter_for", "supported_architectures"]
+__all__ = ["DecoderAdapter", "DecoderSpec", "LayerState", "adapter_for", "pruned_model_class", "spec_for",
+           "supported_architectures"]
 
 
 def supported_architectures() -> dict[str, DecoderSpec]:
@@ -16,16 +19,38 @@ def supported_architectures() -> dict[str, DecoderSpec]:
     return collect("resp_architectures")
 
 
-def adapter_for(model: nn.Module) -> DecoderAdapter:
-    """The adapter for ``model``, matched by its class or any base class name.
+def spec_for(cls: type) -> DecoderSpec:
+    """The registered spec of model class ``cls``, matched by its name or any base class name.
 
     Raises a ValueError listing the supported architectures and how to add one.
     """
     specs = supported_architectures()
-    for cls in type(model).__mro__:
-        if cls.__name__ in specs:
-            return DecoderAdapter(model, specs[cls.__name__])
-    raise ValueError(unsupported_message(type(model).__name__, specs))
+    for base in cls.__mro__:
+        if base.__name__ in specs:
+            return specs[base.__name__]
+    raise ValueError(unsupported_message(cls.__name__, specs))
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    """The adapter for ``model`` (see :func:`spec_for`)."""
+    return DecoderAdapter(model, spec_for(type(model)))
+
+
+def pruned_model_class(config: Any) -> type:
+    """The class that rebuilds a pruned checkpoint with ``config``: transformers' class for the
+    config (its public causal-LM mapping, which also holds classes registered with
+    ``AutoModelForCausalLM.register``), shrunk through the architecture's registered spec."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from resp_plugin.structures import modeling_resp
+
+    try:
+        dense = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"no transformers causal-LM class for {type(config).__name__} (model type "
+                         f"{getattr(config, 'model_type', None)!r}): install the package that defines it, or "
+                         "register it with AutoModelForCausalLM.register") from None
+    return modeling_resp.pruned_class(dense, spec_for(dense))
 
 
 def unsupported_message(name: str, specs: dict) -> str:

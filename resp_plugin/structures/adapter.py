@@ -15,21 +15,9 @@ import torch
 from torch import nn
 
 from resp_plugin.structures import modeling_resp
+from resp_plugin.structures.layout import DecoderSpec, head_dim_of
 
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    """Module names of a Llama-like decoder (the defaults fit Llama, Mistral, Qwen2, Qwen3)."""
-
-    attn: str = "self_attn"
-    mlp: str = "mlp"
-    q_proj: str = "q_proj"
-    k_proj: str = "k_proj"
-    v_proj: str = "v_proj"
-    o_proj: str = "o_proj"
-    gate_proj: str = "gate_proj"
-    up_proj: str = "up_proj"
-    down_proj: str = "down_proj"
+__all__ = ["DecoderAdapter", "DecoderSpec", "LayerState"]
 
 
 @dataclass
@@ -64,7 +52,7 @@ class DecoderAdapter:
         cfg = model.config
         self.hidden_size: int = cfg.hidden_size
         self.num_layers: int = cfg.num_hidden_layers
-        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim: int = head_dim_of(cfg)
         self.layers = list(model.get_decoder().layers)
         self.states = [self._read_state(i) for i in range(self.num_layers)]
         # Dense sizes from the config: the reference normalisation constants use them.
@@ -81,16 +69,7 @@ class DecoderAdapter:
 
     def linears(self, i: int) -> dict[str, nn.Linear]:
         """The seven prunable linears of layer ``i`` by role (q, k, v, o, gate, up, down)."""
-        a, m, s = self.attn(i), self.mlp(i), self.spec
-        return {
-            "q": getattr(a, s.q_proj),
-            "k": getattr(a, s.k_proj),
-            "v": getattr(a, s.v_proj),
-            "o": getattr(a, s.o_proj),
-            "gate": getattr(m, s.gate_proj),
-            "up": getattr(m, s.up_proj),
-            "down": getattr(m, s.down_proj),
-        }
+        return modeling_resp.layer_linears(self.layers[i], self.spec)
 
     def _read_state(self, i: int) -> LayerState:
         lin = self.linears(i)

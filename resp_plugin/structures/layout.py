@@ -20,12 +20,34 @@ The cheapest ``group`` is chosen: each extra query or KV slot costs the same mat
 parameters (2 x head_dim x hidden), and a KV slot also costs KV-cache memory, so it counts
 twice.  Layers whose groups are already even (all ``kv_group`` checkpoints) get the identity
 plan: no pads, no duplicates, no overhead.
+
+This file imports only the standard library: it is copied beside ``modeling_resp.py`` into
+every pruned checkpoint (which imports it as ``.layout``) and imported by vLLM processes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Module names of a Llama-like decoder (the defaults fit Llama, Mistral, Qwen2, Qwen3, OLMo).
+
+    Architecture plugins register one per model class (hook ``resp_architectures``); pruning,
+    reloading and serving all find a layer's modules through it, never by fixed names.
+    """
+
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    gate_proj: str = "gate_proj"
+    up_proj: str = "up_proj"
+    down_proj: str = "down_proj"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """Modeling support for RESP-pruned Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3).
 
-This file is self-contained on purpose: it is copied next to every pruned checkpoint and
-named in ``config.json``'s ``auto_map``, so that
-``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works without
-resp-plugin installed.  ``resp_plugin.load_pruned`` imports this same file, so the two
-loaders can never disagree.
+This file and the ``layout.py`` it imports (standard library only) are copied next to every
+pruned checkpoint of a built-in architecture and named in ``config.json``'s ``auto_map``, so
+that ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` works without
+resp-plugin installed.  ``resp_plugin.load_pruned`` uses the installed copy of this same file
+(never the checkpoint's), so the two loaders cannot disagree and no folder's code is run.
+
+Module names come from the architecture's :class:`~.layout.DecoderSpec` (``resp_spec`` of the
+class; :func:`pruned_class` builds the class of any architecture a plugin registers).
 
 A pruned layer differs from the dense one in three numbers and one map, all stored in the
 config's ``per_layer_config`` (transformers' heterogeneous-config field):
@@ -32,16 +35,13 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from .layout import PRUNED_ARCH_PREFIX, DecoderSpec, head_dim_of, is_pruned_config, layer_sizes
+
 RESP_ATTN_PREFIX = "resp_"
-PER_LAYER_KEYS = (
-    "resp_num_attention_heads",
-    "resp_num_key_value_heads",
-    "resp_intermediate_size",
-    "resp_kv_index",
-)
 
 
 def _expand_kv(module: nn.Module, key: torch.Tensor, value: torch.Tensor):
@@ -58,7 +58,7 @@ def _expand_kv(module: nn.Module, key: torch.Tensor, value: torch.Tensor):
 def _make_attention(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         key, value = _expand_kv(module, key, value)
-        fn = eager_attention_forward if base == "eager" else AttentionInterface._global_mapping[base]
+        fn = eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         return fn(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"resp_{base}_attention"
@@ -71,10 +71,10 @@ def resp_attention_name(current: str | None) -> str:
     if base.startswith(RESP_ATTN_PREFIX):
         return base
     name = RESP_ATTN_PREFIX + base
-    if name not in AttentionInterface._global_mapping:
+    if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_attention(base))
         # The mask must be built exactly as for the wrapped implementation.
-        mask_fn = AttentionMaskInterface._global_mapping.get(base)
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS.get(base)
         if mask_fn is not None:
             AttentionMaskInterface.register(name, mask_fn)
     return name
@@ -117,34 +117,43 @@ def resize_linear(linear: nn.Linear, out_features: int | None = None, in_feature
     linear.out_features, linear.in_features = out_f, in_f
 
 
-def apply_pruned_shapes(model: nn.Module) -> None:
-    """Resize every layer to the sizes recorded in ``config.per_layer_config``."""
+def layer_linears(layer: nn.Module, spec: DecoderSpec) -> dict[str, nn.Linear]:
+    """The seven prunable linears of a decoder layer by role (q, k, v, o, gate, up, down)."""
+    attn, mlp = getattr(layer, spec.attn), getattr(layer, spec.mlp)
+    return {"q": getattr(attn, spec.q_proj), "k": getattr(attn, spec.k_proj), "v": getattr(attn, spec.v_proj),
+            "o": getattr(attn, spec.o_proj), "gate": getattr(mlp, spec.gate_proj), "up": getattr(mlp, spec.up_proj),
+            "down": getattr(mlp, spec.down_proj)}
+
+
+def apply_pruned_shapes(model: nn.Module, spec: DecoderSpec | None = None) -> None:
+    """Resize every layer to the sizes recorded in ``config.per_layer_config``.
+
+    ``spec`` names the modules; by default the class's ``resp_spec`` (Llama's names).
+    """
     config = model.config
-    if not getattr(config, "is_heterogeneous", False):
+    if not is_pruned_config(config):
         return
-    layers = model.get_decoder().layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    for i, layer in enumerate(layers):
-        lc = config.per_layer_config[i]
-        n_q = int(lc.resp_num_attention_heads)
-        n_kv = int(lc.resp_num_key_value_heads)
-        n_int = int(lc.resp_intermediate_size)
-        attn, mlp = layer.self_attn, layer.mlp
-        resize_linear(attn.q_proj, out_features=n_q * head_dim)
-        resize_linear(attn.k_proj, out_features=n_kv * head_dim)
-        resize_linear(attn.v_proj, out_features=n_kv * head_dim)
-        resize_linear(attn.o_proj, in_features=n_q * head_dim)
-        resize_linear(mlp.gate_proj, out_features=n_int)
-        resize_linear(mlp.up_proj, out_features=n_int)
-        resize_linear(mlp.down_proj, in_features=n_int)
+    spec = spec or getattr(model, "resp_spec", None) or DecoderSpec()
+    hd = head_dim_of(config)
+    for i, layer in enumerate(model.get_decoder().layers):
+        sizes, lin = layer_sizes(config, i), layer_linears(layer, spec)
+        for role, n in (("q", sizes.num_heads), ("k", sizes.num_kv_heads), ("v", sizes.num_kv_heads)):
+            resize_linear(lin[role], out_features=n * hd)
+        resize_linear(lin["o"], in_features=sizes.num_heads * hd)
+        resize_linear(lin["gate"], out_features=sizes.intermediate_size)
+        resize_linear(lin["up"], out_features=sizes.intermediate_size)
+        resize_linear(lin["down"], in_features=sizes.intermediate_size)
+        mlp = getattr(layer, spec.mlp)
         if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = n_int
-        set_kv_layout(attn, lc.resp_kv_index)
+            mlp.intermediate_size = sizes.intermediate_size
+        set_kv_layout(getattr(layer, spec.attn), sizes.kv_index)
     use_resp_attention(model)
 
 
 class _RESPMixin:
     """Builds the dense module tree, then shrinks it to the recorded per-layer sizes."""
+
+    resp_spec: DecoderSpec = DecoderSpec()
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -173,3 +182,21 @@ RESP_CLASSES: dict[str, type] = {
     "qwen2": RESPQwen2ForCausalLM,
     "qwen3": RESPQwen3ForCausalLM,
 }
+
+_PRUNED_CLASSES: dict[tuple[type, DecoderSpec], type] = {
+    (cls.__bases__[1], DecoderSpec()): cls for cls in RESP_CLASSES.values()
+}
+
+
+def pruned_class(dense: type, spec: DecoderSpec | None = None) -> type:
+    """The class that loads pruned checkpoints of ``dense``: ``RESP<Dense>``, modules named by ``spec``.
+
+    The built-in classes above for their architectures; for one added by a plugin, a subclass
+    made once per (class, spec), so that architecture reloads exactly as it was pruned.
+    """
+    spec = spec or DecoderSpec()
+    key = (dense, spec)
+    if key not in _PRUNED_CLASSES:
+        name = dense.__name__ if dense.__name__.startswith(PRUNED_ARCH_PREFIX) else PRUNED_ARCH_PREFIX + dense.__name__
+        _PRUNED_CLASSES[key] = type(name, (_RESPMixin, dense), {"resp_spec": spec, "__module__": __name__})
+    return _PRUNED_CLASSES[key]

@@ -102,8 +102,10 @@ def load_tasks(tasks: list[str]) -> dict[str, Any]:
                         "datasets cache for lm-eval's own tasks") from e
 
 
-def _load_model(path: str, device: str, dtype: str) -> tuple[Any, Any]:
-    """Model and tokenizer; ``resp_plugin.load_pruned`` when available (it also reads pruned sizes)."""
+def _load_model(path: str, device: str, dtype: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Model and tokenizer; ``resp_plugin.load_pruned`` when available (it also reads pruned sizes).
+
+    The folder's own code (``auto_map``) runs only with ``trust_remote_code`` (``--trust-remote-code``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,12 +113,12 @@ def _load_model(path: str, device: str, dtype: str) -> tuple[Any, Any]:
     load_pruned = getattr(importlib.import_module("resp_plugin"), "load_pruned", None)
     tokenizer = None
     if load_pruned is not None:
-        loaded = load_pruned(path, device_map=device, dtype=torch_dtype)
+        loaded = load_pruned(path, trust_remote_code=trust_remote_code, device_map=device, dtype=torch_dtype)
         model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch_dtype)
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     # HFLM uses a preloaded model where it is: place it unless accelerate already spread it.
     if not getattr(model, "hf_device_map", None) and device != "auto":
         model = model.to(device)
@@ -168,6 +170,7 @@ def evaluate(
     seed: int | None = None,
     max_length: int | None = None,
     backend: str = "hf",
+    trust_remote_code: bool = False,
 ) -> dict:
     """Evaluate a (pruned or ordinary) checkpoint on lm-eval tasks, chat template and thinking on.
 
@@ -181,6 +184,8 @@ def evaluate(
     lm-eval's vLLM backend (pruned checkpoints load through the RESP vLLM plugin): the backend
     to use for reasoning-length generations.
 
+    ``trust_remote_code`` lets a checkpoint folder run its own code (``auto_map``); off by default.
+
     ``max_gen_toks`` overrides the tasks' generation budget.  With ``out``, the results JSON is
     written atomically (and, with ``log_samples``, the per-sample outputs beside it as
     ``<out>.samples.jsonl``).  Returns lm-eval's results dict.
@@ -193,10 +198,10 @@ def evaluate(
     log_samples = log_samples or judge is not None
     if backend == "vllm":
         lm = _vllm_lm(model, dtype=dtype, max_length=max_length, seed=seed,
-                      think=thinking_args(None, thinking, keep_reasoning))
+                      think=thinking_args(None, thinking, keep_reasoning), trust_remote_code=trust_remote_code)
     elif backend == "hf":
         lm = _hf_lm(model, tokenizer, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
-                    thinking=thinking, keep_reasoning=keep_reasoning)
+                    thinking=thinking, keep_reasoning=keep_reasoning, trust_remote_code=trust_remote_code)
     else:
         raise ValueError(f"unknown evaluation backend {backend!r}; use hf or vllm")
     chat = getattr(lm.tokenizer, "chat_template", None) is not None
@@ -267,26 +272,28 @@ def thinking_args(tokenizer: Any, thinking: bool, keep_reasoning: bool) -> dict[
 
 
 def _hf_lm(model: Any, tokenizer: Any, *, device: str, dtype: str, batch_size: int | str, max_length: int | None,
-           thinking: bool, keep_reasoning: bool) -> Any:
+           thinking: bool, keep_reasoning: bool, trust_remote_code: bool = False) -> Any:
     """lm-eval's HF backend on a checkpoint folder or an in-memory model (with its ``tokenizer``)."""
     from lm_eval.models.huggingface import HFLM
 
     if isinstance(model, (str, os.PathLike)):
-        model, tokenizer = _load_model(str(model), device, dtype)
+        model, tokenizer = _load_model(str(model), device, dtype, trust_remote_code)
     elif tokenizer is None:
         raise ValueError("evaluate(model_object, ...) needs tokenizer=...")
     return HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, device=device,
-                trust_remote_code=True, max_length=max_length, **thinking_args(tokenizer, thinking, keep_reasoning))
+                trust_remote_code=trust_remote_code, max_length=max_length,
+                **thinking_args(tokenizer, thinking, keep_reasoning))
 
 
-def _vllm_lm(model: Any, *, dtype: str, max_length: int | None, seed: int | None, think: dict[str, Any]) -> Any:
+def _vllm_lm(model: Any, *, dtype: str, max_length: int | None, seed: int | None, think: dict[str, Any],
+             trust_remote_code: bool = False) -> Any:
     """lm-eval's vLLM backend on a checkpoint folder (vLLM loads it, the RESP plugin sizes its layers)."""
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError("the vllm backend evaluates a checkpoint folder; save the model first, or use backend hf")
     from lm_eval.models.vllm_causallms import VLLM
 
     return VLLM(pretrained=str(model), dtype=dtype, batch_size="auto", max_length=max_length,
-                seed=1234 if seed is None else seed, **think)
+                seed=1234 if seed is None else seed, trust_remote_code=trust_remote_code, **think)
 
 
 def _judge(url: str | None, model: str | None, cache: str | None) -> Any:

@@ -19,6 +19,9 @@ from resp_plugin.errors import (
     positive_int,
 )
 
+TRUST_HELP = ("let the model folder run its own Python code (auto_map in config.json); off by default, "
+              "as in transformers and lm-eval")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block), like every other refusal of ``resp``."""
@@ -83,6 +86,7 @@ def _add_prune(sub) -> None:
                    "(FSDP2) for models larger than one device")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out/model")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_prune)
 
 
@@ -141,7 +145,8 @@ def cmd_prune(args) -> int:
     world = _join_torchrun(config.device)
     # A sharded run reads the checkpoint into host memory; each rank then keeps its shard on its device.
     device = "cpu" if config.fsdp else _rank_device(config.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, device, config.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, device, config.dtype,
+                                                trust_remote_code=args.trust_remote_code)
     try:
         result = prune(model, tokenizer, config, out=out, resume=args.resume, overwrite=args.overwrite)
     except Exception as e:
@@ -206,12 +211,13 @@ def _lost_rank(e: Exception) -> None:
 def _check_prune_inputs(args, config) -> None:
     """What `resp prune` can refuse before loading the model: run folder, model files, tokenizer, prompts."""
     from resp_plugin.errors import check_tokenizer
-    from resp_plugin.io import check_model_dir, load_tokenizer
+    from resp_plugin.io import check_model_dir, check_remote_code, load_tokenizer
 
     check_out_dir(args.out)
     check_unlocked(args.out)
     check_model_dir(args.model)
-    check_tokenizer(load_tokenizer(args.model), config, where=f"the tokenizer in {args.model}")
+    check_remote_code(args.model, args.trust_remote_code)
+    check_tokenizer(load_tokenizer(args.model, args.trust_remote_code), config, where=f"the tokenizer in {args.model}")
     source, _, task = (config.prompts or "").partition(":")
     if source == "lmeval" and task:
         from resp_plugin.integrations.lm_eval import load_tasks
@@ -266,7 +272,7 @@ def cmd_eval(args) -> int:
                    max_gen_toks=args.max_gen_toks, batch_size=batch, out=args.out, device=args.device,
                    dtype=args.dtype, num_fewshot=args.num_fewshot, judge_url=args.judge_url,
                    judge_model=args.judge_model, judge_cache=args.judge_cache, seed=args.seed,
-                   backend=args.backend)
+                   backend=args.backend, trust_remote_code=args.trust_remote_code)
     print(json.dumps(res.get("results", res), indent=2, default=str))
     return 0
 
@@ -274,12 +280,13 @@ def cmd_eval(args) -> int:
 def _check_eval_inputs(args) -> None:
     """What `resp eval` can refuse before loading the model: paths, model files, tokenizer, tasks, data."""
     from resp_plugin.integrations.lm_eval import load_tasks
-    from resp_plugin.io import check_model_dir, load_tokenizer
+    from resp_plugin.io import check_model_dir, check_remote_code, load_tokenizer
 
     if args.out is not None:
         check_out_file(args.out)
     check_model_dir(args.model)
-    tokenizer = load_tokenizer(args.model)
+    check_remote_code(args.model, args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     if args.thinking and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"the tokenizer in {args.model} has no chat template, so thinking cannot be switched on; "
                         "use a chat/reasoning model's tokenizer, or pass --no-thinking")
@@ -373,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "e.g. http://localhost:8000/v1")
     e.add_argument("--judge-model", help="the judge's model name on that server (paper: Qwen3-30B-A3B-Instruct-2507)")
     e.add_argument("--judge-cache", help="verdict cache (JSONL; default ~/.cache/resp-plugin/judge-cache.jsonl)")
+    e.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     e.set_defaults(func=cmd_eval)
     _add_reproduce(sub)
     d = sub.add_parser("demo", help="prune the bundled reasoning organism and evaluate it (offline)")

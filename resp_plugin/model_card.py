@@ -8,8 +8,9 @@ the same files, and rewriting it later (e.g. with evaluation results) is always 
 
 - ``config.json``: architecture, dense sizes, ``per_layer_config`` (kept sizes per layer),
   ``quantization_config`` when the folder was quantised;
-- the run folder (the folder's parent when it holds ``config.yaml`` and ``state.json`` or
-  ``report.json``): the RESP settings and the measured sparsity;
+- the run folder (the folder's parent when it holds a RESP ``config.yaml``): the RESP settings,
+  and the measured sparsity from ``state.json`` / ``report.json`` (a ``save_at`` folder's is
+  recorded after it is saved: :func:`write_run_cards` adds it when the run ends);
 - evaluation results: given, or ``eval.json`` in the folder, or the run folder's
   ``eval-<level>.json`` beside a ``model-<level>`` folder (what ``resp reproduce`` writes).
 """
@@ -69,11 +70,20 @@ def write_model_card(model_dir: str | Path, *, base_model: str | None = None,
     return path
 
 
+def write_run_cards(out: str | Path, base_model: str | None = None) -> list[Path]:
+    """Rewrite the cards of a finished run's folders (``model/`` and every ``save_at`` level) once
+    ``report.json`` exists, so each states the sparsity the run measured for it."""
+    out = Path(out)
+    report = json.loads((out / "report.json").read_text())
+    folders = [out / "model", *(out / Path(rec["path"]).name for rec in report.get("saved", []))]
+    return [write_model_card(f, base_model=base_model) for f in folders if (f / "config.json").is_file()]
+
+
 # ----------------------------------------------------------------------------- what the folder holds
 def _run_record(model_dir: Path) -> dict[str, Any]:
     """Settings and measured sparsity from the run folder around ``model_dir``, when there is one."""
     run = model_dir.resolve().parent
-    if not (run / "config.yaml").is_file() or not any((run / f).is_file() for f in ("state.json", "report.json")):
+    if not (run / "config.yaml").is_file():
         return {}
     try:
         record: dict[str, Any] = {"config": yaml.safe_load((run / "config.yaml").read_text())}
@@ -81,14 +91,17 @@ def _run_record(model_dir: Path) -> dict[str, Any]:
         state = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else {}
     except (ValueError, OSError, yaml.YAMLError):
         return {}
-    if not isinstance(record["config"], dict) or "sparsity" not in record["config"]:
-        return {}
+    if not isinstance(record["config"], dict) or not {"sparsity", "calibration"} <= set(record["config"]):
+        return {}  # not the config.yaml of a RESP run
     for rec in list(report.get("saved", [])) + list(state.get("saved", [])):
         if Path(rec.get("path", "")).name == model_dir.name:
             record["measured"] = rec.get("sparsity")
-    if model_dir.name == "model" and "sparsity" in report:
-        record.update(measured=report["sparsity"], params_before=report.get("params_before"),
-                      params_after=report.get("params_after"), steps=len(report.get("steps", [])))
+    # The final model is saved after state.json and before report.json: the state's steps are its own.
+    steps = state.get("steps") or report.get("steps") or []
+    if model_dir.name == "model" and steps:
+        record.update(measured=steps[-1]["sparsity"], steps=len(steps))
+        if report.get("steps") == steps and report.get("params_before"):  # the report of this very run
+            record.update(params_before=report["params_before"], params_after=report["params_after"])
     return record
 
 

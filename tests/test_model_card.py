@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_model
 from resp_plugin.cli import main
-from resp_plugin.model_card import write_model_card
+from resp_plugin.model_card import write_model_card, write_run_cards
 
 
 def _table_rows(card: str, header: str) -> list[list[str]]:
@@ -49,15 +49,19 @@ def test_cards_of_resp_prune_and_save_at(tmp_path, tokenizer, gold_file):
                "--attention-unit", "kv_group", "--protected-layers", "0"])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
+    assert len(report["saved"]) == 2
     final = _check_card(out / "model", str(dense))
     assert f"| sparsity (measured) | {report['sparsity']:.4f} of decoder linear parameters (target 0.3) |" in final
-    assert f"{report['params_before']:,} -> {report['params_after']:,} in {len(report['steps'])} steps" in final
     for rec in report["saved"]:
         card = _check_card(Path(rec["path"]), str(dense))
-        assert f"| sparsity (measured) | {rec['sparsity']:.4f} " in card
         computed = float(re.search(r"\| sparsity \(from the layer sizes\) \| ([0-9.]+) ", card).group(1))
         assert computed == pytest.approx(rec["sparsity"], abs=2e-3)  # biases are not in the layer-size count
-    assert len(report["saved"]) == 2
+    # once report.json exists, every folder's card states what the run measured for it
+    assert len(write_run_cards(out, base_model=str(dense))) == 3
+    final = _check_card(out / "model", str(dense))
+    assert f"{report['params_before']:,} -> {report['params_after']:,} in {len(report['steps'])} steps" in final
+    for rec in report["saved"]:
+        assert f"| sparsity (measured) | {rec['sparsity']:.4f} " in _check_card(Path(rec["path"]), str(dense))
 
 
 def _pruned_folder(tmp_path: Path, tokenizer, gold_file) -> Path:

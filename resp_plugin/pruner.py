@@ -2,13 +2,13 @@
 
 The model is kept physically pruned at every step, so every later scoring pass and every
 regeneration runs on the smaller model, and "what is pruned" has one representation: the
-model itself plus the kept-index map (original numbering) recorded in ``state.json``.
+model itself plus the kept-index map (original numbering).  What the run folder records
+(``state.json``, resume, ``save_at`` models, the final writes) lives in
+:mod:`resp_plugin.run_state`; the report record in :mod:`resp_plugin.report`.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,16 +18,15 @@ from typing import Any
 from loguru import logger
 from tqdm.auto import tqdm
 
-from resp_plugin import distributed, scoring
-from resp_plugin.calibration import CalibrationSet, provider_for
+from resp_plugin import distributed, report, scoring
+from resp_plugin.calibration import CalibrationProvider, CalibrationSet, provider_for
 from resp_plugin.config import RESPConfig
 from resp_plugin.errors import guarded_run
-from resp_plugin.io import atomic_write_json, atomic_write_text, save_pruned
-from resp_plugin.model_card import write_model_card
+from resp_plugin.run_state import EPS, STATE_FILE, RunState, save_at_dir
 from resp_plugin.structures import DecoderAdapter, adapter_for
 
-STATE_FILE = "state.json"
-EPS = 1e-9
+__all__ = ["PruneResult", "Plan", "prune", "validate", "check_not_quantized", "official_step_structures",
+           "save_at_dir", "STATE_FILE"]
 
 
 @dataclass
@@ -36,6 +35,16 @@ class PruneResult:
     adapter: DecoderAdapter
     report: dict[str, Any]
     out: Path | None
+
+
+@dataclass
+class Plan:
+    """What :func:`validate` established about a run; the loop uses it as it is."""
+
+    adapter: DecoderAdapter
+    protected: set[int]
+    layers: list[int]  # the prunable (unprotected) layers
+    total: int  # prunable parameters of the model as passed in (dense): the sparsity's denominator
 
 
 def check_not_quantized(model) -> None:
@@ -65,7 +74,7 @@ def max_prunable_params(adapter: DecoderAdapter, config: RESPConfig, layers: lis
     return scoring.select(zeros, adapter, config, budget=float("inf")).params
 
 
-def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrite: bool) -> DecoderAdapter:
+def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrite: bool) -> Plan:
     """Every check that can fail, before any work: one clear error naming the fix."""
     adapter = adapter_for(model)
     check_not_quantized(model)
@@ -80,8 +89,8 @@ def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrit
             f"no prunable layer: all {adapter.num_layers} layers are protected; set protected_layers "
             "to fewer layers (e.g. --protected-layers '' for none)"
         )
-    total = adapter.params()
-    reachable = max_prunable_params(adapter, config, layers) / total
+    plan = Plan(adapter=adapter, protected=protected, layers=layers, total=adapter.params())
+    reachable = max_prunable_params(adapter, config, layers) / plan.total
     if reachable + EPS < config.sparsity:
         raise ValueError(
             f"target sparsity {config.sparsity} is unreachable: with protected layers {sorted(protected)}, "
@@ -89,13 +98,13 @@ def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrit
             f"{config.min_channels_per_layer} and channel_multiple={config.channel_multiple} at most "
             f"{reachable:.3f} can be removed; lower --sparsity or relax the guards"
         )
-    return adapter
+    return plan
 
 
 @guarded_run  # tokenizer checks, then OUT/.lock held for the whole run (resp_plugin.errors)
 def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *, resume: bool = False,
-          overwrite: bool = False, provider=None, save: bool = True, progress: bool = True,
-          on_step: Callable[[float, Any], None] | None = None) -> PruneResult:
+          overwrite: bool = False, provider: CalibrationProvider | None = None, save: bool = True,
+          progress: bool = True, on_step: Callable[[float, Any], None] | None = None) -> PruneResult:
     """Prune ``model`` in place to ``config.sparsity`` with RESP; save to ``out/model``.
 
     ``on_step(sparsity, model)`` is called after every step (e.g. to evaluate snapshots).
@@ -109,121 +118,136 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
     """
     t0 = time.time()
     out = Path(out) if out is not None else None
-    w = distributed.world()
-    progress = progress and w.is_main
     with distributed.together("checking the run"):
         distributed.check_fsdp(config)
-        adapter = validate(model, config, out, resume, overwrite)
+        plan = validate(model, config, out, resume, overwrite)
     provider = provider or provider_for(config)
-    protected = config.protected(adapter.num_layers)
-    layers = [i for i in range(adapter.num_layers) if i not in protected]
-    total = adapter.params()
-    per_step = official_step_structures(adapter) if config.schedule == "official" else None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    run = RunState.open(out, config, plan.adapter, plan.total, resume)
+    _place(model, plan.adapter, config)
+    cal = _calibration(model, tokenizer, provider, run)
+    n_scored = _prune_steps(model, tokenizer, config, plan, provider, cal, run,
+                            progress and distributed.world().is_main, on_step)
+    rep = report.build(run.data, plan.adapter, config, plan.protected, time.time() - t0)
+    if distributed.world().active:
+        rep["distributed"] = _distributed_report(model, plan.adapter, provider, n_scored)
+    plan.adapter.write_config()
+    run.finish(model, tokenizer, plan.adapter, rep, save)
+    logger.info(f"pruned to sparsity {rep['sparsity']:.3f} "
+                f"({rep['params_before']:,} -> {rep['params_after']:,} decoder linear parameters)")
+    return PruneResult(model=model, adapter=plan.adapter, report=rep, out=out)
 
-    state = _open_run(out, config, adapter, total, resume)
-    if config.fsdp:  # after a resumed kept map is applied: the layers are sharded at their current size
-        distributed.shard_model(model, adapter, distributed.rank_device(config.device))
-    if w.active:
-        distributed.reset_peak_memory()  # the report's per-rank peak counts from here (model loaded, sharded)
 
-    cal = provider.initial(model, tokenizer, out)
-    if not state["milestones"] and not state["steps"]:
-        state["calibration"] = [_cal_record(cal, 0.0)]
-    for rec in state["milestones"]:  # replay refreshes (their traces are read back from out/)
-        if rec.get("regenerated"):
-            cal = provider.refresh(model, tokenizer, rec["milestone"], cal, out)
-
-    milestones = config.effective_milestones()
-    done_ms = {rec["milestone"] for rec in state["milestones"]}
+def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: CalibrationProvider,
+                 cal: CalibrationSet, run: RunState, progress: bool,
+                 on_step: Callable[[float, Any], None] | None) -> int:
+    """The loop, step by step until the target: regenerate at milestones, score, select, remove,
+    checkpoint.  Returns the calibration samples this rank scored per step (for the torchrun report)."""
+    adapter, total = plan.adapter, plan.total
 
     def sparsity() -> float:
         return 1.0 - adapter.params() / total
 
-    def checkpoint() -> None:
-        if out is not None:
-            state["layers"] = adapter.kept_map()
-            with distributed.together("writing state.json"):
-                if w.is_main:
-                    atomic_write_json(out / STATE_FILE, state)
-
-    target_pct = round(config.sparsity * 100, 1)
-
-    def pct() -> float:
-        return min(round(sparsity() * 100, 1), target_pct)
-
-    n_scored = 0  # calibration samples this rank scored per step
-    bar = tqdm(total=target_pct, desc="RESP pruning", unit="%", disable=not progress, initial=pct())
+    per_step = official_step_structures(adapter) if config.schedule == "official" else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = _Progress(config.sparsity, sparsity(), progress)
+    n_scored = 0
     while True:
         # Milestones crossed but not yet served (also after a crash between step and regeneration).
-        crossed = [m for m in milestones if m <= sparsity() + EPS and m not in done_ms]
+        crossed = [m for m in config.effective_milestones()
+                   if m <= sparsity() + EPS and m not in run.served_milestones()]
         if crossed:
-            cal = _milestones(model, tokenizer, provider, cal, crossed, config, out, state,
-                              done=sparsity() >= config.sparsity - EPS)
-            done_ms.update(crossed)
-            checkpoint()
+            cal = _serve_milestones(model, tokenizer, provider, cal, crossed, config, run,
+                                    done=sparsity() >= config.sparsity - EPS)
+            run.checkpoint(adapter)
         if sparsity() >= config.sparsity - EPS:
             break
-        ts = time.time()
+        started = time.time()
         cap = (next_stop(config, sparsity()) - sparsity()) * total  # never step past the target or a save level
-        raw = scoring.score(model, adapter, cal.samples, config, layers, pad_id=pad_id, progress=progress)
+        raw = scoring.score(model, adapter, cal.samples, config, plan.layers, pad_id=pad_id, progress=progress)
         sel = select_step(scoring.normalize(raw, adapter, config), adapter, config, cap, total, per_step)
         sel = distributed.broadcast(sel)  # identical on every rank by construction; rank 0's is the record
         n_scored = max(n_scored, raw.n_local)
-        if sel.params == 0:
-            raise RuntimeError("the guards leave nothing to remove; relax min_heads/min_channels/channel_multiple")
-        removed_h = removed_c = 0
-        for i in layers:
-            heads, channels = sel.kept(adapter, i)
-            removed_h += len(adapter.states[i].kept_heads) - len(heads)
-            removed_c += len(adapter.states[i].kept_channels) - len(channels)
-            if distributed.is_sharded(model):
-                distributed.sharded_keep(model, adapter, i, heads, channels)
-            else:
-                adapter.keep(i, heads=heads, channels=channels)
-        state["steps"].append({"step": len(state["steps"]) + 1, "sparsity": round(sparsity(), 6),
-                               "loss": raw.loss, "removed_heads": removed_h, "removed_channels": removed_c,
-                               "seconds": round(time.time() - ts, 3)})
-        bar.update(pct() - bar.n)
-        bar.set_postfix(loss=f"{raw.loss:.4f}")
-        if out is not None and config.save_at:
-            _save_levels(model, tokenizer, adapter, config, out, state, sparsity())
-        checkpoint()
+        removed = _remove(model, adapter, plan.layers, sel)
+        run.record_step(sparsity(), raw.loss, removed, started)
+        bar.show(sparsity(), raw.loss)
+        run.save_levels(model, tokenizer, adapter, config, sparsity())
+        run.checkpoint(adapter)
         if on_step is not None:
             on_step(sparsity(), model)
     bar.close()
+    return n_scored
 
-    report = {
-        "sparsity": round(sparsity(), 6),
-        "target": config.sparsity,
-        "params_before": total,
-        "params_after": adapter.params(),
-        "protected_layers": sorted(protected),
-        "steps": state["steps"],
-        "milestones": state["milestones"],
-        "calibration": state.get("calibration", []),
-        "saved": state.get("saved", []),
-        "layers": adapter.kept_map(),
-        "config": config.model_dump(mode="json"),
-        "seconds": round(time.time() - t0, 3),
-    }
-    if w.active:
-        report["distributed"] = _distributed_report(model, adapter, provider, n_scored)
-    adapter.write_config()
-    if out is not None:
-        state["layers"] = adapter.kept_map()
-        with distributed.together("saving the model and report"):
-            if w.is_main:
-                atomic_write_json(out / STATE_FILE, state)
-                if save:
-                    save_pruned(model, tokenizer, out / "model", adapter, overwrite=True)
-                atomic_write_json(out / "report.json", report)
-                if save:  # the cards again, now with the run's measured numbers (resp_plugin.model_card)
-                    for path in [out / "model", *(Path(rec["path"]) for rec in report["saved"])]:
-                        write_model_card(path, base_model=getattr(model, "name_or_path", None) or None)
-    logger.info(f"pruned to sparsity {report['sparsity']:.3f} "
-                f"({report['params_before']:,} -> {report['params_after']:,} decoder linear parameters)")
-    return PruneResult(model=model, adapter=adapter, report=report, out=out)
+
+def _place(model, adapter: DecoderAdapter, config: RESPConfig) -> None:
+    """Under torchrun: shard the layers at their current (resumed) size with ``--fsdp``; the
+    report's per-rank peak memory counts from here (model loaded, sharded)."""
+    if config.fsdp:
+        distributed.shard_model(model, adapter, distributed.rank_device(config.device))
+    if distributed.world().active:
+        distributed.reset_peak_memory()
+
+
+def _calibration(model, tokenizer, provider: CalibrationProvider, run: RunState) -> CalibrationSet:
+    """The calibration set the run is at: the initial one, then (resuming) every regeneration
+    already served, whose traces are read back from the run folder."""
+    cal = provider.initial(model, tokenizer, run.out)
+    if run.fresh:
+        run.record_calibration(cal)
+    for milestone in run.regenerated_milestones():
+        cal = provider.refresh(model, tokenizer, milestone, cal, run.out)
+    return cal
+
+
+def _serve_milestones(model, tokenizer, provider: CalibrationProvider, cal: CalibrationSet, crossed: list[float],
+                      config: RESPConfig, run: RunState, done: bool = False) -> CalibrationSet:
+    """Serve milestones crossed in one step with one regeneration (at the highest of them).
+
+    ``done``: the target is reached, no step scores again, so a regeneration (a full generation
+    pass) would change nothing: it is skipped and the milestone recorded with ``at_target``.
+    """
+    if not (config.regenerate and cal.kind == "self" and not done):
+        run.record_milestones(crossed, None, None, done)
+        return cal
+    logger.info(f"milestone {crossed[-1]:.2f}: regenerating calibration traces with the pruned model")
+    started = time.time()
+    cal = provider.refresh(model, tokenizer, crossed[-1], cal, run.out)
+    run.record_milestones(crossed, cal, round(time.time() - started, 3), done)
+    return cal
+
+
+def _remove(model, adapter: DecoderAdapter, layers: list[int], sel: scoring.Selection) -> tuple[int, int]:
+    """Physically remove a step's selection; returns the query heads and channels removed."""
+    if sel.params == 0:
+        raise RuntimeError("the guards leave nothing to remove; relax min_heads/min_channels/channel_multiple")
+    removed_h = removed_c = 0
+    for i in layers:
+        heads, channels = sel.kept(adapter, i)
+        removed_h += len(adapter.states[i].kept_heads) - len(heads)
+        removed_c += len(adapter.states[i].kept_channels) - len(channels)
+        if distributed.is_sharded(model):
+            distributed.sharded_keep(model, adapter, i, heads, channels)
+        else:
+            adapter.keep(i, heads=heads, channels=channels)
+    return removed_h, removed_c
+
+
+class _Progress:
+    """The tqdm bar, in percent of sparsity up to the target (rank 0 only)."""
+
+    def __init__(self, target: float, sparsity: float, enabled: bool) -> None:
+        self.target_pct = round(target * 100, 1)
+        self.bar = tqdm(total=self.target_pct, desc="RESP pruning", unit="%", disable=not enabled,
+                        initial=self._pct(sparsity))
+
+    def _pct(self, sparsity: float) -> float:
+        return min(round(sparsity * 100, 1), self.target_pct)
+
+    def show(self, sparsity: float, loss: float) -> None:
+        self.bar.update(self._pct(sparsity) - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _distributed_report(model, adapter: DecoderAdapter, provider, n_scored: int) -> dict[str, Any]:
@@ -238,75 +262,6 @@ def _distributed_report(model, adapter: DecoderAdapter, provider, n_scored: int)
     if sharded:
         distributed.unshard_model(model, adapter)
     return rec
-
-
-def _open_run(out: Path | None, config: RESPConfig, adapter: DecoderAdapter, total: int,
-              resume: bool) -> dict[str, Any]:
-    """The run's state: read by rank 0 from ``out`` to resume (or a stale run cleared); every
-    rank then applies the kept map it holds, so all ranks start from the same pruned model."""
-    state: dict[str, Any] = {"steps": [], "milestones": [], "layers": None}
-    if out is not None:
-        with distributed.together("opening the run folder"):
-            if distributed.world().is_main:
-                state = _read_or_clear(out, config, total, resume) or state
-        state = distributed.broadcast(state)
-        if state.get("params_before") is not None:
-            adapter.apply_kept(state["layers"])
-            logger.info(f"resuming at sparsity {1 - adapter.params() / total:.3f} "
-                        f"after {len(state['steps'])} steps")
-    state["params_before"] = total
-    return state
-
-
-def _read_or_clear(out: Path, config: RESPConfig, total: int, resume: bool) -> dict[str, Any] | None:
-    """The saved state when resuming, else None after removing what a previous run left."""
-    out.mkdir(parents=True, exist_ok=True)
-    state_path, state = out / STATE_FILE, None
-    if resume and state_path.exists():
-        state = json.loads(state_path.read_text())
-        if state.get("params_before") != total:
-            raise ValueError(f"{state_path} was written for another model ({state.get('params_before')} "
-                             f"prunable parameters, this one has {total}); use a new --out")
-    elif not resume:
-        for stale in (state_path, out / "report.json"):
-            stale.unlink(missing_ok=True)
-        if (out / "calibration").exists():
-            shutil.rmtree(out / "calibration")
-    atomic_write_text(out / "config.yaml", config.to_yaml())
-    return state
-
-
-def _cal_record(cal: CalibrationSet, milestone: float) -> dict[str, Any]:
-    return {"milestone": milestone, "kind": cal.kind, "path": cal.path, **cal.stats}
-
-
-def _milestones(model, tokenizer, provider, cal: CalibrationSet, crossed: list[float], config: RESPConfig,
-                out: Path | None, state: dict, done: bool = False) -> CalibrationSet:
-    """Serve milestones crossed in one step with one regeneration (at the highest of them).
-
-    ``done``: the target is reached, no step scores again, so a regeneration (a full generation
-    pass) would change nothing: it is skipped and the milestone recorded with ``at_target``.
-    """
-    top = crossed[-1]
-    regenerate = config.regenerate and cal.kind == "self" and not done
-    if regenerate:
-        logger.info(f"milestone {top:.2f}: regenerating calibration traces with the pruned model")
-        ts = time.time()
-        cal = provider.refresh(model, tokenizer, top, cal, out)
-        seconds = round(time.time() - ts, 3)
-    for m in crossed:
-        rec = {"milestone": m, "sparsity": round(state["steps"][-1]["sparsity"], 6) if state["steps"] else 0.0,
-               "regenerated": bool(regenerate and m == top)}
-        if done:
-            rec["at_target"] = True
-        if regenerate and m == top:
-            rec.update({k: v for k, v in cal.stats.items() if k != "rejected"}, seconds=seconds, path=cal.path)
-            rec["kept_previous"] = bool(cal.stats.get("kept_previous", False))
-            rec["below_threshold"] = bool(cal.stats.get("below_threshold", False))
-            if "rejected" in cal.stats:
-                rec["usable_fraction"] = cal.stats["rejected"]["usable_fraction"]
-        state["milestones"].append(rec)
-    return cal
 
 
 # ---------------------------------------------------------------------------- schedules and save levels
@@ -363,24 +318,3 @@ def select_step(scores: scoring.Scores, adapter: DecoderAdapter, config: RESPCon
         else:
             lo = mid
     return hi_sel
-
-
-def save_at_dir(level: float) -> str:
-    """Folder name of a ``save_at`` model inside the run folder: ``model-0.20``."""
-    return f"model-{level:.2f}"
-
-
-def _save_levels(model, tokenizer, adapter: DecoderAdapter, config: RESPConfig, out: Path, state: dict,
-                 s: float) -> None:
-    """Save a reloadable model at every ``save_at`` level reached and not yet saved (resume-safe)."""
-    saved = state.setdefault("saved", [])
-    done = {rec["level"] for rec in saved}
-    for level in config.save_at or []:
-        if level in done or level > s + EPS:
-            continue
-        path = out / save_at_dir(level)
-        with distributed.together("saving a save_at model"):
-            if distributed.world().is_main:
-                save_pruned(model, tokenizer, path, adapter, overwrite=True)
-        saved.append({"level": level, "sparsity": round(s, 6), "path": str(path)})
-        logger.info(f"save_at {level:.2f}: model at sparsity {s:.4f} saved to {path}")

@@ -23,6 +23,7 @@ from resp_plugin import distributed
 from resp_plugin.calibration import CalibrationSet
 from resp_plugin.config import RESPConfig
 from resp_plugin.io import atomic_write_json, atomic_write_text, save_pruned
+from resp_plugin.model_card import write_run_cards
 from resp_plugin.structures import DecoderAdapter
 
 STATE_FILE = "state.json"
@@ -139,6 +140,8 @@ class RunState:
                 if save:
                     save_pruned(model, tokenizer, self.out / "model", adapter, overwrite=True)
                 atomic_write_json(self.out / REPORT_FILE, report)
+                if save:  # the model cards again, now with report.json's numbers
+                    write_run_cards(self.out, base_model=getattr(model, "name_or_path", None) or None)
 
 
 def _read_or_clear(out: Path, config: RESPConfig, total: int, resume: bool) -> dict[str, Any] | None:

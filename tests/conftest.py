@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,26 @@ def write_gold(path: Path, n: int = 10, seed: int = 0, prompt_len: int = 6, comp
             f.write(json.dumps({"prompt": " ".join(r.choices(WORDS, k=prompt_len)),
                                 "completion": " ".join(r.choices(WORDS, k=comp_len))}) + "\n")
     return path
+
+
+def wait_for_steps(state: Path, proc, steps: int, timeout: float = 240) -> bool:
+    """Wait until the run's ``state.json`` records ``steps`` steps or ``proc`` ends; True if it still runs
+    (a kill then interrupts it mid-run)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and len(json.loads(state.read_text())["steps"]) >= steps:
+            break
+        time.sleep(0.05)
+    return proc.poll() is None
+
+
+def kept_record(report: dict, volatile: tuple[str, ...] = ("seconds",)) -> dict:
+    """What a resumed (or torchrun) run must reproduce exactly: kept sets, steps and milestones,
+    without the ``volatile`` step fields (timings; the loss where float sums may differ)."""
+    return {"layers": report["layers"],
+            "steps": [{k: v for k, v in s.items() if k not in volatile} for s in report["steps"]],
+            "milestones": [{k: v for k, v in m.items() if k not in ("seconds", "path")}
+                           for m in report["milestones"]]}
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import make_model, make_tokenizer, write_gold
+from conftest import kept_record, make_model, make_tokenizer, wait_for_steps, write_gold
 from resp_plugin.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,9 +38,7 @@ def torchrun(args: list[str], n: int = 2, timeout: int = 300) -> subprocess.Comp
 
 def stripped(report: dict) -> dict:
     """What must not depend on the number of ranks: kept sets, per-step removals, milestones."""
-    return {"layers": report["layers"],
-            "steps": [{k: v for k, v in s.items() if k not in ("seconds", "loss")} for s in report["steps"]],
-            "milestones": [{k: v for k, v in m.items() if k not in ("seconds", "path")} for m in report["milestones"]]}
+    return kept_record(report, volatile=("seconds", "loss"))
 
 
 def no_stray_files(out: Path) -> list[str]:
@@ -100,14 +97,8 @@ def test_resume_under_torchrun_after_sigkill_keeps_the_same_sets(qwen3_run):
     out = root / "killed"
     proc = subprocess.Popen(torchrun_cmd([*args, "--out", str(out)]), env=torchrun_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and len(json.loads(state.read_text())["steps"]) >= 3:
-            break
-        time.sleep(0.05)
-    if proc.poll() is None:  # the launcher and both ranks at once, as a scheduler's kill would
-        os.killpg(proc.pid, signal.SIGKILL)
+    if wait_for_steps(out / "state.json", proc, steps=3):
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks at once, as a scheduler's kill would
         proc.wait()
         assert not (out / "model").exists() and not (out / "report.json").exists()
     res = torchrun([*args, "--out", str(out), "--resume"])
@@ -125,9 +116,7 @@ def test_a_dying_rank_stops_the_others_then_resume_keeps_the_same_sets(qwen3_run
     proc = subprocess.Popen(torchrun_cmd([*args, "--out", str(out)]), env=torchrun_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = out / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["steps"]):
-        time.sleep(0.05)
+    wait_for_steps(state, proc, steps=1)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
     assert workers, "rank 1 not found (the run ended too early?)"
     workers[0].send_signal(signal.SIGKILL)

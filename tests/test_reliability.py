@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_model, write_gold
+from conftest import kept_record, make_model, wait_for_steps, write_gold
 from resp_plugin import RESPConfig, prune
 from resp_plugin.cli import main
 
@@ -23,12 +22,6 @@ REPO = Path(__file__).resolve().parent.parent
 def _cfg(gold_file, **kw):
     base = dict(sparsity=0.2, step=0.1, calibration="gold", prompts=f"jsonl:{gold_file}", protected_layers=[0])
     return RESPConfig(**{**base, **kw})
-
-
-def _strip(report):
-    return {"layers": report["layers"], "steps": [{k: v for k, v in s.items() if k != "seconds"}
-                                                  for s in report["steps"]],
-            "milestones": [{k: v for k, v in m.items() if k not in ("seconds", "path")} for m in report["milestones"]]}
 
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, tokenizer):
@@ -46,19 +39,13 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, tokenizer):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "resp_plugin.cli", *args, "--out", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and len(json.loads(state.read_text())["steps"]) >= 3:
-            break
-        time.sleep(0.05)
-    killed = proc.poll() is None
+    killed = wait_for_steps(out / "state.json", proc, steps=3)
     if killed:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not (out / "model").exists()
     assert main([*args, "--out", str(out), "--resume"]) == 0
-    assert _strip(json.loads((out / "report.json").read_text())) == _strip(ref)
+    assert kept_record(json.loads((out / "report.json").read_text())) == kept_record(ref)
     assert killed, "the run finished before it could be killed; make the model larger"
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from shapes import ModelShape
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from resp_plugin import RESPConfig, organism, prune, scoring
@@ -46,15 +47,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
-class Setup:
+class Setup(ModelShape):
     """Model shape and RESP run of one benchmark."""
 
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
     prompts: int
     new_tokens: int
     step: float
@@ -71,10 +66,8 @@ def build_dense(s: Setup, root: Path, seed: int = 0) -> Path:
     """A random-weight Qwen3 (untied, fp32) with the organism's tokenizer and chat template, saved."""
     tok = AutoTokenizer.from_pretrained(organism.model_path())
     torch.manual_seed(seed)
-    cfg = Qwen3Config(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
-                      num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
-                      vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=False,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    cfg = s.qwen3_config(len(tok), max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
     path = root / "dense"
     Qwen3ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)

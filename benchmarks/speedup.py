@@ -35,21 +35,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
+from shapes import ModelShape
+from transformers import LogitsProcessor, LogitsProcessorList, Qwen3ForCausalLM
 
 from resp_plugin.structures import DecoderAdapter, adapter_for
 
 
 @dataclass(frozen=True)
-class Setup:
+class Setup(ModelShape):
     """Model shape and workload of one benchmark run."""
 
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
     vocab: int
     prompt: int
     new_tokens: int
@@ -78,12 +73,7 @@ class Variant:
 def build_dense(s: Setup, seed: int = 0) -> Qwen3ForCausalLM:
     """A random-weight Qwen3 model (untied embeddings, fp32, eval mode)."""
     torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
-        vocab_size=s.vocab, max_position_embeddings=max(2048, s.prefill), tie_word_embeddings=False,
-        pad_token_id=0, eos_token_id=1,
-    )
+    cfg = s.qwen3_config(s.vocab, max_position_embeddings=max(2048, s.prefill), pad_token_id=0, eos_token_id=1)
     return Qwen3ForCausalLM(cfg).eval()
 
 

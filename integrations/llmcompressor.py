@@ -1,59 +1,66 @@
 """llm-compressor integration: ``RESPPruningModifier`` and its calibration traces for GPTQ.
 
-``import resp_plugin`` before ``oneshot`` (or import this module) and a recipe naming
-``RESPPruningModifier`` resolves: this module registers the modifier with llm-compressor's
-``ModifierFactory`` through the ``resp_register_modifiers`` hook as soon as llmcompressor is
-imported.  Put RESP first in the recipe: it physically shrinks the Linear layers in
-``on_initialize``, and the quantisation modifiers that follow attach to the smaller layers in
-their own ``on_initialize``.
+Registration is explicit: importing this module registers ``RESPPruningModifier`` (and every
+modifier other ``resp`` plugins contribute through ``resp_register_modifiers``) with
+llm-compressor's ``ModifierFactory``, so a YAML recipe naming it resolves afterwards::
 
-Command line (runs ``oneshot`` with RESP's own traces as the calibration data of a GPTQ step)::
+    import resp_plugin.integrations.llmcompressor  # noqa: F401  (registers RESPPruningModifier)
+
+A failure to register is an error at that import, never a warning.  Put RESP first in the
+recipe: it physically shrinks the Linear layers in ``on_initialize``, and the quantisation
+modifiers that follow attach to the smaller layers in their own ``on_initialize``.  What this
+module needs from llm-compressor beyond its public API is in :mod:`.llmcompressor_compat`.
+
+Command line (``oneshot`` with RESP's own traces as the calibration data of a GPTQ step)::
 
     python -m resp_plugin.integrations.llmcompressor --model PATH --recipe resp_w4a16_gptq --output-dir OUT
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
-import inspect
-import math
+import copy
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from llmcompressor.core import State, active_session
-from llmcompressor.modifiers import Modifier, ModifierFactory
+from llmcompressor.core import State
+from llmcompressor.modifiers import Modifier
 from loguru import logger
-from pydantic import Field, PrivateAttr, model_validator
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
+from pydantic import Field, PrivateAttr, create_model, model_validator
 
 from resp_plugin.calibration import CalibrationSample, CalibrationSet, Trace, provider_for
-from resp_plugin.config import GenerationConfig, RESPConfig
+from resp_plugin.config import RESPConfig
 from resp_plugin.hookspecs import hookimpl
-from resp_plugin.io import finalize_checkpoint
+from resp_plugin.integrations import llmcompressor_compat as compat
+from resp_plugin.integrations.llmcompressor_data import Recorder, calibration_dataloader, set_latest
+from resp_plugin.integrations.llmcompressor_quant import (
+    check_group_divisibility,
+    check_recipe_order,
+    resolve_channel_multiple,
+)
 from resp_plugin.pruner import check_not_quantized, prune
 
-__all__ = [
-    "RESPPruningModifier",
-    "calibration_dataloader",
-    "recipe_path",
-    "register_modifiers",
-    "required_group_multiple",
-]
+__all__ = ["RESPPruningModifier", "calibration_dataloader", "recipe_path", "register_modifiers"]
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-# RESPConfig fields the modifier does not mirror: the model arrives loaded, in its dtype.
-NOT_MIRRORED = {"dtype", "fsdp"}  # fsdp: only `resp prune` under torchrun shards (oneshot is refused there)
-_latest: weakref.ReferenceType | None = None  # the RESP modifier initialised last in this process
+# RESPConfig fields the modifier does not take: the model arrives loaded, in its dtype, in one process.
+NOT_MIRRORED = frozenset({"dtype", "fsdp"})
+# RESPConfig fields the modifier redefines on purpose (unset channel_multiple: the following group size).
+REDEFINED = frozenset({"channel_multiple"})
+
+# Every other RESPConfig field, with its type, default, bounds and description, as they are there:
+# the modifier cannot drift from the engine's configuration (tests/test_llmcompressor.py checks it).
+_RESPConfigFields = create_model(
+    "_RESPConfigFields", __base__=Modifier,
+    **{name: (f.annotation, copy.deepcopy(f)) for name, f in RESPConfig.model_fields.items()
+       if name not in NOT_MIRRORED | REDEFINED})
 
 
-class RESPPruningModifier(Modifier):
+class RESPPruningModifier(_RESPConfigFields):
     """
     Removes attention heads and MLP channels of a reasoning model with RESP
     (Self-Reflective Structured Pruning, arXiv 2512.02185).  The model writes its own
@@ -65,28 +72,25 @@ class RESPPruningModifier(Modifier):
     summed over a head's q_proj rows and o_proj columns, or a channel's gate/up rows and
     down_proj column, then normalised by block type (heads / (4 * head_dim * hidden),
     channels / (3 * intermediate)) and ranked globally.  The lowest are removed in small
-    steps (``step`` of the decoder linear parameters at a time, gradients recomputed after
-    every step) until ``sparsity``; at each milestone the traces are regenerated by the
-    already pruned model.  The layers become physically smaller ``nn.Linear`` modules.
+    steps until ``sparsity``; at each milestone the traces are regenerated by the already
+    pruned model.  The layers become physically smaller ``nn.Linear`` modules.
 
-    All the work happens in ``on_initialize`` (it brings its own calibration data, so it
-    runs under the datafree pipeline): quantisation modifiers that follow in the recipe then
-    attach to the pruned layers.  When one of them uses group quantisation (e.g. W4A16,
-    group size 128) kept widths are rounded to a multiple of the group size.  The final
-    traces are exposed by :meth:`calibration_dataset` / :func:`calibration_dataloader`
-    as calibration data for a following GPTQ step.
+    All the work happens in ``on_initialize`` (RESP brings its own calibration data, so it
+    runs under the datafree pipeline): quantisation modifiers that follow then attach to the
+    pruned layers.  With a group quantisation after it (W4A16: group size 128) kept widths
+    are rounded to a multiple of the group size.  The final traces are the calibration data
+    of a following GPTQ step (:meth:`calibration_dataloader`).
 
-    :param sparsity: fraction of decoder linear parameters (q/k/v/o/gate/up/down) to remove.
+    The fields are those of :class:`resp_plugin.RESPConfig` (generated from it, except
+    ``dtype`` and ``fsdp``), plus:
+
     :param channel_multiple: kept heads * head_dim and kept channels are multiples of it;
         unset: the group size of the following quantisation (1 without group quantisation).
-    :param device: where RESP scores and generates: ``auto`` moves a model that sits on the CPU
-        to the accelerator for the pruning (and back after), else it runs where the weights are.
-    :param tokenizer: tokenizer path; unset: the processor given to ``oneshot``, else the
-        model's own folder.
+    :param tokenizer: tokenizer folder; unset: the tokenizer saved with the model (the
+        folder the model was loaded from).
     :param output_dir: optional run folder for RESP's state, report and trace files.
     :param regenerate_final: regenerate the traces with the final model when the target is
         not a milestone; unset: only when a later modifier needs calibration data.
-    The remaining fields are those of :class:`resp_plugin.RESPConfig`.
 
     Example recipe::
 
@@ -94,50 +98,15 @@ class RESPPruningModifier(Modifier):
           pruning_modifiers:
             RESPPruningModifier:
               sparsity: 0.3
-              calibration: self
               prompts: gsm8k:data/gsm8k/train.jsonl
-              num_prompts: 500
               generation: {max_new_tokens: 2048, temperature: 0.6}
           quantization_modifiers:
-            GPTQModifier:
-              targets: [Linear]
-              ignore: [lm_head]
-              scheme: W4A16
+            GPTQModifier: {targets: [Linear], ignore: [lm_head], scheme: W4A16}
     """
 
     requires_calibration_data: bool = False
 
-    sparsity: float
-    step: float = 0.01
-    schedule: Literal["params", "official"] = "params"
-    milestones: list[float] | None = None
-    save_at: list[float] | None = None
-    regenerate: bool = True
-    regenerate_fraction: float = Field(1.0, gt=0.0, le=1.0)
-    calibration: str = "self"
-    prompts: str | None = None
-    num_prompts: int = Field(500, ge=1)
-    prompt_selection: Literal["shuffle", "sample"] = "shuffle"
-    generic_text: str | None = None
-    max_seq_len: int = Field(4096, ge=8)
-    min_usable_fraction: float = Field(0.5, ge=0.0, le=1.0)
-    usable_gate: bool = False
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    loss: Literal["decode", "full"] = "decode"
-    saliency: Literal["sum_abs", "vector"] = "sum_abs"
-    normalization: Literal["resp", "per_param"] = "resp"
-    attention_unit: Literal["query_head", "kv_group"] = "query_head"
-    protected_layers: list[int] | None = None
-    min_heads_per_layer: int = Field(1, ge=1)
-    min_channels_per_layer: int = Field(1, ge=1)
-    channel_multiple: int | None = Field(None, ge=1)
-    head_multiple: int = Field(1, ge=1)
-    batch_size: int = Field(4, ge=1)
-    gradient_checkpointing: bool = False
-    score_chunks: int = 1
-    seed: int = 0
-    device: str = "auto"
-
+    channel_multiple: int | None = Field(None, ge=1, description="unset: the group size that follows")
     tokenizer: str | None = None
     output_dir: str | None = None
     regenerate_final: bool | None = None
@@ -158,27 +127,24 @@ class RESPPruningModifier(Modifier):
 
     def resp_config(self, channel_multiple: int) -> RESPConfig:
         """The engine configuration of this modifier, with the effective ``channel_multiple``."""
-        fields = {k: getattr(self, k) for k in RESPConfig.model_fields if k not in NOT_MIRRORED}
-        fields["channel_multiple"] = channel_multiple
-        return RESPConfig.model_validate(fields)
+        fields = {k: getattr(self, k) for k in RESPConfig.model_fields if k not in NOT_MIRRORED | REDEFINED}
+        return RESPConfig.model_validate({**fields, "channel_multiple": channel_multiple})
 
-    # ------------------------------------------------------------------ lifecycle
     def on_initialize(self, state: State, **kwargs) -> bool:
         """Prune now, before the quantisation modifiers that follow attach to the layers."""
-        global _latest
         model = state.model
-        before, after = _neighbours(self)
-        check_recipe_order(self, before)
+        before, after = compat.recipe_neighbours(self)
+        check_recipe_order(before)
         check_not_quantized(model)
         multiple, group = resolve_channel_multiple(self.channel_multiple, after, model, self.attention_unit)
         config = self.resp_config(multiple)
         self.channel_multiple = config.channel_multiple  # the saved recipe.yaml records what was used
         tokenizer = self._tokenizer = resolve_tokenizer(model, self.tokenizer)
-        recorder = _Recorder(provider_for(config))
+        recorder = Recorder(provider_for(config))
         wants_final = self.regenerate_final
         if wants_final is None:
             wants_final = any(getattr(m, "requires_calibration_data", False) for m in after)
-        with placed(model, self.device), torch.enable_grad():
+        with placed(model, self.device, self.saliency), torch.enable_grad():
             result = prune(model, tokenizer, config, out=self.output_dir, save=False, provider=recorder,
                            progress=self.progress)
             cal = recorder.last
@@ -187,31 +153,28 @@ class RESPPruningModifier(Modifier):
                 cal = recorder.refresh(model, tokenizer, config.sparsity, cal, result.out)
         self._calibration, self._report = cal, result.report
         check_group_divisibility(result.adapter, group)
-        patch_save_pretrained(model, result.adapter.kept_map())
-        _latest = weakref.ref(self)
+        kept, source, ref = result.adapter.kept_map(), model.config._name_or_path, weakref.ref(model)
+        compat.wrap_save_pretrained(model, lambda folder: finish_checkpoint(folder, ref(), kept, source))
+        set_latest(self)
         return True
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         return True
 
-    # ------------------------------------------------------------------ results
     @property
     def report(self) -> dict[str, Any]:
         """RESP's report (sparsity, steps, milestones, kept heads/channels per layer)."""
-        self._need_run()
-        return self._report
+        return self._after_run(self._report)
 
     @property
     def traces(self) -> list[Trace]:
         """The last calibration traces (written by the pruned model for ``calibration: self``)."""
-        self._need_run()
-        return list(self._calibration.traces)
+        return list(self._after_run(self._calibration).traces)
 
     @property
     def samples(self) -> list[CalibrationSample]:
         """The traces as token ids, chat template applied, exactly as RESP scored them."""
-        self._need_run()
-        return list(self._calibration.samples)
+        return list(self._after_run(self._calibration).samples)
 
     def calibration_texts(self) -> list[str]:
         """The traces as text (chat template applied), for any text-based dataset pipeline."""
@@ -225,153 +188,41 @@ class RESPPruningModifier(Modifier):
         return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]})
 
     def calibration_dataloader(self, batch_size: int = 1, num_samples: int | None = None,
-                               max_seq_length: int | None = None) -> DataLoader:
+                               max_seq_length: int | None = None):
         """A DataLoader over these traces, read lazily: pass it to the same ``oneshot`` call."""
         return calibration_dataloader(self, batch_size, num_samples, max_seq_length)
 
-    def _need_run(self) -> None:
-        if self._calibration is None:
+    def _after_run(self, value: Any) -> Any:
+        if value is None:
             raise RuntimeError("RESPPruningModifier has not run yet: its traces exist after oneshot initialises it")
-
-
-# ---------------------------------------------------------------------------- helpers
-class _Recorder:
-    """Wraps a calibration provider to keep the last set (the final traces for GPTQ)."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.last: CalibrationSet | None = None
-
-    def initial(self, model, tokenizer, out=None) -> CalibrationSet:
-        self.last = self.inner.initial(model, tokenizer, out)
-        return self.last
-
-    def refresh(self, model, tokenizer, sparsity, previous, out=None) -> CalibrationSet:
-        self.last = self.inner.refresh(model, tokenizer, sparsity, previous, out)
-        return self.last
-
-
-def _neighbours(modifier: Modifier) -> tuple[list[Modifier], list[Modifier]]:
-    """The recipe's modifiers before and after ``modifier`` (empty outside a session)."""
-    recipe = getattr(active_session().lifecycle, "recipe", None)
-    mods = list(getattr(recipe, "modifiers", None) or [])
-    for i, m in enumerate(mods):
-        if m is modifier:
-            return mods[:i], mods[i + 1:]
-    return [], []
-
-
-def _quantizes(modifier: Modifier) -> bool:
-    from llmcompressor.modifiers.quantization import QuantizationMixin
-
-    mod = type(modifier).__module__
-    return isinstance(modifier, QuantizationMixin) or mod.startswith("llmcompressor.modifiers.transform")
-
-
-def check_recipe_order(modifier: Modifier, before: Sequence[Modifier]) -> None:
-    """Refuse RESP after a quantisation (or transform) modifier: its layers would be replaced
-    under it and saved silently unquantised."""
-    bad = [type(m).__name__ for m in before if _quantizes(m)]
-    if bad:
-        raise ValueError(
-            f"RESPPruningModifier comes after {', '.join(bad)} in the recipe; it changes layer shapes, so "
-            f"it must come before every quantisation modifier. Move RESPPruningModifier first"
-        )
-
-
-def required_group_multiple(modifiers: Sequence[Modifier]) -> tuple[int, list[str]]:
-    """The least common multiple of the group sizes used by ``modifiers`` (1 if none)."""
-    from compressed_tensors.quantization import QuantizationStrategy
-    from llmcompressor.modifiers.quantization import QuantizationMixin
-
-    grouped = (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
-    multiple, why = 1, []
-    for m in modifiers:
-        if not isinstance(m, QuantizationMixin):
-            continue
-        for name, scheme in m.resolved_config.config_groups.items():
-            for args in (scheme.weights, scheme.input_activations):
-                if args is not None and args.strategy in grouped and args.group_size:
-                    multiple = math.lcm(multiple, int(args.group_size))
-                    why.append(f"{type(m).__name__} {name}: group_size {args.group_size}")
-    return multiple, why
-
-
-def resolve_channel_multiple(given: int | None, after: Sequence[Modifier], model,
-                             attention_unit: str) -> tuple[int, int]:
-    """The rounding of kept widths (and the group size it serves) that the following group
-    quantisation needs; fail on a conflicting user value before any pruning."""
-    group, why = required_group_multiple(after)
-    if given is None:
-        multiple = group
-        if group > 1:
-            logger.info(f"channel_multiple set to {group} for {'; '.join(why)}")
-    elif given % group:
-        raise ValueError(
-            f"channel_multiple={given} is incompatible with the group quantisation that follows "
-            f"({'; '.join(why)}): kept widths must be multiples of {group}. Set channel_multiple: "
-            f"{math.lcm(given, group)} (or leave it unset)"
-        )
-    else:
-        multiple = given
-    if attention_unit == "kv_group" and group > 1:
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        width = cfg.num_attention_heads // cfg.num_key_value_heads * head_dim
-        if width % group:
-            raise ValueError(
-                f"attention_unit kv_group removes {width} o_proj input columns at a time, not a multiple of "
-                f"the quantisation group size {group}; use attention_unit: query_head"
-            )
-    return multiple, group
-
-
-def check_group_divisibility(adapter, group: int) -> None:
-    """Last guard before quantisation attaches: every width RESP changed suits the group size
-    (a dense width that does not is llm-compressor's own error to report)."""
-    if group <= 1:
-        return
-    bad = []
-    for i, st in enumerate(adapter.states):
-        lin = adapter.linears(i)
-        if len(st.kept_heads) < adapter.orig_heads and lin["o"].in_features % group:
-            bad.append(f"layer {i} o_proj: {lin['o'].in_features}")
-        if len(st.kept_channels) < adapter.orig_channels and lin["down"].in_features % group:
-            bad.append(f"layer {i} down_proj: {lin['down'].in_features}")
-    if bad:
-        raise RuntimeError(f"pruned input widths are not multiples of the group size {group}: {', '.join(bad)}")
-
-
-def _same(a: torch.device | str, b: torch.device | str) -> bool:
-    if "disk" in (a, b):
-        return a == b
-    a, b = torch.device(a), torch.device(b)
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
+        return value
 
 
 @contextlib.contextmanager
-def placed(model, device: str) -> Iterator[None]:
-    """Run RESP on ``device``. Taylor saliency needs each weight's gradient, which an
-    offloaded weight (copied to the GPU for each forward) never receives: refuse offloading."""
-    from compressed_tensors.offload import OffloadCache
+def placed(model, device: str, saliency: str) -> Iterator[None]:
+    """Run RESP on ``device``, or where compressed-tensors dispatched the model.
 
-    caches = [m._parameters for m in model.modules() if isinstance(m._parameters, OffloadCache)]
-    moved = [c for c in caches if not _same(c.onload_device, c.offload_device)]
-    if moved:
+    Offloaded weights (CPU or disk, onloaded for each forward) are pruned in place: the adapter
+    assigns each sliced weight to its module and the offload cache offloads the new shape, as
+    llm-compressor's REAP does with a router.  ``sum_abs`` saliency needs each weight's own
+    gradient, which an onloaded copy (made per access, without autograd) never passes back:
+    it is refused there; ``vector`` saliency reads gradients of per-structure multipliers instead.
+    """
+    offloaded = compat.offload_devices(model)
+    if offloaded is not None and saliency == "sum_abs":
         raise ValueError(
-            f"the model is offloaded ({moved[0].offload_device} -> {moved[0].onload_device}); RESP needs every weight "
-            "resident where it computes. Load it without offloading: on the CPU (RESP moves it to the GPU, "
-            "`device: auto`) or spread over GPUs (device_map='auto' with enough GPU memory)"
-        )
+            f"the model is offloaded ({offloaded[1]} -> {offloaded[0]}) and saliency sum_abs needs every weight's "
+            "gradient, which offloaded weights never receive. Set `saliency: vector` (scores from structure "
+            "multipliers, runs on offloaded weights), or load the model without offloading")
     src = next(model.parameters()).device
-    if caches:  # dispatched by llm-compressor, weights resident: compute where they are
+    if compat.is_dispatched(model):  # placed by compressed-tensors: compute where it onloads
         target = src
     elif device == "auto":
         accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         target = accel if accel is not None and src.type == "cpu" else src
     else:
         target = torch.device(device)
-    if _same(target, src):
+    if target == src or (target.type == src.type and (target.index or 0) == (src.index or 0)):
         yield
         return
     logger.info(f"RESP runs on {target}; the model goes back to {src} afterwards")
@@ -382,113 +233,30 @@ def placed(model, device: str) -> Iterator[None]:
         model.to(src)
 
 
-def _oneshot_processor() -> Any:
-    """The tokenizer/processor of the running ``oneshot``: llm-compressor's State does not
-    carry it (0.14), but the ``Oneshot`` object that calls the session does."""
-    from llmcompressor.entrypoints.oneshot import Oneshot
-
-    frame = inspect.currentframe()
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, Oneshot):
-            return owner.processor
-        frame = frame.f_back
-    return None
-
-
 def resolve_tokenizer(model, path: str | None) -> Any:
-    """The tokenizer RESP generates and scores with: ``path``, oneshot's, or the model folder's."""
+    """The tokenizer RESP generates and scores with: ``path``, else the one saved with the model."""
     from resp_plugin.io import load_tokenizer
 
-    if path is not None:
-        return load_tokenizer(path)  # a missing or empty tokenizer folder is one clear error
-    proc = _oneshot_processor()
-    if proc is not None:
-        return getattr(proc, "tokenizer", proc)
-    src = getattr(model.config, "_name_or_path", None)
+    src = path or getattr(model.config, "_name_or_path", None)
     if not src:
-        raise ValueError("no tokenizer: pass tokenizer= to oneshot or set `tokenizer: PATH` on RESPPruningModifier")
-    return load_tokenizer(src)
+        raise ValueError("no tokenizer: the model was not loaded from a folder; set `tokenizer: PATH` on "
+                         "RESPPruningModifier")
+    return load_tokenizer(src)  # a missing or empty tokenizer folder is one clear error
 
 
-def patch_save_pretrained(model, kept: list[dict]) -> None:
-    """Wrap ``model.save_pretrained`` (llm-compressor's compressing saver) so the saved folder
-    keeps ``per_layer_config`` and ``modeling_resp.py``: llm-compressor rewrites config.json
-    from the original checkpoint's, which knows nothing of the pruned sizes."""
-    inner = model.save_pretrained
-    if getattr(inner, "_resp_patched", False):
-        return
-    if not getattr(inner, "_overridden", False):  # not through oneshot: compress like oneshot would
-        from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
+def finish_checkpoint(folder: str, model, kept: list[dict], source: str | None) -> None:
+    """After llm-compressor saved ``folder`` (rewriting config.json from the original checkpoint's):
+    per-layer sizes, modeling files, kept map, then the model card built from those files."""
+    from resp_plugin.io import finalize_checkpoint
+    from resp_plugin.model_card import write_model_card
 
-        modify_save_pretrained(model)
-        inner = model.save_pretrained
-    ref = weakref.ref(model)
-
-    @functools.wraps(inner)
-    def save_pretrained(save_directory, *args, **kwargs):
-        inner(save_directory, *args, **kwargs)
-        finalize_checkpoint(save_directory, ref(), kept)
-        logger.info(f"RESP: per-layer sizes and modeling_resp.py written to {save_directory}")
-
-    save_pretrained._overridden = True  # llm-compressor must not wrap it again
-    save_pretrained._resp_patched = True
-    model.save_pretrained = save_pretrained
-
-
-# ---------------------------------------------------------------------------- calibration data
-class _TraceDataset(TorchDataset):
-    """Map-style dataset over a RESP modifier's traces, resolved when first read, so it can be
-    handed to the same ``oneshot`` call that runs the pruning."""
-
-    def __init__(self, source: Callable[[], RESPPruningModifier], num_samples: int | None,
-                 max_seq_length: int | None) -> None:
-        self.source, self.num_samples, self.max_seq_length = source, num_samples, max_seq_length
-
-    def _samples(self) -> list[CalibrationSample]:
-        samples = self.source().samples
-        return samples[: self.num_samples] if self.num_samples else samples
-
-    def __len__(self) -> int:
-        return len(self._samples())
-
-    def __getitem__(self, i: int) -> list[int]:
-        return self._samples()[i].input_ids[: self.max_seq_length]
-
-
-def _latest_modifier() -> RESPPruningModifier:
-    mod = _latest() if _latest is not None else None
-    if mod is None:
-        raise RuntimeError("no RESPPruningModifier has run in this process: put it first in the recipe")
-    return mod
-
-
-def calibration_dataloader(modifier: RESPPruningModifier | None = None, batch_size: int = 1,
-                           num_samples: int | None = None, max_seq_length: int | None = None) -> DataLoader:
-    """A DataLoader of RESP's final traces, for ``oneshot(..., dataset=...)``.
-
-    The traces are read when the pipeline first iterates it, i.e. after RESP has pruned in
-    ``on_initialize``; so it works in the same ``oneshot`` call as RESP.  Without
-    ``modifier`` it follows the RESP modifier that ran last (use this with YAML recipes).
-    """
-    source = (lambda: modifier) if modifier is not None else _latest_modifier
-
-    def collate(batch: list[list[int]]) -> dict[str, torch.Tensor]:
-        pad = source()._tokenizer.pad_token_id or 0
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, x in enumerate(batch):
-            ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-            mask[row, : len(x)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-    return DataLoader(_TraceDataset(source, num_samples, max_seq_length), batch_size=batch_size,
-                      shuffle=False, collate_fn=collate)
+    finalize_checkpoint(folder, model, kept)
+    write_model_card(folder, base_model=source or None)
+    logger.info(f"RESP: per-layer sizes, modeling files and model card written to {folder}")
 
 
 def recipe_path(name: str) -> str:
-    """Path of a shipped recipe (``resp``, ``resp_w4a16_gptq``, ``resp_fp8_dynamic``) or ``name`` itself."""
+    """Path of a shipped recipe (``resp``, ``resp_w4a16_gptq``, ``resp_w8a8``, ...) or ``name`` itself."""
     p = Path(name)
     if p.is_file():
         return str(p)
@@ -499,81 +267,30 @@ def recipe_path(name: str) -> str:
     return str(shipped)
 
 
-# ---------------------------------------------------------------------------- registration
-@hookimpl(tryfirst=True)
+@hookimpl(trylast=True)
 def resp_register_modifiers(register: Callable[[str, type], None]) -> None:
-    """Contribute RESPPruningModifier; called first, so a plugin registering the name wins."""
+    """The built-in modifier. Called after every other plugin's, so that a plugin registering the
+    same name overrides it (plugins.collect keeps the first value it hears for a name)."""
     register("RESPPruningModifier", RESPPruningModifier)
 
 
-def register_modifiers() -> None:
-    """Register every plugin's modifiers (this module's included) with ``ModifierFactory``."""
-    from resp_plugin.plugins import load_plugins
+def register_modifiers() -> dict[str, type]:
+    """Register every ``resp`` plugin's modifiers (this module's included) with ``ModifierFactory``,
+    with the plugin precedence of :func:`resp_plugin.plugins.collect`; errors propagate."""
+    from resp_plugin import plugins
 
-    resp_register_modifiers(ModifierFactory.register)  # ours even if a third-party plugin fails to load
-    pm = load_plugins()
     this = sys.modules[__name__]
-    if not pm.is_registered(this):
-        pm.register(this, name=__name__)
-    pm.hook.resp_register_modifiers(register=ModifierFactory.register)
+    if not plugins.pm.is_registered(this):
+        plugins.pm.register(this, name=__name__)
+    found = plugins.collect("resp_register_modifiers")
+    for name, cls in found.items():
+        compat.register_modifier(name, cls)
+    return found
 
 
-if __name__ != "__main__":  # run as a script, the package copy registers itself (see below)
+if __name__ == "__main__":  # the package copy registers itself on import and runs the command line
+    from resp_plugin.integrations.llmcompressor_cli import main
+
+    main()
+else:
     register_modifiers()
-
-
-# ---------------------------------------------------------------------------- command line
-def _with_overrides(recipe_file: str, sets: list[str]):
-    """The recipe with ``KEY=VALUE`` (YAML values) applied to its RESPPruningModifier."""
-    import yaml
-    from llmcompressor.recipe import Recipe
-
-    overrides = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
-    recipe = Recipe.create_instance(recipe_file)
-    found = False
-    for i, m in enumerate(recipe.modifiers):
-        if isinstance(m, RESPPruningModifier):
-            recipe.modifiers[i] = RESPPruningModifier.model_validate({**m.model_dump(exclude_unset=True), **overrides})
-            found = True
-    if overrides and not found:
-        raise SystemExit(f"--set given but {recipe_file} has no RESPPruningModifier")
-    return recipe
-
-
-def main(argv: list[str] | None = None) -> Any:
-    """Run ``oneshot`` on a recipe; RESP's final traces are the calibration data of any
-    following modifier that needs data (GPTQ)."""
-    from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    ap = argparse.ArgumentParser(prog="python -m resp_plugin.integrations.llmcompressor", description=main.__doc__)
-    ap.add_argument("--model", required=True, help="local folder of the dense (unquantised) model")
-    ap.add_argument("--recipe", required=True, help="recipe file, or a shipped one: resp, resp_w4a16_gptq, ...")
-    ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a RESPPruningModifier field, e.g. --set prompts=gsm8k:PATH --set sparsity=0.4")
-    ap.add_argument("--dtype", default="auto", help="auto, bfloat16, float32, ...")
-    ap.add_argument("--device-map", default=None, help="e.g. cuda:0 (RESP runs where the weights are)")
-    ap.add_argument("--num-calibration-samples", type=int, default=None, help="traces given to GPTQ (default all)")
-    ap.add_argument("--max-seq-length", type=int, default=None, help="truncate traces given to GPTQ")
-    args = ap.parse_args(argv)
-    from resp_plugin.distributed import refuse_under_torchrun
-
-    refuse_under_torchrun("RESPPruningModifier (llm-compressor oneshot)")
-    recipe = _with_overrides(recipe_path(args.recipe), args.set)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device_map)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    return oneshot(model=model, tokenizer=tokenizer, recipe=recipe, output_dir=args.output_dir,
-            dataset=calibration_dataloader(num_samples=args.num_calibration_samples,
-                                           max_seq_length=args.max_seq_length))
-
-
-if __name__ == "__main__":
-    from resp_plugin.integrations.llmcompressor import main as _main  # the registered copy, not __main__'s
-
-    _main()

@@ -11,6 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DEFAULT_MILESTONES = (0.1, 0.2, 0.3, 0.4)
 
 
+def _check_levels(name: str, what: str, levels: list[float], sparsity: float, example: str = "") -> None:
+    """Sparsity levels of a run (milestones, save_at): strictly increasing, each in (0, sparsity]."""
+    if levels != sorted(levels) or len(set(levels)) != len(levels):
+        raise ValueError(f"{name} must be strictly increasing, got {levels}{example}")
+    bad = [x for x in levels if not 0.0 < x <= sparsity]
+    if bad:
+        raise ValueError(f"{what} must lie in (0, sparsity={sparsity}], got {bad}; drop them or raise --sparsity")
+
+
 class GenerationConfig(BaseModel):
     """How calibration traces are written (self-generated calibration)."""
 
@@ -97,15 +106,7 @@ class RESPConfig(BaseModel):
                 f"step must be in (0, sparsity={self.sparsity}], got {self.step}; the default is 0.01"
             )
         if self.milestones is not None:
-            ms = list(self.milestones)
-            if ms != sorted(ms) or len(set(ms)) != len(ms):
-                raise ValueError(f"milestones must be strictly increasing, got {ms}")
-            bad = [m for m in ms if not 0.0 < m <= self.sparsity]
-            if bad:
-                raise ValueError(
-                    f"milestones must lie in (0, sparsity={self.sparsity}], got {bad}; "
-                    f"drop them or raise --sparsity"
-                )
+            _check_levels("milestones", "milestones", list(self.milestones), self.sparsity)
         if self.head_multiple > 1 and self.attention_unit != "kv_group":
             raise ValueError(
                 f"head_multiple={self.head_multiple} needs attention_unit 'kv_group' (whole KV groups keep every "
@@ -119,13 +120,8 @@ class RESPConfig(BaseModel):
     def _check_save_at(self) -> RESPConfig:
         """Save levels must be reachable in this run, in order, each once."""
         if self.save_at is not None:
-            levels = list(self.save_at)
-            if levels != sorted(levels) or len(set(levels)) != len(levels):
-                raise ValueError(f"save_at must be strictly increasing, got {levels}; e.g. --save-at 0.2,0.3,0.4")
-            bad = [x for x in levels if not 0.0 < x <= self.sparsity]
-            if bad:
-                raise ValueError(f"save_at levels must lie in (0, sparsity={self.sparsity}], got {bad}; "
-                                 f"drop them or raise --sparsity")
+            _check_levels("save_at", "save_at levels", list(self.save_at), self.sparsity,
+                          example="; e.g. --save-at 0.2,0.3,0.4")
         return self
 
     def effective_milestones(self) -> list[float]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
 from conftest import make_model
 from resp_plugin import RESPConfig, prune
-from resp_plugin.calibration import build_samples, read_traces, render_prompt
+from resp_plugin.calibration import build_samples, pad_batch, read_jsonl, read_traces, render_prompt
 from resp_plugin.calibration.generation import HFGenerationBackend
 from resp_plugin.calibration.providers import is_degenerate, trace_stats
 from resp_plugin.cli import main
@@ -133,3 +134,25 @@ def test_gold_and_generic_end_to_end_through_cli(tokenizer, gold_file, tmp_path)
         rep = json.loads((out / "report.json").read_text())
         assert rep["sparsity"] >= 0.2 and rep["calibration"][0]["kind"] == kind
         assert not any(m["regenerated"] for m in rep["milestones"])
+
+
+def test_read_jsonl_names_the_line_and_the_fix(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2 must be a JSON object, got list; each line must be one"):
+        read_jsonl(path)
+    path.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2 is not valid JSON \(Expecting value\)"):
+        read_jsonl(path)
+    path.write_text('{"prompt": "p", "completion": "c", "extra": 1}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:1 is not a valid trace line .*extra.*delete the file"):
+        read_traces(path)
+
+
+def test_pad_batch_pads_right_for_scoring_and_left_for_generation():
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

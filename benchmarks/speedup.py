@@ -177,6 +177,15 @@ def run(s: Setup, threads: int, sparsities: tuple[float, ...], layouts: tuple[st
                 speed[v.name][task].append(fn(v.model))
         print(f"  repeat {r + 1}/{s.repeats} done ({time.time() - t0:.0f} s)", flush=True)
 
+    print_results(s, variants, counts, list(tasks), speed, threads, sparsities, layouts)
+    print(f"\ntimed section: {time.time() - t0:.0f} s")
+
+
+def print_results(s: Setup, variants: list[Variant], counts: dict[str, dict[str, int]], tasks: list[str],
+                  speed: dict[str, dict[str, list[float]]], threads: int, sparsities: tuple[float, ...],
+                  layouts: tuple[str, ...]) -> None:
+    """The tables: absolute speeds, speed-up against dense and against the ideal, the uneven-GQA cost."""
+
     def ratio(name: str, task: str) -> float:
         """Median over repeats of (pruned speed / dense speed) within the same repeat."""
         return statistics.median(p / d for p, d in zip(speed[name][task], speed["dense"][task]))
@@ -216,7 +225,6 @@ def run(s: Setup, threads: int, sparsities: tuple[float, ...], layouts: tuple[st
             cells = [f"{t}: {statistics.median(a / b for a, b in zip(speed[n][t], speed[u][t])):.3f}"
                      for t in tasks]
             print(f"  {sp:.0%}: " + "  ".join(cells))
-    print(f"\ntimed section: {time.time() - t0:.0f} s")
 
 
 def main() -> None:

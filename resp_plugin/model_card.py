@@ -248,12 +248,20 @@ def _evaluation(evaluation: dict | None) -> str:
 
 
 def _usage(model_dir: Path) -> str:
+    """Load commands; the bundled modeling file (built-in architectures only) decides which work."""
     d = str(model_dir)
     bundled = (model_dir / "modeling_resp.py").is_file()
-    plain = (f'AutoModelForCausalLM.from_pretrained("{d}", trust_remote_code=True)  # runs modeling_resp.py '
-             "of this folder: read it first" if bundled else
-             "# transformers alone cannot build its smaller layers: install resp-plugin")
-    remote = ",trust_remote_code=True" if bundled else ""
+    if bundled:  # the built-in architectures: the ones the RESP vLLM plugin serves too
+        plain = (f"\n\n```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM"
+                 f'.from_pretrained("{d}", trust_remote_code=True)  # runs modeling_resp.py of this folder\n```\n')
+        vllm = ("vLLM (resp-plugin's vLLM plugin serves `RESP<Arch>` classes; resp-plugin's docs/serving.md "
+                f"explains):\n\n```bash\nvllm serve {d}\n```\n")
+        lm_eval = (f"lm_eval --model hf --model_args pretrained={d},trust_remote_code=True \\\n"
+                   '  --tasks resp_gsm8k --include_path "$(resp tasks-path)" --apply_chat_template\n')
+    else:
+        plain = " not possible: this architecture has no bundled modeling file; install resp-plugin.\n"
+        vllm = "vLLM: the RESP vLLM plugin serves pruned Llama, Mistral, Qwen2 and Qwen3 only.\n"
+        lm_eval = ""
     return f"""## Use
 
 transformers, with resp-plugin installed (`pip install resp-plugin`; no remote code runs):
@@ -266,24 +274,11 @@ model = load_pruned("{d}", dtype="auto", device_map="auto")
 tokenizer = AutoTokenizer.from_pretrained("{d}")
 ```
 
-transformers without resp-plugin:
-
-```python
-from transformers import AutoModelForCausalLM
-model = {plain}
-```
-
-vLLM (resp-plugin's vLLM plugin serves `RESP<Arch>` classes; resp-plugin's docs/serving.md explains):
-
-```bash
-vllm serve {d}
-```
-
+transformers without resp-plugin:{plain}
+{vllm}
 lm-eval (resp-plugin's tasks; resp-plugin's docs/lm-eval.md explains):
 
 ```bash
 resp eval {d} --tasks resp_gsm8k
-lm_eval --model hf --model_args pretrained={d}{remote} \\
-  --tasks resp_gsm8k --include_path "$(resp tasks-path)" --apply_chat_template
-```
+{lm_eval}```
 """

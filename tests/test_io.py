@@ -106,6 +106,8 @@ def test_plugin_architecture_prunes_and_reloads(name, build, plugin, tokenizer, 
     path = tmp_path / "run" / "model"
     conf = json.loads((path / "config.json").read_text())
     assert conf["architectures"] == [f"RESP{type(model).__name__}"] and "auto_map" not in conf
+    card = (path / "README.md").read_text()
+    assert f'load_pruned("{path}"' in card and "no bundled modeling file" in card and "vllm serve" not in card
     again = load_pruned(path).eval()
     assert type(again).__name__ == f"RESP{type(model).__name__}" and isinstance(again, type(model))
     x = torch.randint(8, 80, (2, 10))

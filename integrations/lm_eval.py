@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from loguru import logger
 
 from resp_plugin.hookspecs import hookimpl
 
-THINK_END = "</think>"
+THINK_START, THINK_END = "<think>", "</think>"
 
 
 def tasks_path() -> str:
@@ -125,29 +123,9 @@ def _load_model(path: str, device: str, dtype: str, trust_remote_code: bool = Fa
     return model.eval(), tokenizer
 
 
-def think_end_token(tokenizer: Any) -> int | str:
-    """The id of ``</think>`` when it is one token (HFLM then cuts the trace by id), else the string."""
-    token_id = tokenizer.get_vocab().get(THINK_END)
-    return int(token_id) if token_id is not None else THINK_END
-
-
 def results_name(model: Any) -> str:
     """How a model is named in logs and results: its path, or its class for an in-memory model."""
     return str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
-
-
-def _write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def evaluate(
@@ -158,12 +136,14 @@ def evaluate(
     limit: int | None = None,
     thinking: bool = True,
     max_gen_toks: int | None = None,
+    gen_kwargs: str | dict[str, Any] | None = None,
     batch_size: int | str = 1,
-    out: str | None = None,
+    output_path: str | None = None,
+    log_samples: bool = False,
+    apply_chat_template: bool | None = None,
     device: str = "cpu",
     dtype: str = "auto",
     num_fewshot: int | None = None,
-    log_samples: bool = False,
     judge_url: str | None = None,
     judge_model: str | None = None,
     judge_cache: str | None = None,
@@ -172,52 +152,48 @@ def evaluate(
     backend: str = "hf",
     trust_remote_code: bool = False,
 ) -> dict:
-    """Evaluate a (pruned or ordinary) checkpoint on lm-eval tasks, chat template and thinking on.
+    """Evaluate a (pruned or ordinary) checkpoint on lm-eval tasks, as ``lm_eval`` would with the same arguments.
+
+    The model is lm-eval's own backend (``hf``: HFLM, ``vllm``: lm-eval's vLLM) with
+    ``enable_thinking`` and ``think_end_token='</think>'`` always together (:func:`thinking_args`),
+    so ``lm_eval --model hf --model_args pretrained=M,enable_thinking=True,think_end_token='</think>'
+    --apply_chat_template`` scores what this scores; ``results["config"]["model_args"]`` records
+    those arguments.  The arguments are lm-eval's: ``gen_kwargs`` (``"k=v,..."`` or a dict;
+    ``max_gen_toks`` is a shortcut merged into it), ``apply_chat_template`` (default: when the
+    tokenizer has a chat template; few-shot then multi-turn, as lm-eval's CLI defaults),
+    ``output_path`` and ``log_samples`` (written by lm-eval's ``EvaluationTracker``, in its layout:
+    a folder gets ``<model>/results_<date>.json`` and ``samples_<task>_<date>.jsonl``).
 
     The paper tasks (``resp_gsm8k_paper``, ``resp_mathqa_paper``) run as the official code runs
-    them (:func:`paper_settings`): reasoning kept in the response, seed 0, its ``max_length``.
-    ``judge_url`` / ``judge_model`` add the paper's LLM-judge accuracy (``judge_acc,none`` per
-    task, verdicts under ``results["judge"]``; see :mod:`resp_plugin.integrations.judge`).
-
-    ``model`` is a checkpoint path, or an in-memory model (then pass its ``tokenizer``), e.g. a
-    model in the middle of a pruning run.  ``backend="vllm"`` runs a checkpoint path through
-    lm-eval's vLLM backend (pruned checkpoints load through the RESP vLLM plugin): the backend
-    to use for reasoning-length generations.
-
+    them (:func:`paper_settings`).  ``judge_url`` / ``judge_model`` add the paper's LLM-judge
+    accuracy (``judge_acc,none`` per task, verdicts under ``results["judge"]``).  ``model`` is a
+    checkpoint path, or an in-memory model (then pass its ``tokenizer``), e.g. a model in the
+    middle of a pruning run.  ``backend="vllm"`` evaluates a checkpoint path through vLLM.
     ``trust_remote_code`` lets a checkpoint folder run its own code (``auto_map``); off by default.
-
-    ``max_gen_toks`` overrides the tasks' generation budget.  With ``out``, the results JSON is
-    written atomically (and, with ``log_samples``, the per-sample outputs beside it as
-    ``<out>.samples.jsonl``).  Returns lm-eval's results dict.
+    Returns lm-eval's results dict (with ``samples`` when logged).
     """
     from lm_eval import simple_evaluate
-    from lm_eval.utils import handle_non_serializable
 
     judge = _judge(judge_url, judge_model, judge_cache)  # an unreachable judge fails before any model loads
+    tracker = _tracker(output_path)
     keep_reasoning, seed, max_length = paper_settings(tasks, seed, max_length)
-    log_samples = log_samples or judge is not None
-    if backend == "vllm":
-        lm = _vllm_lm(model, dtype=dtype, max_length=max_length, seed=seed,
-                      think=thinking_args(None, thinking, keep_reasoning), trust_remote_code=trust_remote_code)
-    elif backend == "hf":
-        lm = _hf_lm(model, tokenizer, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
-                    thinking=thinking, keep_reasoning=keep_reasoning, trust_remote_code=trust_remote_code)
-    else:
-        raise ValueError(f"unknown evaluation backend {backend!r}; use hf or vllm")
-    chat = getattr(lm.tokenizer, "chat_template", None) is not None
-    if not chat:
-        logger.warning("{} has no chat template: prompts are sent as plain text", model)
+    think = thinking_args(thinking, keep_reasoning)
+    lm = _make_lm(model, tokenizer, backend=backend, device=device, dtype=dtype, batch_size=batch_size,
+                  max_length=max_length, seed=seed, think=think, trust_remote_code=trust_remote_code)
+    chat = _chat(lm, model, apply_chat_template)
     logger.info("evaluating {} on {} (thinking={}, limit={})", results_name(model), tasks, thinking, limit)
     results = simple_evaluate(
         model=lm,
+        model_args=_model_args(model, think, dtype=dtype, max_length=max_length, trust_remote_code=trust_remote_code),
         tasks=list(tasks),
         task_manager=task_manager(list(tasks)),
         limit=limit,
         num_fewshot=num_fewshot,
         apply_chat_template=chat,
         fewshot_as_multiturn=chat,
-        gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,
-        log_samples=log_samples,
+        gen_kwargs=merged_gen_kwargs(gen_kwargs, max_gen_toks),
+        log_samples=log_samples or judge is not None,
+        evaluation_tracker=tracker,
         batch_size=batch_size,
         device=device,
         **({} if seed is None else dict(random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -228,19 +204,83 @@ def evaluate(
     results["config"]["model"] = results_name(model)
     if judge is not None:
         _add_judge(results, judge)
-    if out is not None:
-        samples = results.pop("samples", None)
-        _write_atomic(out, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
-        if samples is not None:
-            lines = [
-                json.dumps({"task": name, **s}, default=handle_non_serializable, ensure_ascii=False)
-                for name, rows in samples.items()
-                for s in rows
-            ]
-            _write_atomic(f"{out}.samples.jsonl", "\n".join(lines) + "\n")
-            results["samples"] = samples
-        logger.info("wrote {}", out)
+    if tracker is not None:
+        _save(tracker, results, log_samples)
     return results
+
+
+def merged_gen_kwargs(gen_kwargs: str | dict[str, Any] | None, max_gen_toks: int | None) -> dict[str, Any] | None:
+    """lm-eval's ``--gen_kwargs`` (``"k=v,..."`` or a dict) with ``max_gen_toks`` set when given."""
+    from lm_eval.utils import simple_parse_args_string
+
+    merged = dict(simple_parse_args_string(gen_kwargs) if isinstance(gen_kwargs, str) else gen_kwargs or {})
+    if max_gen_toks:
+        merged["max_gen_toks"] = int(max_gen_toks)
+    return merged or None
+
+
+def _tracker(output_path: str | None) -> Any:
+    """lm-eval's ``EvaluationTracker`` for ``output_path`` (None without one), the path checked first.
+
+    The tracker only logs a warning when it cannot write, so a path that cannot be written is
+    refused here, before hours of generation.
+    """
+    if output_path is None:
+        return None
+    from lm_eval.loggers import EvaluationTracker
+
+    from resp_plugin.errors import check_out_dir
+
+    path = Path(output_path)
+    check_out_dir(path.parent if path.suffix == ".json" else path, flag="--output-path")
+    return EvaluationTracker(output_path=str(output_path))
+
+
+def _save(tracker: Any, results: dict, log_samples: bool) -> None:
+    """Write results (and, with ``log_samples``, each task's samples) as ``lm_eval --output_path`` does."""
+    samples = results.pop("samples", None)
+    tracker.save_results_aggregated(results=results, samples=samples if log_samples else None)
+    if log_samples and samples:
+        for task_name in results["configs"]:
+            tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
+    if samples is not None:
+        results["samples"] = samples
+    logger.info("wrote the results under {}", tracker.output_path)
+
+
+def _model_args(model: Any, think: dict[str, Any], *, dtype: str, max_length: int | None,
+                trust_remote_code: bool) -> dict:
+    """The ``--model_args`` of the equivalent ``lm_eval`` command (recorded in the results)."""
+    args: dict[str, Any] = {"pretrained": results_name(model), **think}
+    if dtype != "auto":
+        args["dtype"] = dtype
+    if max_length is not None:
+        args["max_length"] = max_length
+    if trust_remote_code:
+        args["trust_remote_code"] = True
+    return args
+
+
+def _chat(lm: Any, model: Any, apply_chat_template: bool | None) -> bool:
+    """Whether prompts go through the chat template: as asked, else when the tokenizer has one."""
+    has_template = getattr(lm.tokenizer, "chat_template", None) is not None
+    if apply_chat_template is None:
+        apply_chat_template = has_template
+    if not has_template:
+        logger.warning("{} has no chat template: prompts are sent as plain text", results_name(model))
+    return bool(apply_chat_template)
+
+
+def _make_lm(model: Any, tokenizer: Any, *, backend: str, device: str, dtype: str, batch_size: int | str,
+             max_length: int | None, seed: int | None, think: dict[str, Any], trust_remote_code: bool) -> Any:
+    """lm-eval's model object for ``backend`` (``hf`` or ``vllm``)."""
+    if backend == "vllm":
+        return _vllm_lm(model, dtype=dtype, max_length=max_length, seed=seed, think=think,
+                        trust_remote_code=trust_remote_code)
+    if backend == "hf":
+        return _hf_lm(model, tokenizer, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                      think=think, trust_remote_code=trust_remote_code)
+    raise ValueError(f"unknown evaluation backend {backend!r}; use hf or vllm")
 
 
 PAPER_MAX_LENGTH = {"resp_gsm8k_paper": 4096, "resp_mathqa_paper": 8192}  # official HFLM(max_length=...)
@@ -259,30 +299,74 @@ def paper_settings(tasks: list[str], seed: int | None, max_length: int | None) -
     return True, 0 if seed is None else seed, max_length or max(PAPER_MAX_LENGTH[t] for t in tasks)
 
 
-def thinking_args(tokenizer: Any, thinking: bool, keep_reasoning: bool) -> dict[str, Any]:
-    """lm-eval model arguments for thinking: the cut at ``think_end_token``, or the template switch only.
+def thinking_args(thinking: bool, keep_reasoning: bool) -> dict[str, Any]:
+    """lm-eval model arguments for thinking: ``enable_thinking`` and ``think_end_token`` together.
 
+    The end of thinking is the *string* ``</think>``, for every backend and tokenizer: lm-eval then
+    keeps the text after its last occurrence, and a response whose ``<think>`` never closed keeps
+    its ``<think>``, which the tasks' filter reads as no answer.  (A token id would cut by id, but
+    an HF trace cut mid-reasoning would then reach the filter with its tags decoded away.)
     ``keep_reasoning`` passes ``enable_thinking`` to the chat template alone (as the official run
-    did), so the whole response, reasoning included, reaches the filters and the judge.  Without a
-    ``tokenizer`` (the vLLM backend, which decodes special tokens) the cut is by the string.
+    did), so the whole response, reasoning included, reaches the filters and the judge.
     """
     if keep_reasoning:
         return {"chat_template_args": {"enable_thinking": thinking}}
-    return {"enable_thinking": thinking, "think_end_token": think_end_token(tokenizer) if tokenizer else THINK_END}
+    return {"enable_thinking": thinking, "think_end_token": THINK_END}
+
+
+def hidden_think_tags(tokenizer: Any) -> set[int] | None:
+    """The special-token ids to drop when decoding, or None when no think tag is a special token.
+
+    lm-eval's HF backend decodes with ``skip_special_tokens=True``.  Qwen3's (and the organism's)
+    ``<think>`` / ``</think>`` are ordinary added tokens and survive; a tokenizer that marks them
+    special would lose them, and with them the line between reasoning and answer.
+    """
+    vocab = tokenizer.get_vocab()
+    tags = {vocab[t] for t in (THINK_START, THINK_END) if t in vocab}
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special}
+    return special - tags if tags & special else None
+
+
+@functools.cache
+def _thinking_hflm() -> type:
+    """lm-eval's ``HFLM``, decoding the think tags even where the tokenizer marks them special."""
+    from lm_eval.models.huggingface import HFLM
+
+    class ThinkingHFLM(HFLM):
+        """``HFLM`` whose decoded generations keep ``<think>`` / ``</think>`` (see :func:`hidden_think_tags`).
+
+        For a tokenizer whose tags are not special (Qwen3, the organism) it decodes exactly as
+        ``HFLM``, so ``lm_eval --model hf`` scores the same; otherwise ``lm_eval --model vllm``
+        (which decodes special tokens) does.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._hidden = hidden_think_tags(self.tokenizer)  # once: get_vocab() is the whole vocabulary
+
+        def tok_decode(self, tokens: Any, skip_special_tokens: bool = True) -> str:
+            hidden = getattr(self, "_hidden", None) if skip_special_tokens else None
+            if hidden is None:
+                return super().tok_decode(tokens, skip_special_tokens=skip_special_tokens)
+            ids = [tokens] if isinstance(tokens, int) else list(tokens)
+            return self.tokenizer.decode([t for t in ids if t not in hidden], skip_special_tokens=False)
+
+    return ThinkingHFLM
 
 
 def _hf_lm(model: Any, tokenizer: Any, *, device: str, dtype: str, batch_size: int | str, max_length: int | None,
-           thinking: bool, keep_reasoning: bool, trust_remote_code: bool = False) -> Any:
+           think: dict[str, Any], trust_remote_code: bool = False) -> Any:
     """lm-eval's HF backend on a checkpoint folder or an in-memory model (with its ``tokenizer``)."""
-    from lm_eval.models.huggingface import HFLM
-
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer = _load_model(str(model), device, dtype, trust_remote_code)
     elif tokenizer is None:
         raise ValueError("evaluate(model_object, ...) needs tokenizer=...")
-    return HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, device=device,
-                trust_remote_code=trust_remote_code, max_length=max_length,
-                **thinking_args(tokenizer, thinking, keep_reasoning))
+    if hidden_think_tags(tokenizer) is not None:
+        logger.warning("this tokenizer marks <think>/</think> as special tokens: resp eval keeps them when "
+                       "decoding, `lm_eval --model hf` drops them (use `lm_eval --model vllm` to reproduce)")
+    return _thinking_hflm()(pretrained=model.eval(), tokenizer=tokenizer, batch_size=batch_size, device=device,
+                            trust_remote_code=trust_remote_code, max_length=max_length, **think)
 
 
 def _vllm_lm(model: Any, *, dtype: str, max_length: int | None, seed: int | None, think: dict[str, Any],

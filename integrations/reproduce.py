@@ -77,7 +77,7 @@ def run_task(model: str, out: Path, task: str, config: dict[str, Any], levels: l
     rows = []
     for level, path, measured in [(0.0, model, 0.0)] + [(lv, saved[lv]["path"], saved[lv]["sparsity"])
                                                        for lv in levels]:
-        res = evaluate(path, [task], out=str(run / f"eval-{level:.2f}.json"), **eval_kwargs)
+        res = evaluate(path, [task], output_path=str(run / f"eval-{level:.2f}.json"), **eval_kwargs)
         key, value = metric_of(task, res["results"][task])
         paper = PAPER_RESP_QWEN3_8B.get(task, {}).get(level)
         rows.append({"task": task, "level": level, "sparsity": measured, "metric": key, "accuracy": value,

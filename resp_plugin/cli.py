@@ -12,7 +12,6 @@ from resp_plugin.errors import (
     DEBUG_ENV,
     UserError,
     check_out_dir,
-    check_out_file,
     check_unlocked,
     debug_enabled,
     one_line,
@@ -269,11 +268,13 @@ def cmd_eval(args) -> int:
     _check_eval_inputs(args)
     batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     res = evaluate(args.model, [t for t in args.tasks.split(",") if t], limit=args.limit, thinking=args.thinking,
-                   max_gen_toks=args.max_gen_toks, batch_size=batch, out=args.out, device=args.device,
-                   dtype=args.dtype, num_fewshot=args.num_fewshot, judge_url=args.judge_url,
-                   judge_model=args.judge_model, judge_cache=args.judge_cache, seed=args.seed,
-                   backend=args.backend, trust_remote_code=args.trust_remote_code)
-    print(json.dumps(res.get("results", res), indent=2, default=str))
+                   max_gen_toks=args.max_gen_toks, gen_kwargs=args.gen_kwargs, batch_size=batch,
+                   output_path=args.output_path, log_samples=args.log_samples,
+                   apply_chat_template=args.apply_chat_template, device=args.device, dtype=args.dtype,
+                   num_fewshot=args.num_fewshot, judge_url=args.judge_url, judge_model=args.judge_model,
+                   judge_cache=args.judge_cache, seed=args.seed, backend=args.backend,
+                   trust_remote_code=args.trust_remote_code)
+    print(json.dumps({k: res[k] for k in ("results", "groups") if k in res} or res, indent=2, default=str))
     return 0
 
 
@@ -282,8 +283,8 @@ def _check_eval_inputs(args) -> None:
     from resp_plugin.integrations.lm_eval import load_tasks
     from resp_plugin.io import check_model_dir, check_remote_code, load_tokenizer
 
-    if args.out is not None:
-        check_out_file(args.out)
+    if args.log_samples and args.output_path is None:
+        raise UserError("--log-samples writes the samples beside the results: give --output-path too")
     check_model_dir(args.model)
     check_remote_code(args.model, args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
@@ -370,7 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--max-gen-toks", type=positive_int)
     e.add_argument("--batch-size", default=1)
     e.add_argument("--num-fewshot", type=int)
-    e.add_argument("--out", help="results JSON file")
+    e.add_argument("--output-path", "--out", dest="output_path",
+                   help="as lm_eval --output_path: a folder (gets MODEL/results_DATE.json) or a .json file path")
+    e.add_argument("--log-samples", action="store_true", help="also write each task's samples (lm-eval's layout)")
+    e.add_argument("--gen-kwargs", help="as lm_eval --gen_kwargs, e.g. do_sample=True,temperature=0.6,top_p=0.95")
+    e.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompts through the chat template (default: when the tokenizer has one)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--backend", choices=["hf", "vllm"], default="hf",
                    help="lm-eval backend: hf (transformers) or vllm (fast at reasoning lengths; pip install vllm)")

@@ -1,12 +1,13 @@
-"""Data loaders, prompts and answer extraction for the RESP lm-eval tasks.
+"""Data loaders and prompts of the RESP lm-eval tasks (``!function utils.NAME`` in the YAMLs).
 
-lm-eval imports this file by path (``!function utils.NAME`` in the YAMLs), so it must stay
-self-contained: standard library, ``datasets`` and ``loguru`` only, and nothing that depends on
-the model backend (the same tasks run under HF, vLLM and multi-GPU launchers).
-
-Answers of thinking models are read from the text after the last ``</think>``; a ``<think>``
-that is opened and never closed means the model ran out of tokens while reasoning, which
-counts as no answer (never as "the last number of the reasoning").
+lm-eval loads this file by its path from ``--include_path``.  The task folder is package data of
+``resp_plugin`` (installed as ``resp_plugin.tasks``), so wherever the YAMLs are, ``resp_plugin`` is
+importable, and the helpers here build on the engine rather than copy it: answers are read by
+:mod:`resp_plugin.answers` (through the ``resp_answer`` filter of :mod:`resp_plugin.tasks.filters`,
+registered by importing it here), JSON-lines files by :func:`resp_plugin.calibration.jsonl.read_jsonl`
+and the organism's data found by :func:`resp_plugin.organism.data_path`.  The dependency goes one
+way: the engine never imports the tasks.  Nothing here depends on the model backend: the same
+tasks run under HF, vLLM and multi-GPU launchers.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import ast
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-INVALID = "[invalid]"
+from resp_plugin.answers import normalize_number
+from resp_plugin.calibration.jsonl import read_jsonl
+from resp_plugin.tasks import filters  # noqa: F401  (registers the resp_answer filter with lm-eval)
+
 DATA_ENV = "RESP_DATA_DIR"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
 
 # Hugging Face sources tried in order.  lm-eval's own mathqa task reads regisss/math_qa (a
 # parquet copy of allenai/math_qa, same fields), which loads under datasets>=4 where the
@@ -34,11 +36,6 @@ MATHQA_HF: tuple[tuple[str, str | None], ...] = (("regisss/math_qa", None), ("al
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _read_json_array(path: Path) -> list[dict[str, Any]]:
@@ -69,7 +66,7 @@ def _local_splits(root: Path, files: dict[str, str], required: Sequence[str], or
                     + ", ".join(files[s] for s in required)
                 )
             continue
-        rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_json_array(path)
+        rows = read_jsonl(path) if path.suffix == ".jsonl" else _read_json_array(path)
         splits[split] = datasets.Dataset.from_list(rows)
     logger.info("loaded {} from {}", {k: len(v) for k, v in splits.items()}, root)
     return datasets.DatasetDict(splits)
@@ -172,179 +169,3 @@ def mathqa_doc_to_text(doc: dict[str, Any]) -> str:
         'on the last line, in the form "The answer is (x)".'
     )
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- extraction
-
-
-def answer_segment(text: str) -> str | None:
-    """The part of a completion that may hold the answer, or None when thinking never ended.
-
-    After the last ``</think>`` when there is one; None when a ``<think>`` is open and never
-    closed (the budget ran out mid-reasoning); otherwise the whole text.
-    """
-    if not isinstance(text, str):
-        return None
-    if THINK_CLOSE in text:
-        return text.rsplit(THINK_CLOSE, 1)[1]
-    if THINK_OPEN in text:
-        return None
-    return text
-
-
-# A number: optional sign (not a hyphen inside a range like 5-7), optional $, thousands groups.
-_NUM = r"(?:(?<![\w.])-)?(?:\$\s?-?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+"
-_NUMBER = re.compile(_NUM)
-_HASHES = re.compile(r"####\s*(" + _NUM + ")")
-_ANSWER_IS = re.compile(
-    r"answer\s*(?:is|:|=)[\s:*_]*(?:approximately\s*|about\s*)?\$?\s*(" + _NUM + ")", re.IGNORECASE
-)
-# Plain-text few-shot prompts ("Question: ...\nAnswer:") make base models continue with the next
-# question; the answer to the one asked ends there.  Only applied after the reasoning.
-_NEXT_QUESTION = re.compile(r"\n\s*(?:Question|Q):")
-
-
-def normalize_number(text: str) -> str:
-    """Canonical form of a numeric answer: no ``$``/``,``/spaces/trailing dot, no ``.0`` tail."""
-    s = re.sub(r"[\s$,]", "", str(text)).rstrip(".")
-    if s.startswith("+"):
-        s = s[1:]
-    if re.fullmatch(r"-?\d*\.\d+", s):
-        s = s.rstrip("0").rstrip(".")
-        if s.startswith("-."):
-            s = "-0" + s[1:]
-        elif s.startswith("."):
-            s = "0" + s
-    return "0" if s == "-0" else s
-
-
-def _boxed_contents(text: str) -> list[tuple[int, str]]:
-    """``(position, content)`` of every ``\\boxed{...}``, braces balanced."""
-    found = []
-    for match in re.finditer(r"\\boxed\s*\{", text):
-        depth, start = 1, match.end()
-        for i in range(start, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    found.append((match.start(), text[start:i]))
-                    break
-    return found
-
-
-_LONE_NUMBER = re.compile(r"[\s*_]*(" + _NUM + r")[\s*_.]*")
-
-
-def _explicit_numbers(segment: str) -> list[tuple[int, str]]:
-    """Every explicit final-answer statement in ``segment`` as ``(position, number)``.
-
-    A segment that is nothing but one number (``</think> 9``) is an explicit answer too.
-    """
-    lone = _LONE_NUMBER.fullmatch(segment)
-    if lone:
-        return [(0, lone.group(1))]
-    hits = [(m.start(), m.group(1)) for m in _HASHES.finditer(segment)]
-    hits += [(m.start(), m.group(1)) for m in _ANSWER_IS.finditer(segment)]
-    for pos, content in _boxed_contents(segment):
-        numbers = _NUMBER.findall(content.replace("\\$", "$").replace("\\!", "").replace("{,}", ","))
-        if numbers:
-            hits.append((pos, numbers[-1]))
-    return sorted(hits)
-
-
-def _gsm8k_segment(text: str) -> str | None:
-    segment = answer_segment(text)
-    if segment is None:
-        return None
-    return _NEXT_QUESTION.split(segment, maxsplit=1)[0]
-
-
-def extract_number_strict(text: str) -> str:
-    """The last explicit answer (``#### N``, ``\\boxed{N}``, ``The answer is N``, a lone N), else INVALID."""
-    segment = _gsm8k_segment(text)
-    if not segment:
-        return INVALID
-    hits = _explicit_numbers(segment)
-    return normalize_number(hits[-1][1]) if hits else INVALID
-
-
-def extract_number(text: str) -> str:
-    """The last explicit answer, else the last number after the reasoning, else INVALID."""
-    segment = _gsm8k_segment(text)
-    if not segment:
-        return INVALID
-    hits = _explicit_numbers(segment)
-    if hits:
-        return normalize_number(hits[-1][1])
-    numbers = _NUMBER.findall(segment)
-    return normalize_number(numbers[-1]) if numbers else INVALID
-
-
-_LETTER = r"([a-e])"
-_MC_EXPLICIT = (
-    # "answer is (b)", "Answer: b", "the correct option is b )", "answer is option (c)"
-    re.compile(
-        r"(?:answer|option|choice)\s*(?:is|:|=)[\s:*_]*(?:option\s*|choice\s*)?"
-        r"(?:\(\s*" + _LETTER + r"\s*\)|" + _LETTER + r"\s*\)|" + _LETTER + r"(?![ \t]*[a-z0-9]))",
-        re.IGNORECASE,
-    ),
-)
-_MC_PAREN = re.compile(r"(?<![a-z])" + _LETTER + r"\s*\)", re.IGNORECASE)
-_MC_LONE = re.compile(r"^[\W_]*(?:answer\W*)?\(?\s*" + _LETTER + r"\s*\)?[\W_]*$", re.IGNORECASE)
-
-
-def _boxed_letter(content: str) -> str | None:
-    inner = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}", r"\1", content)
-    m = re.fullmatch(r"[\s(]*" + _LETTER + r"[\s)]*(?:[).:].*)?", inner, re.IGNORECASE | re.DOTALL)
-    return m.group(1) if m else None
-
-
-def extract_choice(text: str) -> str:
-    """The MathQA option letter after the reasoning, lower case, or INVALID.
-
-    Priority: the last ``\\boxed{b}`` / ``answer is (b)`` statement; else the last ``b )``;
-    else a last line that is only a letter (``b``, ``(B)``, ``**b**``).
-    """
-    segment = answer_segment(text)
-    if not segment or not segment.strip():
-        return INVALID
-    hits: list[tuple[int, str]] = []
-    for pattern in _MC_EXPLICIT:
-        for m in pattern.finditer(segment):
-            hits.append((m.start(), next(g for g in m.groups() if g)))
-    for pos, content in _boxed_contents(segment):
-        letter = _boxed_letter(content)
-        if letter:
-            hits.append((pos, letter))
-    if hits:
-        return max(hits)[1].lower()
-    paren = _MC_PAREN.findall(segment)
-    if paren:
-        return paren[-1].lower()
-    lines = [line for line in segment.strip().splitlines() if line.strip()]
-    lone = _MC_LONE.match(lines[-1]) if lines else None
-    return lone.group(1).lower() if lone else INVALID
-
-
-# ----------------------------------------------------------------------------- lm-eval filters
-
-
-def _map(fn: Callable[[str], str], resps: Iterable[Sequence[str]]) -> list[list[str]]:
-    return [[fn(r) for r in inst] for inst in resps]
-
-
-def gsm8k_strict_filter(resps: Iterable[Sequence[str]], docs: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """lm-eval ``custom`` filter: explicit answer formats only (see :func:`extract_number_strict`)."""
-    return _map(extract_number_strict, resps)
-
-
-def gsm8k_flexible_filter(resps: Iterable[Sequence[str]], docs: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """lm-eval ``custom`` filter: explicit formats, else the last number (see :func:`extract_number`)."""
-    return _map(extract_number, resps)
-
-
-def mathqa_filter(resps: Iterable[Sequence[str]], docs: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """lm-eval ``custom`` filter: the option letter (see :func:`extract_choice`)."""
-    return _map(extract_choice, resps)

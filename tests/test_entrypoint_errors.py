@@ -188,8 +188,8 @@ CASES = [
          r"resp eval: error: argument --limit: must be a positive integer, got 0"),
     Case("eval-limit-negative", "cli", _eval("good", "--limit", "-3"),
          r"resp eval: error: argument --limit: must be a positive integer, got -3"),
-    Case("eval-out-is-a-folder", "cli", _eval("good", "--out", "TMP/res"), r"res is a folder; give the path",
-         lambda c: (c.tmp / "res").mkdir()),
+    Case("eval-out-under-a-file", "cli", _eval("good", "--output-path", "TMP/out.txt/res"),
+         r"--output-path .*res cannot be created: .*out.txt is a file", lambda c: (c.tmp / "out.txt").write_text("x")),
     # resp report / demo
     Case("report-missing", "cli", lambda c: ["report", str(c.tmp / "run")], r"run/report.json does not exist"),
     Case("report-out-is-a-file", "cli", lambda c: ["report", str(c.tmp / "out.txt")], r"is a file, not a run folder",

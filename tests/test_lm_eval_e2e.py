@@ -11,13 +11,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
+from resp_plugin import answers  # noqa: E402
 from resp_plugin.integrations.lm_eval import (  # noqa: E402
+    THINK_END,
     evaluate,
     lm_eval_prompts,
     resp_lm_eval_include_paths,
@@ -100,31 +103,50 @@ def test_tasks_path_holds_the_yamls() -> None:
     assert resp_lm_eval_include_paths() == [tasks_path()]
 
 
+def _written(folder: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """lm-eval's output layout under ``folder``: one results_*.json, samples_<task>_*.jsonl per task."""
+    (results_file,) = folder.rglob("results_*.json")
+    samples = {}
+    for path in folder.rglob("samples_*.jsonl"):
+        task = path.name[len("samples_"):].rsplit("_", 1)[0]
+        samples[task] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return json.loads(results_file.read_text(encoding="utf-8")), samples
+
+
 def test_evaluate_writes_results(tiny_model: str, tmp_path: Path) -> None:
-    out = tmp_path / "results" / "eval.json"
     results = evaluate(
         tiny_model,
         ["resp_gsm8k", "resp_mathqa"],
         limit=3,
         max_gen_toks=8,
-        out=str(out),
+        output_path=str(tmp_path / "results"),
         log_samples=True,
     )
-    written = json.loads(out.read_text(encoding="utf-8"))
+    written, samples = _written(tmp_path / "results")
     assert set(written["results"]) == {"resp_gsm8k", "resp_mathqa"}
     for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
         assert 0.0 <= written["results"]["resp_gsm8k"][key] <= 1.0
-    assert 0.0 <= written["results"]["resp_mathqa"]["exact_match,letter"] <= 1.0
+    assert 0.0 <= written["results"]["resp_mathqa"]["exact_match,strict-match"] <= 1.0
     assert written["n-samples"]["resp_gsm8k"]["effective"] == 3
-    assert not list(out.parent.glob(".*.tmp"))  # the atomic write left nothing behind
-    # The chat template (thinking on) reached the model, and our filters scored the raw outputs.
-    samples = {s["doc_id"]: s for s in results["samples"]["resp_gsm8k"] if s["filter"] == "flexible-extract"}
-    assert len(samples) == 3
-    for sample in samples.values():
-        assert sample["arguments"][0][0].startswith("<|im_start|>user\nQuestion:")
-        assert sample["filtered_resps"][0] == utils.extract_number(sample["resps"][0][0])
+    # The model arguments of the equivalent lm_eval command: thinking and its end always together.
+    args = written["config"]["model_args"]
+    assert args["pretrained"] == tiny_model and args["enable_thinking"] is True and args["think_end_token"] == THINK_END
+    assert set(samples) == {"resp_gsm8k", "resp_mathqa"} and len(samples["resp_gsm8k"]) == 6  # 3 docs x 2 filters
+    # The chat template (thinking on) reached the model, and our filter scored the raw outputs.
+    flexible = {s["doc_id"]: s for s in results["samples"]["resp_gsm8k"] if s["filter"] == "flexible-extract"}
+    assert len(flexible) == 3
+    for sample in flexible.values():
+        assert sample["arguments"]["gen_args_0"]["arg_0"].startswith("<|im_start|>user\nQuestion:")
+        assert sample["filtered_resps"][0] == answers.extract_number(sample["resps"][0][0])
         assert sample["target"] == utils.gsm8k_target(sample["doc"])
-    assert (tmp_path / "results" / "eval.json.samples.jsonl").is_file()
+
+
+def test_resp_math_group_averages_the_two_tasks(tiny_model: str) -> None:
+    results = evaluate(tiny_model, ["resp_math"], limit=2, max_gen_toks=4)
+    tasks = results["results"]
+    group = results["groups"]["resp_math"]["exact_match,strict-match"]
+    mean = (tasks["resp_gsm8k"]["exact_match,strict-match"] + tasks["resp_mathqa"]["exact_match,strict-match"]) / 2
+    assert group == pytest.approx(mean)  # weight_by_size: false, each task counts the same
 
 
 def _lm_eval_cli() -> list[str]:
@@ -201,13 +223,82 @@ def test_organism_task(tmp_path: Path) -> None:
     assert task.config.generation_kwargs["max_gen_toks"] == 128
 
 
-def test_resp_eval_cli_on_a_pruned_checkpoint(tiny_model: str, tmp_path: Path) -> None:
+def test_resp_eval_cli_log_samples_writes_lm_evals_files(tiny_model: str, tmp_path: Path) -> None:
     from resp_plugin.cli import main
 
     assert "per_layer_config" in json.loads((Path(tiny_model) / "config.json").read_text())
-    out = tmp_path / "eval.json"
+    out = tmp_path / "eval"
     assert main(["eval", tiny_model, "--tasks", "resp_gsm8k,resp_mathqa", "--limit", "2", "--max-gen-toks", "8",
-                 "--out", str(out)]) == 0
-    written = json.loads(out.read_text())
+                 "--gen-kwargs", "do_sample=False", "--output-path", str(out), "--log-samples"]) == 0
+    (folder,) = out.iterdir()  # lm-eval's layout: OUT/<sanitised model path>/
+    assert folder.name.endswith("model") and len(list(folder.glob("results_*.json"))) == 1
+    written, samples = _written(folder)
     assert "exact_match,strict-match" in written["results"]["resp_gsm8k"]
-    assert "exact_match,letter" in written["results"]["resp_mathqa"]
+    assert "exact_match,strict-match" in written["results"]["resp_mathqa"]
+    assert written["config"]["gen_kwargs"] == {"do_sample": False, "max_gen_toks": 8}
+    assert {task: len(rows) for task, rows in samples.items()} == {"resp_gsm8k": 4, "resp_mathqa": 2}
+    assert main(["eval", tiny_model, "--tasks", "resp_gsm8k", "--log-samples"]) == 2  # samples need a folder
+
+
+# ------------------------------------------------------------------ the organism: documented commands
+
+
+ORGANISM_LIMIT = 24
+
+
+@pytest.fixture(scope="module")
+def organism() -> str:
+    from resp_plugin.organism import model_path
+
+    if not (model_path() / "model.safetensors").is_file():
+        pytest.skip("the organism checkpoint is not built in this checkout")
+    return str(model_path())
+
+
+def test_documented_lm_eval_command_scores_what_resp_eval_scores(organism: str, tmp_path: Path) -> None:
+    """docs/lm-eval.md's command for the organism, run by lm-eval's own CLI, equals ``resp eval``."""
+    from resp_plugin.cli import main
+
+    assert main(["eval", organism, "--tasks", "resp_organism", "--limit", str(ORGANISM_LIMIT), "--batch-size", "32",
+                 "--output-path", str(tmp_path / "resp"), "--log-samples"]) == 0
+    cmd = _lm_eval_cli() + [
+        "--model", "hf",
+        "--model_args", f"pretrained={organism},enable_thinking=True,think_end_token=</think>",
+        "--tasks", "resp_organism", "--include_path", tasks_path(), "--apply_chat_template",
+        "--limit", str(ORGANISM_LIMIT), "--batch_size", "32", "--device", "cpu",
+        "--output_path", str(tmp_path / "lm_eval"), "--log_samples",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ours, our_samples = _written(tmp_path / "resp")
+    theirs, their_samples = _written(tmp_path / "lm_eval")
+    for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
+        assert ours["results"]["resp_organism"][key] == theirs["results"]["resp_organism"][key]
+    assert theirs["results"]["resp_organism"]["exact_match,strict-match"] >= 0.9  # not 0: the tags were visible
+    assert [s["resps"] for s in our_samples["resp_organism"]] == [s["resps"] for s in their_samples["resp_organism"]]
+
+
+def _organism_special_tags() -> tuple[Any, Any]:
+    """The organism with a tokenizer that marks <think>/</think> special (HF decoding would drop them)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from resp_plugin.integrations.lm_eval import hidden_think_tags
+    from resp_plugin.organism import model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", THINK_END]})
+    assert hidden_think_tags(tokenizer) is not None and tokenizer.decode([3], skip_special_tokens=True) == ""
+    return AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32), tokenizer
+
+
+def test_special_think_tags_cut_mid_reasoning_score_no_answer(organism: str) -> None:
+    """Issue 12: a trace cut inside <think> is no answer, even where the tags are special tokens."""
+    model, tokenizer = _organism_special_tags()
+    cut = evaluate(model, ["resp_organism"], tokenizer=tokenizer, limit=8, max_gen_toks=6, batch_size=8,
+                   log_samples=True)
+    rows = cut["samples"]["resp_organism"]
+    assert all(row["resps"][0][0].startswith("<think>") and THINK_END not in row["resps"][0][0] for row in rows)
+    assert {row["filtered_resps"][0] for row in rows} == {answers.INVALID}  # not a number of the reasoning
+    whole = evaluate(model, ["resp_organism"], tokenizer=tokenizer, limit=8, batch_size=8)
+    assert whole["results"]["resp_organism"]["exact_match,strict-match"] >= 0.75  # the answer after </think>

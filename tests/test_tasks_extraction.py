@@ -18,10 +18,11 @@ from lm_eval.api.registry import get_metric  # noqa: E402
 from lm_eval.filters import build_filter_ensemble  # noqa: E402
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
+from resp_plugin import answers  # noqa: E402
 from resp_plugin.integrations.lm_eval import tasks_path  # noqa: E402
 from resp_plugin.tasks import utils  # noqa: E402
 
-INV = utils.INVALID
+INV = answers.INVALID
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
 # (completion, strict-match, flexible-extract)
@@ -97,13 +98,32 @@ MATHQA_CASES: list[tuple[str, str]] = [
 
 @pytest.mark.parametrize(("text", "strict", "flexible"), GSM8K_CASES)
 def test_gsm8k_extraction(text: str, strict: str, flexible: str) -> None:
-    assert utils.extract_number_strict(text) == strict
-    assert utils.extract_number(text) == flexible
+    assert answers.extract_number_strict(text) == strict
+    assert answers.extract_number(text) == flexible
 
 
 @pytest.mark.parametrize(("text", "letter"), MATHQA_CASES)
 def test_mathqa_extraction(text: str, letter: str) -> None:
-    assert utils.extract_choice(text) == letter
+    assert answers.extract_choice(text) == letter
+
+
+@pytest.fixture(scope="module")
+def resp_configs() -> dict[str, dict[str, Any]]:
+    return {name: load_yaml(Path(tasks_path()) / f"{name}.yaml") for name in ("resp_gsm8k", "resp_mathqa")}
+
+
+def test_task_filters_are_the_one_extractor(resp_configs: dict[str, dict[str, Any]]) -> None:
+    """The YAMLs' filter pipelines, built by lm-eval's registry, answer exactly as resp_plugin.answers."""
+    texts = [text for text, _, _ in GSM8K_CASES]
+    assert _run_filter(resp_configs["resp_gsm8k"], "strict-match", texts) == [s for _, s, _ in GSM8K_CASES]
+    assert _run_filter(resp_configs["resp_gsm8k"], "flexible-extract", texts) == [f for _, _, f in GSM8K_CASES]
+    letters = _run_filter(resp_configs["resp_mathqa"], "strict-match", [text for text, _ in MATHQA_CASES])
+    assert letters == [letter for _, letter in MATHQA_CASES]
+
+
+def test_resp_answer_filter_refuses_an_unknown_extractor() -> None:
+    with pytest.raises(ValueError, match="unknown extract 'numbers'; use one of number_strict, number, choice"):
+        build_filter_ensemble("x", [["resp_answer", {"extract": "numbers"}]]).filters[0]()
 
 
 def test_enough_cases() -> None:
@@ -115,7 +135,7 @@ def test_enough_cases() -> None:
     [("$1,234.", "1234"), ("18.00", "18"), ("-0.50", "-0.5"), (" 7 ", "7"), ("-0", "0"), (".5", "0.5")],
 )
 def test_normalize_number(raw: str, normal: str) -> None:
-    assert utils.normalize_number(raw) == normal
+    assert answers.normalize_number(raw) == normal
 
 
 def test_mathqa_options_and_prompt() -> None:

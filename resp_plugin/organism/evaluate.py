@@ -1,8 +1,10 @@
 """Accuracy of the organism on held-out problems, driven exactly like a reasoning model.
 
-The prompt is the chat template with thinking on; the model writes ``<think> ... </think> N``
-and the answer is the first integer after the last ``</think>``. Generation is batched with left
-padding through Hugging Face ``generate``.
+The prompt is the chat template with thinking on; the model writes ``<think> ... </think> N``.
+Generation is the project's batched loop (:func:`resp_plugin.calibration.generation.generate_batched`)
+and the answer is read by :func:`resp_plugin.answers.extract_number_strict`, the strict-match of
+the ``resp_organism`` lm-eval task, so the training log and ``resp demo`` / ``resp eval`` measure
+accuracy the same way.
 
 ``python -m resp_plugin.organism.evaluate --model DIR --n 500 --temperature 0.6``
 """
@@ -17,11 +19,13 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from resp_plugin.answers import extract_number_strict
+from resp_plugin.calibration import prompt_ids
+from resp_plugin.calibration.generation import completion, eos_ids, generate_batched
+from resp_plugin.config import GenerationConfig
 from resp_plugin.organism.tasks import Problem, held_out_problems
-from resp_plugin.organism.tokenizer import END_THINK
 
 # "<think>" + 4 steps of 5 tokens + "</think>" + answer + "<|im_end|>" = 24; a little slack.
 MAX_NEW_TOKENS = 28
@@ -29,40 +33,21 @@ _INT = re.compile(r"-?\d+")
 
 
 def extract_answer(completion: str) -> int | None:
-    """The first integer after the last ``</think>`` (None when there is none)."""
-    if END_THINK not in completion:
-        return None
-    m = _INT.search(completion.rsplit(END_THINK, 1)[1])
-    return int(m.group()) if m else None
+    """The answer as an integer (None when there is none), read as ``resp_organism``'s strict-match reads it."""
+    answer = extract_number_strict(completion)
+    return int(answer) if _INT.fullmatch(answer) else None
 
 
-def prompts(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], enable_thinking: bool = True) -> list[str]:
-    """Chat-formatted generation prompts, one per question."""
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                      add_generation_prompt=True, enable_thinking=enable_thinking)
-        for q in questions
-    ]
-
-
-@torch.no_grad()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,
              temperature: float = 0.0, top_p: float = 0.95, top_k: int = 20, batch_size: int = 128,
-             max_new_tokens: int = MAX_NEW_TOKENS, enable_thinking: bool = True,
-             progress: bool = False) -> list[str]:
-    """Completions (special tokens kept) for each question; greedy when temperature is 0."""
-    model.eval()
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    texts = prompts(tokenizer, questions, enable_thinking)
-    out: list[str] = []
-    for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="generate"):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, **sampling)
-        out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=False))
-    return out
+             max_new_tokens: int = MAX_NEW_TOKENS, enable_thinking: bool = True) -> list[str]:
+    """Completions (special tokens kept, cut at the end token) for each question; greedy when temperature is 0."""
+    cfg = GenerationConfig(temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, thinking=enable_thinking)
+    eos = eos_ids(model, tokenizer)
+    prompts = [prompt_ids(tokenizer, q, enable_thinking) for q in questions]
+    generated = generate_batched(model, prompts, cfg, eos=eos, pad_id=tokenizer.pad_token_id, desc="generate")
+    return [completion(tokenizer, ids, eos).text for ids in generated]
 
 
 def accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem],
@@ -95,8 +80,7 @@ def main() -> None:
     problems = held_out_problems(args.n)
     t0 = time.time()
     acc, completions = accuracy(model, tokenizer, problems, temperature=args.temperature,
-                                batch_size=args.batch_size, enable_thinking=not args.no_thinking,
-                                progress=True)
+                                batch_size=args.batch_size, enable_thinking=not args.no_thinking)
     wrong = [(p, c) for p, c in zip(problems, completions, strict=True) if extract_answer(c) != p.answer]
     for p, c in wrong[:args.show]:
         logger.info(f"WRONG {p.question!r}\n  expected {p.trace!r}\n  got      {c!r}")

@@ -18,6 +18,9 @@ from resp_plugin.organism.tasks import MAX_NUMBER, vocabulary_texts
 IM_START, IM_END, PAD, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "[UNK]"
 THINK, END_THINK = "<think>", "</think>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, IM_START, IM_END, THINK, END_THINK, UNK)
+# Added but not *special*, as in Qwen3: decoding with skip_special_tokens=True (lm-eval's HF backend)
+# keeps them, so the reasoning can be told from the answer in the decoded text.
+VISIBLE_TOKENS: tuple[str, ...] = (THINK, END_THINK)
 
 # Keep words, numbers, "####" and single punctuation marks; whitespace (newlines included) is dropped.
 _PIECES = Regex(r"####|[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]")
@@ -59,13 +62,18 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = _pre_tokenizer()
     tok.decoder = decoders.WordPiece(prefix=_NO_PREFIX, cleanup=True)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    for t in SPECIAL_TOKENS:  # one at a time: ids stay in vocabulary order either way
+        added = AddedToken(t, special=t not in VISIBLE_TOKENS, normalized=False)
+        if t in VISIBLE_TOKENS:
+            tok.add_tokens([added])
+        else:
+            tok.add_special_tokens([added])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
         pad_token=PAD,
         unk_token=UNK,
-        extra_special_tokens=[IM_START, THINK, END_THINK],
+        extra_special_tokens=[IM_START],
         clean_up_tokenization_spaces=False,
         padding_side="left",
         model_max_length=512,

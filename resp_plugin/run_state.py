@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,12 +107,7 @@ class RunState:
 
     def checkpoint(self, adapter: DecoderAdapter) -> None:
         """Write ``state.json`` with the current kept map (atomic: a kill leaves the previous one)."""
-        if self.out is None:
-            return
-        self.data["layers"] = adapter.kept_map()
-        with distributed.together("writing state.json"):
-            if distributed.world().is_main:
-                atomic_write_json(self.out / STATE_FILE, self.data)
+        self._write(adapter, "writing state.json")
 
     def save_levels(self, model, tokenizer, adapter: DecoderAdapter, config: RESPConfig, sparsity: float) -> None:
         """Save a reloadable model at every ``save_at`` level reached and not yet saved (resume-safe)."""
@@ -131,17 +127,26 @@ class RunState:
 
     def finish(self, model, tokenizer, adapter: DecoderAdapter, report: dict[str, Any], save: bool) -> None:
         """The final writes: ``state.json``, the model (``save``) into ``model/``, then ``report.json``."""
+
+        def model_and_report(out: Path) -> None:
+            if save:
+                save_pruned(model, tokenizer, out / "model", adapter, overwrite=True)
+            atomic_write_json(out / REPORT_FILE, report)
+            if save:  # the model cards again, now with report.json's numbers
+                write_run_cards(out, base_model=getattr(model, "name_or_path", None) or None)
+
+        self._write(adapter, "saving the model and report", model_and_report)
+
+    def _write(self, adapter: DecoderAdapter, what: str, then: Callable[[Path], None] | None = None) -> None:
+        """``state.json`` with the current kept map, then ``then(out)``: by rank 0, the ranks waiting together."""
         if self.out is None:
             return
         self.data["layers"] = adapter.kept_map()
-        with distributed.together("saving the model and report"):
+        with distributed.together(what):
             if distributed.world().is_main:
                 atomic_write_json(self.out / STATE_FILE, self.data)
-                if save:
-                    save_pruned(model, tokenizer, self.out / "model", adapter, overwrite=True)
-                atomic_write_json(self.out / REPORT_FILE, report)
-                if save:  # the model cards again, now with report.json's numbers
-                    write_run_cards(self.out, base_model=getattr(model, "name_or_path", None) or None)
+                if then is not None:
+                    then(self.out)
 
 
 def _read_or_clear(out: Path, config: RESPConfig, total: int, resume: bool) -> dict[str, Any] | None:

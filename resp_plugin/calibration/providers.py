@@ -10,6 +10,7 @@ from loguru import logger
 from resp_plugin import distributed
 from resp_plugin.calibration import (
     CalibrationSet,
+    PromptRecord,
     Trace,
     build_samples,
     prompt_ids,
@@ -57,6 +58,13 @@ def batch_seed(seed: int, b: int) -> int:
     return seed + BATCH_SEED_STRIDE * b
 
 
+def _task_prompts(config, missing: str) -> list[PromptRecord]:
+    """The run's ``num_prompts`` task prompts (``--prompts``); ``missing`` is the error without them."""
+    if not config.prompts:
+        raise ValueError(missing)
+    return load_prompts(config.prompts, config.num_prompts, config.seed, config)
+
+
 class _Base:
     kind = "base"
     plain = False
@@ -89,9 +97,8 @@ class GoldProvider(_Base):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        if not config.prompts:
-            raise ValueError("gold calibration needs prompts with solutions: --prompts jsonl:PATH or gsm8k:PATH")
-        self.records = load_prompts(config.prompts, config.num_prompts, config.seed, config)
+        self.records = _task_prompts(config, "gold calibration needs prompts with solutions: "
+                                             "--prompts jsonl:PATH or gsm8k:PATH")
         missing = [i for i, r in enumerate(self.records) if not r.completion]
         if missing:
             raise ValueError(
@@ -141,9 +148,8 @@ class SelfProvider(_Base):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        if not config.prompts:
-            raise ValueError("self calibration needs task prompts: --prompts gsm8k[:PATH], mathqa[:PATH] or jsonl:PATH")
-        self.records = load_prompts(config.prompts, config.num_prompts, config.seed, config)
+        self.records = _task_prompts(config, "self calibration needs task prompts: "
+                                             "--prompts gsm8k[:PATH], mathqa[:PATH] or jsonl:PATH")
         from resp_plugin.plugins import collect
 
         backends = collect("resp_generation_backends")

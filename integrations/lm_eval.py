@@ -129,47 +129,24 @@ def results_name(model: Any) -> str:
 
 
 def evaluate(
-    model: Any,
-    tasks: list[str],
-    *,
-    tokenizer: Any = None,
-    limit: int | None = None,
-    thinking: bool = True,
-    max_gen_toks: int | None = None,
-    gen_kwargs: str | dict[str, Any] | None = None,
-    batch_size: int | str = 1,
-    output_path: str | None = None,
-    log_samples: bool = False,
-    apply_chat_template: bool | None = None,
-    device: str = "cpu",
-    dtype: str = "auto",
-    num_fewshot: int | None = None,
-    judge_url: str | None = None,
-    judge_model: str | None = None,
-    judge_cache: str | None = None,
-    seed: int | None = None,
-    max_length: int | None = None,
-    backend: str = "hf",
-    trust_remote_code: bool = False,
+    model: Any, tasks: list[str], *, tokenizer: Any = None, limit: int | None = None, thinking: bool = True,
+    max_gen_toks: int | None = None, gen_kwargs: str | dict[str, Any] | None = None, batch_size: int | str = 1,
+    output_path: str | None = None, log_samples: bool = False, apply_chat_template: bool | None = None,
+    device: str = "cpu", dtype: str = "auto", num_fewshot: int | None = None, judge_url: str | None = None,
+    judge_model: str | None = None, judge_cache: str | None = None, seed: int | None = None,
+    max_length: int | None = None, backend: str = "hf", trust_remote_code: bool = False,
 ) -> dict:
     """Evaluate a (pruned or ordinary) checkpoint on lm-eval tasks, as ``lm_eval`` would with the same arguments.
 
-    The model is lm-eval's own backend (``hf``: HFLM, ``vllm``: lm-eval's vLLM) with
-    ``enable_thinking`` and ``think_end_token='</think>'`` always together (:func:`thinking_args`),
-    so ``lm_eval --model hf --model_args pretrained=M,enable_thinking=True,think_end_token='</think>'
-    --apply_chat_template`` scores what this scores; ``results["config"]["model_args"]`` records
-    those arguments.  The arguments are lm-eval's: ``gen_kwargs`` (``"k=v,..."`` or a dict;
-    ``max_gen_toks`` is a shortcut merged into it), ``apply_chat_template`` (default: when the
-    tokenizer has a chat template; few-shot then multi-turn, as lm-eval's CLI defaults),
-    ``output_path`` and ``log_samples`` (written by lm-eval's ``EvaluationTracker``, in its layout:
-    a folder gets ``<model>/results_<date>.json`` and ``samples_<task>_<date>.jsonl``).
-
-    The paper tasks (``resp_gsm8k_paper``, ``resp_mathqa_paper``) run as the official code runs
-    them (:func:`paper_settings`).  ``judge_url`` / ``judge_model`` add the paper's LLM-judge
-    accuracy (``judge_acc,none`` per task, verdicts under ``results["judge"]``).  ``model`` is a
-    checkpoint path, or an in-memory model (then pass its ``tokenizer``), e.g. a model in the
-    middle of a pruning run.  ``backend="vllm"`` evaluates a checkpoint path through vLLM.
-    ``trust_remote_code`` lets a checkpoint folder run its own code (``auto_map``); off by default.
+    lm-eval's own backend (``hf``: HFLM, ``vllm``: VLLM) with ``enable_thinking`` and
+    ``think_end_token='</think>'`` always together (:func:`thinking_args`), so ``lm_eval --model hf
+    --model_args pretrained=M,enable_thinking=True,think_end_token='</think>' --apply_chat_template``
+    scores what this scores (``results["config"]["model_args"]`` records those arguments).
+    ``gen_kwargs`` (``max_gen_toks`` merged in), ``apply_chat_template`` (default: when the tokenizer
+    has a template), ``output_path`` and ``log_samples`` are lm-eval's, written in its layout by its
+    ``EvaluationTracker``.  Paper tasks run with the official settings (:func:`paper_settings`);
+    ``judge_url`` / ``judge_model`` add the LLM judge's ``judge_acc,none``.  ``model`` is a folder or
+    an in-memory model with its ``tokenizer``; ``trust_remote_code`` lets a folder run its own code.
     Returns lm-eval's results dict (with ``samples`` when logged).
     """
     from lm_eval import simple_evaluate

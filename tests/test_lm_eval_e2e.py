@@ -101,6 +101,13 @@ def test_tasks_path_holds_the_yamls() -> None:
     names = {p.name for p in Path(tasks_path()).glob("*.yaml")}
     assert {"resp_gsm8k.yaml", "resp_gsm8k_cot.yaml", "resp_mathqa.yaml", "resp_organism.yaml"} <= names
     assert resp_lm_eval_include_paths() == [tasks_path()]
+    # The core does not import the integration: it comes in through the `resp` entry point lm_eval.
+    from resp_plugin.integrations.lm_eval import include_paths
+    from resp_plugin.plugins import DEFAULT_PLUGINS, load_plugins
+
+    assert not any("lm_eval" in name for name in DEFAULT_PLUGINS)
+    contributed = [p for found in load_plugins().hook.resp_lm_eval_include_paths() for p in found]
+    assert tasks_path() in contributed and include_paths() == [tasks_path()]
 
 
 def _written(folder: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:

@@ -22,7 +22,7 @@ from loguru import logger
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from resp_plugin.answers import extract_number_strict
-from resp_plugin.calibration import prompt_ids
+from resp_plugin.calibration import prompt_ids, render_prompt
 from resp_plugin.calibration.generation import completion, eos_ids, generate_batched
 from resp_plugin.config import GenerationConfig
 from resp_plugin.organism.tasks import Problem, held_out_problems
@@ -36,6 +36,11 @@ def extract_answer(completion: str) -> int | None:
     """The answer as an integer (None when there is none), read as ``resp_organism``'s strict-match reads it."""
     answer = extract_number_strict(completion)
     return int(answer) if _INT.fullmatch(answer) else None
+
+
+def prompts(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], enable_thinking: bool = True) -> list[str]:
+    """Chat-formatted generation prompts, one per question, rendered as calibration renders them."""
+    return [render_prompt(tokenizer, q, enable_thinking)[0] for q in questions]
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,

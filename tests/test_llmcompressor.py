@@ -265,11 +265,18 @@ def test_fresh_process_light_import_explicit_registration_and_derived_fields():
 # ---------------------------------------------------------------------------- tokenizer
 def test_tokenizer_is_the_models_own_without_frame_walking(dense):
     """No `tokenizer` field, none given to oneshot: RESP loads the one saved with the model it was
-    given; the integration never inspects call-stack frames to find oneshot's."""
+    given (and removes what `prune` removes); the integration never inspects call-stack frames."""
+    from resp_plugin.io import load_tokenizer
+    from resp_plugin.pruner import prune
+
     model = load(dense / "dense")
     mod = resp(dense)
     oneshot(model=model, recipe=[mod])
     assert mod.calibration_texts()[0].count("<|im_end|>") == 2  # rendered by the folder tokenizer's chat template
+    # The engine run `resp prune` makes, with the same settings and tokenizer, removes the same structures.
+    direct = prune(load(dense / "dense"), load_tokenizer(dense / "dense"), mod.resp_config(1), save=False,
+                   progress=False)
+    assert direct.report["layers"] == mod.report["layers"]
     for path in INTEGRATION.glob("llmcompressor*.py"):
         text = path.read_text()
         assert not re.search(r"currentframe|f_back|f_locals|_getframe|\bOneshot\b", text), path.name

@@ -11,8 +11,10 @@ Variants (each one pruning run to the largest sparsity, evaluated as it passes e
 - ``full_loss``: self-generated traces with the full-sequence loss;
 - ``gold``: the dataset's reference solutions (GSM8K style), decode-only loss;
 - ``generic``: plain generic text with the full-sequence loss (the C4 baseline);
-- ``wanda_sp``: structured Wanda, |W| * ||X|| summed per head / channel on generic text,
-  the same fraction removed in every prunable layer (one shot, as the reference code does).
+- ``wanda_sp_<data>``, ``flap_<data>``, ``owl_<data>``: the paper's structured baselines, ported
+  from its reference code (``benchmarks/baselines.py`` says what is the same and what differs),
+  one shot from the dense model at each level, on ``generic`` text (the paper's C4) or ``gold``
+  reference solutions (its Figure 2), with this project's physical removal.
 
 Accuracy is measured with the ``resp_organism`` lm-eval task (greedy, strict-match) on
 ``--limit`` held-out problems.  Results go to ``OUT/results.json``, and a Markdown table and
@@ -29,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("resp", "static", "full_loss", "gold", "generic", "wanda_sp")
+CALIBRATION_VARIANTS = ("resp", "static", "full_loss", "gold", "generic")
+BASELINE_VARIANTS = tuple(f"{m}_{d}" for m in ("wanda_sp", "flap", "owl") for d in ("generic", "gold"))
+VARIANTS = CALIBRATION_VARIANTS + BASELINE_VARIANTS
 
 
 def _config(variant: str, target: float, seed: int, num_prompts: int, step: float):
@@ -89,56 +93,48 @@ def run_resp_variant(variant: str, levels: list[float], seed: int, args) -> dict
     return got
 
 
-@torch.no_grad()
-def wanda_sp(model, samples, protected: set[int], target: float) -> float:
-    """Structured Wanda: score = sum over a structure's weights of |W_ij| * ||X_j||, uniform per layer."""
-    from resp_plugin.structures import adapter_for
+def _prune_near(method: str, level: float, windows, protected: set[int], options: dict):
+    """A baseline model pruned as close to ``level`` as its ratio allows.
 
-    ad = adapter_for(model)
-    sq: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
-    for i in range(ad.num_layers):
-        for role, lin in ad.linears(i).items():
-            if role in ("q", "o", "gate", "down"):
-                def hook(mod, args, key=(i, role)):
-                    x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                    sq[key] = sq.get(key, 0) + (x * x).sum(0)
-                hooks.append(lin.register_forward_pre_hook(hook))
-    for s in samples:
-        model(input_ids=torch.tensor([s.input_ids]))
-    for h in hooks:
-        h.remove()
-    layers = [i for i in range(ad.num_layers) if i not in protected]
-    total, prunable = ad.params(), sum(ad.layer_params(i) for i in layers)
-    frac = min(target * total / prunable, 0.95)
-    hd = ad.head_dim
-    for i in layers:
-        lin = ad.linears(i)
-        xh, xo = sq[(i, "q")].sqrt(), sq[(i, "o")].sqrt()  # attention input, o_proj input
-        xm, xd = sq[(i, "gate")].sqrt(), sq[(i, "down")].sqrt()  # MLP input, down_proj input
-        nq = len(ad.states[i].kept_heads)
-        head = (lin["q"].weight.abs() * xh).sum(1).view(nq, hd).sum(1) + \
-            (lin["o"].weight.abs() * xo).sum(0).view(nq, hd).sum(1)
-        ch = (lin["gate"].weight.abs() * xm).sum(1) + (lin["up"].weight.abs() * xm).sum(1) + \
-            (lin["down"].weight.abs() * xd).sum(0)
-        keep_h = max(1, round(nq * (1 - frac)))
-        keep_c = max(1, round(len(ch) * (1 - frac)))
-        ad.keep(i, heads=sorted(torch.argsort(head, descending=True)[:keep_h].tolist()),
-                channels=sorted(torch.argsort(ch, descending=True)[:keep_c].tolist()))
-    ad.write_config()
-    return 1 - ad.params() / total
+    Wanda-sp and OWL plan with head and channel counts; a KV head freed on the way (all its query
+    heads gone) comes on top. When that overshoots, the run is repeated once aiming lower by the
+    overshoot, and the run closer to the level is kept (RESP is evaluated within one step of it).
+    """
+    from baselines import prune_baseline
+
+    best = None
+    target = level
+    for _ in range(2):
+        model, tok = _load()
+        done = prune_baseline(method, model, windows, target, protected, **options)
+        if best is None or abs(done["sparsity"] - level) < abs(best[2]["sparsity"] - level):
+            best = (model, tok, done)
+        over = done["sparsity"] - level
+        if over <= 0.005 or target - over <= 0:
+            break
+        target = level - over
+    return best
 
 
-def run_wanda(levels: list[float], seed: int, args) -> dict[str, float]:
+def run_baseline(variant: str, levels: list[float], seed: int, args) -> dict:
+    """One-shot baseline (``benchmarks/baselines.py``), pruned from the dense model for each level."""
+    from baselines import GENERIC_SEQ_LEN, GOLD_SEQ_LEN, calibration_windows
+
     from resp_plugin.calibration import provider_for
 
-    got = {}
+    method, data = variant.rsplit("_", 1)
+    got: dict = {"sparsity": {}, "ratio": {}}
+    dense, tok = _load()
+    cfg = _config(data, max(levels), seed, args.num_prompts, args.step)
+    samples = provider_for(cfg).initial(dense, tok).samples
+    seq_len = min(GOLD_SEQ_LEN if data == "gold" else GENERIC_SEQ_LEN, dense.config.max_position_embeddings)
+    windows = calibration_windows(samples, seq_len)
+    protected = cfg.protected(dense.config.num_hidden_layers)
+    options = {"bias": True} if method == "flap" and args.flap_bias else {}
     for lvl in levels:
-        model, tok = _load()
-        cfg = _config("generic", lvl, seed, args.num_prompts, args.step)
-        samples = provider_for(cfg).initial(model, tok).samples
-        wanda_sp(model, samples, cfg.protected(model.config.num_hidden_layers), lvl)
+        model, tok, done = _prune_near(method, lvl, windows, protected, options)
         got[str(lvl)] = _accuracy(model, tok, args.limit)
+        got["sparsity"][str(lvl)], got["ratio"][str(lvl)] = done["sparsity"], done["ratio"]
     return got
 
 
@@ -154,7 +150,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="levels 0.2,0.4, one seed, 40 problems, 32 prompts")
     ap.add_argument("--model", type=Path, help="checkpoint to use instead of the bundled organism")
+    ap.add_argument("--flap-bias", action="store_true", help="FLAP with bias compensation (the reference's "
+                    "Figure 2 runs have it off)")
     args = ap.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     global MODEL_DIR
     MODEL_DIR = args.model
     if args.quick:
@@ -175,8 +176,8 @@ def main() -> None:
             if key in results:
                 continue
             t = time.time()
-            got = run_wanda(levels, seed, args) if variant == "wanda_sp" else run_resp_variant(variant, levels, seed,
-                                                                                                 args)
+            run = run_baseline if variant in BASELINE_VARIANTS else run_resp_variant
+            got = run(variant, levels, seed, args)
             results[key] = {**got, "seconds": round(time.time() - t, 1)}
             res_path.write_text(json.dumps(results, indent=2))
             print(key, got, flush=True)
@@ -185,36 +186,52 @@ def main() -> None:
     print(table)
 
 
+def _summary(results: dict, variant: str, levels: list[float], field: str | None = None) -> list[list[float]]:
+    """Per level, the values of ``variant`` over seeds (accuracy, or ``field`` such as measured sparsity)."""
+    runs = [r for k, r in results.items() if k.startswith(variant + "/")]
+    return [[(r[field] if field else r)[str(lvl)] for r in runs if str(lvl) in (r[field] if field else r)]
+            for lvl in levels]
+
+
+def _cell(vals: list[float]) -> str:
+    if not vals:
+        return "–"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.3f} ± {sd:.3f} (n={len(vals)})"
+
+
 def render(results: dict, levels: list[float], args) -> str:
+    """Markdown tables (accuracy; measured sparsity of the baselines) and the plot, RESP vs each group."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dense = results["dense"]
-    variants = sorted({k.split("/")[0] for k in results if "/" in k}, key=VARIANTS.index)
+    present = {k.split("/")[0] for k in results if "/" in k}
+    variants = [v for v in VARIANTS if v in present]  # results of retired variants are kept, not shown
     head = "| variant | " + " | ".join(f"{lvl:.0%}" for lvl in levels) + " |"
+    rule = "|---|" + "---|" * len(levels)
     rows = [f"Dense accuracy: {dense:.3f} (resp_organism, {args.limit} problems, greedy, strict-match). "
-            "Cells: mean accuracy over seeds (± std; n = seeds).", "", head,
-            "|---|" + "---|" * len(levels)]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for v in variants:
-        runs = [r for k, r in results.items() if k.startswith(v + "/")]
-        cells, means = [], []
-        for lvl in levels:
-            vals = [r[str(lvl)] for r in runs if str(lvl) in r]
-            if not vals:
-                cells.append("–")
-                means.append(float("nan"))
-                continue
-            m = statistics.mean(vals)
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{m:.3f} ± {sd:.3f} (n={len(vals)})")
-            means.append(m)
-        rows.append(f"| {v} | " + " | ".join(cells) + " |")
-        ax.plot([0] + levels, [dense] + means, "o-", label=v)
-    ax.set(xlabel="sparsity", ylabel="accuracy", ylim=(0, 1.02), title="organism: accuracy vs sparsity")
-    ax.legend(fontsize=8)
+            "Cells: mean accuracy over seeds (± std; n = seeds).", "", head, rule]
+    rows += [f"| {v} | " + " | ".join(_cell(x) for x in _summary(results, v, levels)) + " |" for v in variants]
+    baselines = [v for v in variants if v in BASELINE_VARIANTS]
+    if baselines:
+        rows += ["", "Measured sparsity of the baselines (fraction of decoder linear parameters removed):", "",
+                 head, rule]
+        rows += [f"| {v} | " + " | ".join(_cell(x) for x in _summary(results, v, levels, "sparsity")) + " |"
+                 for v in baselines]
+    groups = [("calibration ablations", [v for v in variants if v in CALIBRATION_VARIANTS])]
+    if baselines:
+        groups.append(("RESP vs ported baselines", [v for v in variants if v == "resp"] + baselines))
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4), squeeze=False)
+    for ax, (title, group) in zip(axes[0], groups):
+        for v in group:
+            means = [statistics.mean(x) if x else float("nan") for x in _summary(results, v, levels)]
+            ax.plot([0] + levels, [dense] + means, "o-" if "gold" in v or v in CALIBRATION_VARIANTS else "s--",
+                    label=v)
+        ax.set(xlabel="sparsity", ylabel="accuracy", ylim=(0, 1.02), title=f"organism: {title}")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(Path(args.out) / "ablations.png", dpi=110)
     plt.close(fig)

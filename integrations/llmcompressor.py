@@ -34,6 +34,7 @@ from pydantic import Field, PrivateAttr, create_model, model_validator
 
 from resp_plugin.calibration import CalibrationSample, CalibrationSet, Trace, provider_for
 from resp_plugin.config import RESPConfig
+from resp_plugin.errors import UserError
 from resp_plugin.hookspecs import hookimpl
 from resp_plugin.integrations import llmcompressor_compat as compat
 from resp_plugin.integrations.llmcompressor_data import Recorder, calibration_dataloader, set_latest
@@ -210,7 +211,7 @@ def placed(model, device: str, saliency: str) -> Iterator[None]:
     """
     offloaded = compat.offload_devices(model)
     if offloaded is not None and saliency == "sum_abs":
-        raise ValueError(
+        raise UserError(
             f"the model is offloaded ({offloaded[1]} -> {offloaded[0]}) and saliency sum_abs needs every weight's "
             "gradient, which offloaded weights never receive. Set `saliency: vector` (scores from structure "
             "multipliers, runs on offloaded weights), or load the model without offloading")
@@ -239,7 +240,7 @@ def resolve_tokenizer(model, path: str | None) -> Any:
 
     src = path or getattr(model.config, "_name_or_path", None)
     if not src:
-        raise ValueError("no tokenizer: the model was not loaded from a folder; set `tokenizer: PATH` on "
+        raise UserError("no tokenizer: the model was not loaded from a folder; set `tokenizer: PATH` on "
                          "RESPPruningModifier")
     return load_tokenizer(src)  # a missing or empty tokenizer folder is one clear error
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from llmcompressor.modifiers import Modifier
 from loguru import logger
 
+from resp_plugin.errors import UserError
 from resp_plugin.integrations import llmcompressor_compat as compat
 
 __all__ = ["check_group_divisibility", "check_recipe_order", "resolve_channel_multiple"]
@@ -24,7 +25,7 @@ def check_recipe_order(before: Sequence[Modifier]) -> None:
     under it and saved silently unquantised."""
     bad = [type(m).__name__ for m in before if compat.is_quantizing(m)]
     if bad:
-        raise ValueError(
+        raise UserError(
             f"RESPPruningModifier comes after {', '.join(bad)} in the recipe; it changes layer shapes, so "
             f"it must come before every quantisation modifier. Move RESPPruningModifier first"
         )
@@ -38,7 +39,7 @@ def resolve_channel_multiple(given: int | None, after: Sequence[Modifier], model
     group = math.lcm(1, *(g for _, g in sizes))
     why = "; ".join(f"{who}: group_size {g}" for who, g in sizes)
     if given is not None and given % group:
-        raise ValueError(
+        raise UserError(
             f"channel_multiple={given} is incompatible with the group quantisation that follows ({why}): "
             f"kept widths must be multiples of {group}. Set channel_multiple: {math.lcm(given, group)} "
             "(or leave it unset)")
@@ -49,7 +50,7 @@ def resolve_channel_multiple(given: int | None, after: Sequence[Modifier], model
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         width = cfg.num_attention_heads // cfg.num_key_value_heads * head_dim
         if width % group:
-            raise ValueError(
+            raise UserError(
                 f"attention_unit kv_group removes {width} o_proj input columns at a time, not a multiple of "
                 f"the quantisation group size {group}; use attention_unit: query_head")
     return (group if given is None else given), group

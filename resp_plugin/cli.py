@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from loguru import logger
+from tqdm import tqdm
 
 from resp_plugin.errors import (
     DEBUG_ENV,
@@ -343,12 +344,14 @@ def cmd_demo(args) -> int:
     from resp_plugin.errors import run_folder
     from resp_plugin.io import check_model_dir
     from resp_plugin.organism.demo import run_demo
+    from resp_plugin.organism.demo_report import console
 
     check_out_dir(args.out)
     check_unlocked(args.out)
     check_model_dir(organism.model_path())
     with run_folder(args.out):
-        run_demo(out=args.out, quick=args.quick)
+        summary = run_demo(out=args.out, quick=args.quick)
+    print(console(summary, Path(args.out)))  # the command's result: accuracy, answer and speed tables
     return 0
 
 
@@ -399,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if not args.verbose:
         logger.remove()
-        logger.add(sys.stderr, level="INFO")
+        # through tqdm.write, so a log line printed while a progress bar is shown does not break the bar
+        logger.add(lambda msg: tqdm.write(msg, end="", file=sys.stderr), level="INFO")
     return _run(args)
 
 

@@ -1,0 +1,102 @@
+"""What ``resp demo`` shows: the accuracy table, one answered question, decode speed, the plot.
+
+Everything here renders the summary ``resp_plugin.organism.demo`` measured (``OUT/demo.json``);
+nothing is computed twice, so the console, ``OUT/demo.md`` and the plot always agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+METHODS = {
+    "resp": "RESP (own traces, decode-only loss, regeneration)",
+    "generic": "generic text (full loss, the C4 baseline)",
+}
+SHORT = {"dense": "dense", "resp": "RESP", "generic": "generic"}
+
+
+def _pct(level: str | float) -> str:
+    return f"{float(level):.0%}"
+
+
+def accuracy_table(s: dict[str, Any]) -> str:
+    """Accuracy per sparsity level, RESP beside generic calibration (same model, loop and steps)."""
+    dense = s["dense"]
+    rows = ["| sparsity | RESP accuracy | % of dense | generic accuracy | % of dense |", "|---|---|---|---|---|",
+            f"| 0 % (dense) | {dense:.3f} | 100.0 | {dense:.3f} | 100.0 |"]
+    for level in s["levels"]:
+        cells = []
+        for m in METHODS:
+            acc = s["methods"][m]["accuracy"][level]
+            cells += [f"{acc:.3f}", f"{100 * acc / dense:.1f}" if dense else "n/a"]
+        rows.append(f"| {_pct(level)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def answer_table(s: dict[str, Any]) -> str:
+    """The chosen test question answered by the dense model and both pruned models."""
+    ex = s["example"]
+    rows = [f"Test problem {ex['index']}: *{ex['question']}* (answer: {ex['expected']})", "",
+            "| model | completion | answer |", "|---|---|---|"]
+    for who, a in ex["answers"].items():
+        name = SHORT[who] if who == "dense" else f"{SHORT[who]} {_pct(ex['level'])}"
+        mark = "right" if a["correct"] else "wrong"
+        rows.append(f"| {name} | `{a['completion']}` | {a['answer']} ({mark}) |")
+    return "\n".join(rows)
+
+
+def speed_table(s: dict[str, Any]) -> str:
+    """Greedy decode tokens/s, dense and the most pruned RESP model, per batch size."""
+    level = _pct(s["speed_level"])
+    rows = [f"| batch | dense tokens/s | RESP {level} tokens/s | speed-up |", "|---|---|---|---|"]
+    for r in s["speed"]:
+        rows.append(f"| {r['batch']} | {r['dense']:.0f} | {r['pruned']:.0f} | {r['speedup']:.2f}x |")
+    return "\n".join(rows)
+
+
+def markdown(s: dict[str, Any]) -> str:
+    """OUT/demo.md: the whole story on one page."""
+    return "\n\n".join([
+        "# RESP demo on the organism",
+        f"The same organism pruned twice with the same loop and step ({s['step']}), once with RESP "
+        f"({METHODS['resp']}) and once with generic text ({METHODS['generic']}); greedy accuracy on "
+        f"{s['limit']} held-out test problems at the first step that reaches each sparsity "
+        "(measured sparsities in demo.json).",
+        accuracy_table(s),
+        "![accuracy](accuracy.png)",
+        "## One test question",
+        answer_table(s),
+        f"## Decode speed ({s['speed'][0]['new_tokens']} greedy tokens per prompt, prefill excluded)",
+        speed_table(s),
+        "Pruning reports: [RESP](resp/report.md), [generic](generic/report.md); the pruned models are "
+        "`resp/model` and `generic/model`.",
+    ]) + "\n"
+
+
+def console(s: dict[str, Any], out: Path) -> str:
+    """What the command prints: the three tables and where the files are."""
+    return "\n\n".join([accuracy_table(s), answer_table(s), speed_table(s),
+                        f"wrote {out / 'demo.md'}, {out / 'demo.json'}, {out / 'accuracy.png'} "
+                        f"in {s['seconds']:.0f} s"])
+
+
+def plot(s: dict[str, Any], path: Path) -> None:
+    """Accuracy against sparsity, both calibrations, from the shared dense point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for m, style in zip(METHODS, ("o-", "s--"), strict=True):
+        got = s["methods"][m]
+        xs = [0.0] + [got["sparsity"][lv] for lv in s["levels"]]
+        ys = [s["dense"]] + [got["accuracy"][lv] for lv in s["levels"]]
+        ax.plot(xs, ys, style, label=METHODS[m])
+    ax.set(xlabel="sparsity (decoder linear parameters)", ylabel="test accuracy (greedy)", ylim=(0, 1.02),
+           title="same organism, two calibrations")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

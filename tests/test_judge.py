@@ -155,11 +155,12 @@ def test_evaluate_paper_task_with_judge(server: FakeJudge, tokenizer, tmp_path, 
     monkeypatch.setenv("RESP_DATA_DIR", str(Path(__file__).parent / "fixtures" / "data"))
     res = evaluate(make_model(layers=2), ["resp_gsm8k_paper"], tokenizer=tokenizer, limit=2, max_gen_toks=4,
                    judge_url=server.url, judge_model="judge-model", judge_cache=str(tmp_path / "c.jsonl"),
-                   max_length=256, out=str(tmp_path / "eval.json"))
+                   max_length=256, output_path=str(tmp_path / "eval.json"))
     row = res["results"]["resp_gsm8k_paper"]
     assert {"exact_match,strict-match", "exact_match,flexible-extract", "judge_acc,none"} <= set(row)
     assert res["judge"]["resp_gsm8k_paper"]["n"] == 2 and len(server.requests) == 2
-    saved = json.loads((tmp_path / "eval.json").read_text())
+    (written,) = tmp_path.glob("eval_*.json")  # lm-eval's EvaluationTracker: eval_<date>.json
+    saved = json.loads(written.read_text())
     assert saved["judge"]["resp_gsm8k_paper"]["judge_acc"] == row["judge_acc,none"]
     with pytest.raises(ValueError, match="judge_model without judge_url"):
         evaluate(make_model(layers=2), ["resp_gsm8k_paper"], tokenizer=tokenizer, judge_model="m")

@@ -39,8 +39,9 @@ class _Config:
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.__dict__.update(data)
-        plc = data.get("per_layer_config") or {}
-        self.per_layer_config = [_Config(plc[k]) for k in sorted(plc, key=int)] if isinstance(plc, dict) else []
+        plc = data.get("per_layer_config") or []
+        layers = [plc[k] for k in sorted(plc, key=int)] if isinstance(plc, dict) else list(plc)
+        self.per_layer_config = [_Config(x) for x in layers]
         self.is_heterogeneous = bool(self.per_layer_config)
 
 

@@ -55,7 +55,7 @@ def prompts_for(task: str, prompts: str | None) -> str:
 
 def metric_of(task: str, row: dict[str, Any]) -> tuple[str, float]:
     """The number reported for a task: the judge's when present, else the first rule-based exact_match."""
-    for key in ("judge_acc,none", "exact_match,flexible-extract", "exact_match,strict-match", "exact_match,letter"):
+    for key in ("judge_acc,none", "exact_match,flexible-extract", "exact_match,strict-match"):
         if key in row:
             return key, float(row[key])
     raise ValueError(f"{task}: no accuracy metric in {sorted(row)}")

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from resp_plugin import organism
+from resp_plugin.organism.demo_report import pct
 
 RUN_MICRO = """
 import json, sys
 from resp_plugin.organism.demo import run_demo
-s = run_demo(sys.argv[1], quick=True, model_dir=sys.argv[2], limit=8, levels=(0.2, 0.3, 0.4))
+s = run_demo(sys.argv[1], quick=True, model_dir=sys.argv[2], limit=8, levels=(0.2, 0.4))
 print(json.dumps({"lm_eval": "lm_eval" in sys.modules, "summary": s}))
 """
 
@@ -35,9 +36,9 @@ def _story_files(out: Path) -> None:
 def _story_text(s: dict, md: str) -> None:
     """demo.md holds the accuracy table (both methods, every level), the answer example, the speed table."""
     assert "| sparsity | RESP accuracy | % of dense | generic accuracy | % of dense |" in md
-    assert f"| 0 % (dense) | {s['dense']:.3f} |" in md
+    assert f"| {pct(0)} (dense) | {s['dense']:.3f} |" in md
     for level in s["levels"]:
-        row = f"| {float(level):.0%} | {s['methods']['resp']['accuracy'][level]:.3f} |"
+        row = f"| {pct(level)} | {s['methods']['resp']['accuracy'][level]:.3f} |"
         assert row in md and f"{s['methods']['generic']['accuracy'][level]:.3f}" in md.split(row)[1].split("\n")[0]
     ex = s["example"]
     assert ex["question"] in md and set(ex["answers"]) == {"dense", "resp", "generic"}
@@ -58,7 +59,7 @@ def test_demo_on_micro_organism(tmp_path):
     s = got["summary"]
     assert not got["lm_eval"], "the demo must not need lm-eval"
     assert json.loads((out / "demo.json").read_text()) == s
-    assert s["levels"] == ["0.2", "0.3", "0.4"] and s["limit"] == 8 and s["seconds"] > 0
+    assert s["levels"] == ["0.2", "0.4"] and s["limit"] == 8 and s["seconds"] > 0
     for m in ("resp", "generic"):
         assert set(s["methods"][m]["accuracy"]) == set(s["levels"])
         assert all(0.0 <= a <= 1.0 for a in s["methods"][m]["accuracy"].values())

@@ -16,39 +16,41 @@ METHODS = {
 SHORT = {"dense": "dense", "resp": "RESP", "generic": "generic"}
 
 
-def _pct(level: str | float) -> str:
-    return f"{float(level):.0%}"
+def pct(level: str | float) -> str:
+    """A sparsity level as the tables write it: ``0.2`` -> ``20 %``."""
+    return f"{round(100 * float(level))} %"
 
 
 def accuracy_table(s: dict[str, Any]) -> str:
     """Accuracy per sparsity level, RESP beside generic calibration (same model, loop and steps)."""
     dense = s["dense"]
     rows = ["| sparsity | RESP accuracy | % of dense | generic accuracy | % of dense |", "|---|---|---|---|---|",
-            f"| 0 % (dense) | {dense:.3f} | 100.0 | {dense:.3f} | 100.0 |"]
+            f"| {pct(0)} (dense) | {dense:.3f} | 100.0 | {dense:.3f} | 100.0 |"]
     for level in s["levels"]:
         cells = []
         for m in METHODS:
             acc = s["methods"][m]["accuracy"][level]
             cells += [f"{acc:.3f}", f"{100 * acc / dense:.1f}" if dense else "n/a"]
-        rows.append(f"| {_pct(level)} | " + " | ".join(cells) + " |")
+        rows.append(f"| {pct(level)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def answer_table(s: dict[str, Any]) -> str:
     """The chosen test question answered by the dense model and both pruned models."""
     ex = s["example"]
-    rows = [f"Test problem {ex['index']}: *{ex['question']}* (answer: {ex['expected']})", "",
+    rows = [f"Test problem {ex['index'] + 1} of {s['limit']}: *{ex['question']}* (answer: {ex['expected']})", "",
             "| model | completion | answer |", "|---|---|---|"]
     for who, a in ex["answers"].items():
-        name = SHORT[who] if who == "dense" else f"{SHORT[who]} {_pct(ex['level'])}"
+        name = SHORT[who] if who == "dense" else f"{SHORT[who]} {pct(ex['level'])}"
         mark = "right" if a["correct"] else "wrong"
-        rows.append(f"| {name} | `{a['completion']}` | {a['answer']} ({mark}) |")
+        answer = "none" if a["answer"] is None else a["answer"]
+        rows.append(f"| {name} | `{a['completion']}` | {answer} ({mark}) |")
     return "\n".join(rows)
 
 
 def speed_table(s: dict[str, Any]) -> str:
     """Greedy decode tokens/s, dense and the most pruned RESP model, per batch size."""
-    level = _pct(s["speed_level"])
+    level = pct(s["speed_level"])
     rows = [f"| batch | dense tokens/s | RESP {level} tokens/s | speed-up |", "|---|---|---|---|"]
     for r in s["speed"]:
         rows.append(f"| {r['batch']} | {r['dense']:.0f} | {r['pruned']:.0f} | {r['speedup']:.2f}x |")
@@ -59,8 +61,8 @@ def markdown(s: dict[str, Any]) -> str:
     """OUT/demo.md: the whole story on one page."""
     return "\n\n".join([
         "# RESP demo on the organism",
-        f"The same organism pruned twice with the same loop and step ({s['step']}), once with RESP "
-        f"({METHODS['resp']}) and once with generic text ({METHODS['generic']}); greedy accuracy on "
+        f"The same organism pruned twice by the same loop with the same step ({s['step']}): once with "
+        f"{METHODS['resp']}, once with {METHODS['generic']}. Greedy accuracy on "
         f"{s['limit']} held-out test problems at the first step that reaches each sparsity "
         "(measured sparsities in demo.json).",
         accuracy_table(s),

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import torch
 from shapes import ModelShape
-from transformers import LogitsProcessor, LogitsProcessorList, Qwen3ForCausalLM
+from transformers import LogitsProcessorList, Qwen3ForCausalLM
 
+from resp_plugin.organism.demo_speed import StepClock  # one home: the demo measures decode the same way
 from resp_plugin.structures import DecoderAdapter, adapter_for
 
 
@@ -103,17 +104,6 @@ def prune_copy(dense: Qwen3ForCausalLM, sparsity: float, layout: str) -> Variant
             raise AssertionError(f"layer {i}: expected a {layout} KV layout")
     ad.write_config()
     return Variant(f"{sparsity:.0%} {layout}", sparsity, layout, model, ad)
-
-
-class StepClock(LogitsProcessor):
-    """Records the time at which each generation step's logits arrive."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.stamps.append(time.perf_counter())
-        return scores
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ it by that name after ``pip install -e .``; it is not importable as a top-level 
 The engine (``resp_plugin`` outside this package) never imports these modules.  Those that
 contribute hooks are registered like a third-party plugin, through entry points of group
 ``resp`` (``lm_eval``: task folder and ``lmeval`` prompt source; ``vllm_generation``: the ``vllm``
-generation backend); ``llmcompressor`` registers its modifier when llm-compressor is imported, and
+generation backend); importing ``llmcompressor`` registers its modifier with llm-compressor (which has no entry-point
+discovery: a recipe naming ``RESPPruningModifier`` needs that import first), and
 ``vllm`` is vLLM's own ``vllm.general_plugins`` entry point.
 """

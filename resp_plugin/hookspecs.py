@@ -75,9 +75,10 @@ def resp_register_modifiers(register: Callable[[str, type], None]) -> None:
     """Register llm-compressor modifiers: ``register(name, modifier_class)``.
 
     Called (through ``plugins.collect``) by
-    :func:`resp_plugin.integrations.llmcompressor.register_modifiers` when llm-compressor is
-    imported; every class collected is then registered with llm-compressor's ``ModifierFactory``
-    under its name, so a recipe can name it.  The engine itself never imports llm-compressor.
+    :func:`resp_plugin.integrations.llmcompressor.register_modifiers` when
+    ``resp_plugin.integrations.llmcompressor`` is imported; every class collected is then
+    registered with llm-compressor's ``ModifierFactory`` under its name, so a recipe can name it.
+    The engine itself never imports llm-compressor.
     """
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
+from resp_plugin.fsdp_compat import forget_fsdp_units
+
 T = TypeVar("T")
 TIMEOUT_ENV = "RESP_DIST_TIMEOUT"  # seconds a rank waits in a collective before giving up
 DEFAULT_TIMEOUT_S = 1800  # a milestone regeneration of 500 traces on the slowest rank fits
@@ -292,17 +294,7 @@ def sharded_keep(model, adapter, i: int, heads: list[int], channels: list[int]) 
     _gather_layer(model, adapter, i, keep=True)
     adapter.keep(i, heads=heads, channels=channels)
     _shard_layer(model, adapter, i)
-    _relink_root(model)
-
-
-def _relink_root(model) -> None:
-    """A rebuilt layer brings new FSDP units: the root collects its units again at its next forward
-    (FSDP2's lazy initialisation is idempotent; this only forgets what it found last time)."""
-    root = model.get_decoder()._get_fsdp_state()
-    for state in root._state_ctx.all_states:
-        state._is_root = None
-    root._state_ctx.all_states.clear()
-    root._is_root = None
+    forget_fsdp_units(model.get_decoder())  # the rebuilt layer brings new FSDP units
 
 
 def unshard_model(model, adapter) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from loguru import logger
 from tqdm import tqdm
 
+from resp_plugin.config_flags import add_config_flags, comma_floats, config_from_args
 from resp_plugin.errors import (
     DEBUG_ENV,
     UserError,
@@ -31,59 +32,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a model with RESP",
                        description="Prune MODEL (a local checkpoint folder) to --sparsity with RESP.")
     p.add_argument("model", help="checkpoint folder (transformers format)")
     p.add_argument("--out", required=True, help="run folder: config.yaml, state.json, traces, model/, report")
-    p.add_argument("--sparsity", type=float, help="fraction of decoder linear parameters to remove, in (0, 1)")
     p.add_argument("--config", help="YAML file of RESPConfig fields; flags override it")
-    p.add_argument("--calibration", help="self (default) | gold | generic")
-    p.add_argument("--prompts", help="gsm8k[:PATH] | mathqa[:PATH] | jsonl:PATH")
-    p.add_argument("--num-prompts", type=int)
-    p.add_argument("--generic-text", help="plain text (.txt lines or .jsonl 'text') for --calibration generic")
-    p.add_argument("--loss", choices=["decode", "full"])
-    p.add_argument("--saliency", choices=["sum_abs", "vector"])
-    p.add_argument("--normalization", choices=["resp", "per_param"])
-    p.add_argument("--attention-unit", choices=["query_head", "kv_group"])
-    p.add_argument("--milestones", type=_floats, help="comma-separated, e.g. 0.1,0.2,0.3,0.4")
-    p.add_argument("--no-regenerate", action="store_true", help="keep the first calibration set")
-    p.add_argument("--regenerate-fraction", type=float)
-    p.add_argument("--step", type=float, help="fraction of parameters removed per iteration (default 0.01)")
-    p.add_argument("--schedule", choices=["params", "official"],
-                   help="params (default): --step of the parameters per step; official: the reference's 112-step "
-                        "linear schedule (0.7/111 of all heads+channels per step)")
-    p.add_argument("--save-at", type=_floats, help="also save OUT/model-<level> at these sparsities, e.g. 0.2,0.3,0.4")
-    p.add_argument("--prompt-selection", choices=["shuffle", "sample"],
-                   help="shuffle (default, official): Random(seed).shuffle, first N; sample: earlier sorted draw")
-    p.add_argument("--usable-gate", action="store_true",
-                   help="keep the previous traces when a regenerated set is below min_usable_fraction usable")
-    p.add_argument("--protected-layers", type=_ints, help="comma-separated layer indices ('' for none)")
-    p.add_argument("--min-heads-per-layer", type=int)
-    p.add_argument("--min-channels-per-layer", type=int)
-    p.add_argument("--channel-multiple", type=int, help="kept widths multiple of this (128 for W4A16 g128)")
-    p.add_argument("--head-multiple", type=int, help="kept KV heads per layer a multiple of this: the tensor-parallel "
-                   "size you will serve with (needs --attention-unit kv_group)")
-    p.add_argument("--batch-size", type=int, help="calibration samples per scoring pass")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--score-chunks", type=int, help="score layers in K groups: 1/K gradient memory, K x time")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--backend", help="generation backend: hf (default) | vllm")
-    p.add_argument("--no-thinking", action="store_true", help="chat template without thinking")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (auto spreads over all GPUs)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard every decoder layer over the ranks "
-                   "(FSDP2) for models larger than one device")
+    add_config_flags(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out/model")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -91,43 +46,8 @@ def _add_prune(sub) -> None:
 
 
 def build_config(args):
-    from resp_plugin.config import RESPConfig
-
-    flat = {
-        "sparsity": args.sparsity, "calibration": args.calibration, "prompts": args.prompts,
-        "num_prompts": args.num_prompts, "generic_text": args.generic_text, "loss": args.loss,
-        "saliency": args.saliency, "normalization": args.normalization, "attention_unit": args.attention_unit,
-        "milestones": args.milestones, "regenerate_fraction": args.regenerate_fraction, "step": args.step,
-        "protected_layers": args.protected_layers, "min_heads_per_layer": args.min_heads_per_layer,
-        "min_channels_per_layer": args.min_channels_per_layer, "channel_multiple": args.channel_multiple,
-        "head_multiple": args.head_multiple,
-        "batch_size": args.batch_size, "score_chunks": args.score_chunks, "schedule": args.schedule,
-        "save_at": args.save_at, "prompt_selection": args.prompt_selection,
-        "seed": args.seed, "device": args.device, "dtype": args.dtype,
-    }
-    data = {k: v for k, v in flat.items() if v is not None}
-    if args.no_regenerate:
-        data["regenerate"] = False
-    if args.gradient_checkpointing:
-        data["gradient_checkpointing"] = True
-    if getattr(args, "fsdp", False):
-        data["fsdp"] = True
-    if args.usable_gate:
-        data["usable_gate"] = True
-    gen = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                              "backend": args.backend}.items() if v is not None}
-    if args.no_thinking:
-        gen["thinking"] = False
-    if args.config:
-        base = RESPConfig.from_file(args.config).model_dump()
-        base["generation"].update(gen)
-        base.update(data)
-        return RESPConfig.model_validate(base)
-    if "sparsity" not in data:
-        raise ValueError("--sparsity is required (or give it in --config)")
-    if gen:
-        data["generation"] = gen
-    return RESPConfig.model_validate(data)
+    """The run's RESPConfig: ``--config`` FILE (if any) with the command line's fields over it."""
+    return config_from_args(args, args.config)
 
 
 def cmd_prune(args) -> int:
@@ -307,7 +227,7 @@ def _add_reproduce(sub) -> None:
     r.add_argument("--out", required=True, help="folder: OUT/<task>/ runs and evaluations, OUT/table.md, table.json")
     r.add_argument("--tasks", default="resp_gsm8k_paper,resp_mathqa_paper",
                    help="comma-separated; resp_organism runs the bundled organism on CPU")
-    r.add_argument("--levels", type=_floats, default=[0.2, 0.3, 0.4], help="sparsities, e.g. 0.2,0.3,0.4")
+    r.add_argument("--levels", type=comma_floats, default=[0.2, 0.3, 0.4], help="sparsities, e.g. 0.2,0.3,0.4")
     r.add_argument("--prompts", help="calibration prompts for every task (default: each task's own train split)")
     r.add_argument("--config", help="YAML of RESPConfig fields (sparsity, save_at and prompts are set per task)")
     r.add_argument("--limit", type=int, help="first N documents of each task (smoke runs)")

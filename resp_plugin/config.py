@@ -25,13 +25,13 @@ class GenerationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: str = "hf"
-    temperature: float = Field(0.6, ge=0.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(20, ge=0)
-    max_new_tokens: int = Field(2048, ge=1)
-    batch_size: int = Field(16, ge=1)
-    thinking: bool = True
+    backend: str = Field("hf", description="generation backend writing the traces: hf | vllm (or a plugin's)")
+    temperature: float = Field(0.6, ge=0.0, description="sampling temperature of the traces (0: greedy)")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling of the traces")
+    top_k: int = Field(20, ge=0, description="top-k sampling of the traces (0: off)")
+    max_new_tokens: int = Field(2048, ge=1, description="longest trace generated, in tokens")
+    batch_size: int = Field(16, ge=1, description="prompts generated together")
+    thinking: bool = Field(True, description="chat template with thinking on (--no-thinking: off)")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM backend: GPUs the generating engine spans")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vLLM backend: share of each GPU "
                                           "vLLM may take (the model being pruned waits on the CPU meanwhile)")
@@ -47,48 +47,60 @@ class RESPConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    sparsity: float = Field(..., description="target fraction of decoder linear parameters removed")
-    step: float = 0.01
+    sparsity: float = Field(..., description="target fraction of decoder linear parameters removed, in (0, 1)")
+    step: float = Field(0.01, description="fraction of the parameters removed per iteration (schedule params)")
     schedule: Literal["params", "official"] = Field(
         "params", description="params: each step removes `step` of the parameters; official: the reference's "
         "112-iteration linear schedule to 70 % of structures, 0.7/111 of all heads+channels per step")
-    milestones: list[float] | None = None
+    milestones: list[float] | None = Field(None, description="sparsities where the pruned model regenerates "
+                                           "its traces (default 0.1,0.2,0.3,0.4 up to the target)")
     save_at: list[float] | None = Field(None, description="also save a reloadable model at each of these "
                                         "sparsities, in OUT/model-<level> (one run, many checkpoints)")
-    regenerate: bool = True
-    regenerate_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    regenerate: bool = Field(True, description="regenerate the traces at milestones (--no-regenerate: keep the "
+                             "first calibration set)")
+    regenerate_fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of the traces regenerated at a "
+                                       "milestone")
 
-    calibration: str = "self"
-    prompts: str | None = None
-    num_prompts: int = Field(500, ge=1)
+    calibration: str = Field("self", description="self (the model's own traces) | gold | generic")
+    prompts: str | None = Field(None, description="prompt source: gsm8k[:PATH] | mathqa[:PATH] | jsonl:PATH")
+    num_prompts: int = Field(500, ge=1, description="calibration prompts")
     prompt_selection: Literal["shuffle", "sample"] = Field(
         "shuffle", description="shuffle: the official Random(seed).shuffle then the first num_prompts; "
         "sample: sorted Random(seed).sample (this project's earlier draw)")
-    generic_text: str | None = None
-    max_seq_len: int = Field(4096, ge=8)
-    min_usable_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    generic_text: str | None = Field(None, description="plain text (.txt lines or .jsonl 'text') for calibration "
+                                     "generic")
+    max_seq_len: int = Field(4096, ge=8, description="longest calibration sample scored, in tokens")
+    min_usable_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of usable traces below which a "
+                                       "calibration set is reported (and refused with usable_gate)")
     usable_gate: bool = Field(False, description="keep the previous traces when fewer than "
                               "min_usable_fraction of a regenerated set are usable (default: report only)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
-    loss: Literal["decode", "full"] = "decode"
-    saliency: Literal["sum_abs", "vector"] = "sum_abs"
-    normalization: Literal["resp", "per_param"] = "resp"
-    attention_unit: Literal["query_head", "kv_group"] = "query_head"
-    protected_layers: list[int] | None = None
-    min_heads_per_layer: int = Field(1, ge=1)
-    min_channels_per_layer: int = Field(1, ge=1)
-    channel_multiple: int = Field(1, ge=1)
+    loss: Literal["decode", "full"] = Field("decode", description="decode: loss on the generated tokens only")
+    saliency: Literal["sum_abs", "vector"] = Field("sum_abs", description="sum_abs: sum of |w * g| per structure; "
+                                                   "vector: |mask gradient|, no weight gradients kept")
+    normalization: Literal["resp", "per_param"] = Field("resp", description="how head and channel scores are "
+                                                        "made comparable before the global ranking")
+    attention_unit: Literal["query_head", "kv_group"] = Field("query_head", description="query_head: single query "
+                                                              "heads; kv_group: a KV head with its query heads")
+    protected_layers: list[int] | None = Field(None, description="layer indices never pruned ('' for none; "
+                                               "default: the reference's first 10 % and the last)")
+    min_heads_per_layer: int = Field(1, ge=1, description="attention heads every layer keeps")
+    min_channels_per_layer: int = Field(1, ge=1, description="MLP channels every layer keeps")
+    channel_multiple: int = Field(1, ge=1, description="kept MLP widths are a multiple of this (128 for W4A16 "
+                                  "g128)")
     head_multiple: int = Field(1, ge=1, description="kept KV heads per layer stay a multiple of this "
                                "(attention_unit kv_group): the tensor-parallel size the model will be served with")
 
     batch_size: int = Field(4, ge=1, description="calibration samples per forward/backward pass")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: "
+                                         "less memory, more time")
     score_chunks: int = Field(1, ge=1, description="score the layers in this many groups, one pass each: "
                               "1/k of the gradient memory of sum_abs for k times the scoring time")
-    seed: int = 0
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seed: int = Field(0, description="seed of prompt selection and trace sampling")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto spreads over all GPUs)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights' dtype while "
+                                                                     "pruning")
     fsdp: bool = Field(False, description="under torchrun, shard every decoder layer over the ranks with FSDP2 "
                        "(weights and gradient sums 1/N per rank) for models larger than one device")
 

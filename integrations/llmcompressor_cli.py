@@ -51,14 +51,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> Any:
     """Parse, check the recipe, load the model from its folder, run ``oneshot``; returns the model."""
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from resp_plugin.distributed import refuse_under_torchrun
+    from resp_plugin.io import load_pruned
 
     args = parser().parse_args(argv)
     refuse_under_torchrun("RESPPruningModifier (llm-compressor oneshot)")
     recipe = with_overrides(recipe_path(args.recipe), args.set)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype, device_map=args.device_map)
+    # A dense model, or an already RESP-pruned one (e.g. to quantise it): no folder code runs.
+    model = load_pruned(args.model, dtype=args.dtype, device_map=args.device_map)
     tokenizer = AutoTokenizer.from_pretrained(args.model)  # saved beside the model by oneshot
     return oneshot(model=model, tokenizer=tokenizer, recipe=recipe, output_dir=args.output_dir,
                    dataset=calibration_dataloader(num_samples=args.num_calibration_samples,

@@ -16,6 +16,7 @@ from loguru import logger
 
 from resp_plugin.errors import UserError
 from resp_plugin.integrations import llmcompressor_compat as compat
+from resp_plugin.structures.layout import head_dim_of
 
 __all__ = ["check_group_divisibility", "check_recipe_order", "resolve_channel_multiple"]
 
@@ -47,8 +48,7 @@ def resolve_channel_multiple(given: int | None, after: Sequence[Modifier], model
         logger.info(f"channel_multiple set to {group} for {why}")
     if attention_unit == "kv_group" and group > 1:
         cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        width = cfg.num_attention_heads // cfg.num_key_value_heads * head_dim
+        width = cfg.num_attention_heads // cfg.num_key_value_heads * head_dim_of(cfg)
         if width % group:
             raise UserError(
                 f"attention_unit kv_group removes {width} o_proj input columns at a time, not a multiple of "

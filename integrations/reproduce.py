@@ -70,7 +70,8 @@ def run_task(model: str, out: Path, task: str, config: dict[str, Any], levels: l
 
     cfg = RESPConfig.model_validate({**config, "sparsity": max(levels), "save_at": levels})
     run = out / task
-    net, tok = load_model_and_tokenizer(model, cfg.device, cfg.dtype)
+    net, tok = load_model_and_tokenizer(model, cfg.device, cfg.dtype,
+                                        trust_remote_code=eval_kwargs.get("trust_remote_code", False))
     report = prune(net, tok, cfg, out=run, overwrite=True).report
     del net
     saved = {rec["level"]: rec for rec in report["saved"]}

@@ -238,6 +238,7 @@ def _add_reproduce(sub) -> None:
     r.add_argument("--judge-cache")
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="auto")
+    r.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     r.set_defaults(func=cmd_reproduce)
 
 
@@ -254,7 +255,8 @@ def cmd_reproduce(args) -> int:
     rows = reproduce(args.model, args.out, tasks=[t for t in args.tasks.split(",") if t], levels=args.levels,
                      config=config, prompts=args.prompts, limit=args.limit, max_gen_toks=args.max_gen_toks,
                      batch_size=batch, judge_url=args.judge_url, judge_model=args.judge_model,
-                     judge_cache=args.judge_cache, device=args.device, dtype=args.dtype)
+                     judge_cache=args.judge_cache, device=args.device, dtype=args.dtype,
+                     trust_remote_code=args.trust_remote_code)
     print(table_markdown(rows))
     return 0
 

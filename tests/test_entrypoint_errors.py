@@ -1,4 +1,4 @@
-"""Issue 16: every entry point refuses a bad input with one line, exit code 2, no traceback, and
+"""Every entry point refuses a bad input with one line, exit code 2, no traceback, and
 leaves no output behind.
 
 One table over ``resp prune|eval|report|demo`` (in-process ``main()``, one real subprocess), the

@@ -300,7 +300,7 @@ def _organism_special_tags() -> tuple[Any, Any]:
 
 
 def test_special_think_tags_cut_mid_reasoning_score_no_answer(organism: str) -> None:
-    """Issue 12: a trace cut inside <think> is no answer, even where the tags are special tokens."""
+    """A trace cut inside <think> is no answer, even where the tags are special tokens."""
     model, tokenizer = _organism_special_tags()
     cut = evaluate(model, ["resp_organism"], tokenizer=tokenizer, limit=8, max_gen_toks=6, batch_size=8,
                    log_samples=True)

@@ -103,13 +103,13 @@ def _prune_and_measure(kind: str, model_dir: Path, out: Path, problems, levels: 
     bar = tqdm(total=round(100 * max(levels)), desc=f"{demo_report.SHORT[kind]}: pruning, evaluating", unit="%")
 
     def on_step(sparsity: float, pruned) -> None:
-        bar.update(min(round(100 * sparsity), bar.total) - bar.n)
         for level in levels:
             if sparsity >= level - EPS and str(level) not in got["accuracy"]:
                 acc, completions = _evaluate(pruned, tokenizer, problems)
                 got["accuracy"][str(level)], got["sparsity"][str(level)] = acc, round(sparsity, 4)
                 last[:] = completions
-                bar.set_postfix(accuracy=f"{acc:.3f}")
+                bar.set_postfix(accuracy=f"{acc:.3f}", refresh=False)
+        bar.update(min(round(100 * sparsity), bar.total) - bar.n)  # after the evaluation: 100 % means done
 
     with _no_transformers_bars():
         prune(model, tokenizer, demo_config(kind, quick, sparsity=max(levels)), out=out / kind, overwrite=True,

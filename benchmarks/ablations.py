@@ -131,10 +131,13 @@ def run_baseline(variant: str, levels: list[float], seed: int, args) -> dict:
     windows = calibration_windows(samples, seq_len)
     protected = cfg.protected(dense.config.num_hidden_layers)
     options = {"bias": True} if method == "flap" and args.flap_bias else {}
-    for lvl in levels:
+    for n, lvl in enumerate(levels):
         model, tok, done = _prune_near(method, lvl, windows, protected, options)
         got[str(lvl)] = _accuracy(model, tok, args.limit)
         got["sparsity"][str(lvl)], got["ratio"][str(lvl)] = done["sparsity"], done["ratio"]
+        if args.stop_below is not None and got[str(lvl)] <= args.stop_below:
+            got["not_run"] = [str(x) for x in levels[n + 1:]]  # a collapsed model stays collapsed when cut more
+            break
     return got
 
 
@@ -150,6 +153,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="levels 0.2,0.4, one seed, 40 problems, 32 prompts")
     ap.add_argument("--model", type=Path, help="checkpoint to use instead of the bundled organism")
+    ap.add_argument("--stop-below", type=float, help="baselines: once a level scores at most this, skip the "
+                    "higher levels (a collapsed model's answers run to max_gen_toks, the slowest evaluation)")
     ap.add_argument("--flap-bias", action="store_true", help="FLAP with bias compensation (the reference's "
                     "Figure 2 runs have it off)")
     args = ap.parse_args()
@@ -221,9 +226,11 @@ def render(results: dict, levels: list[float], args) -> str:
                  head, rule]
         rows += [f"| {v} | " + " | ".join(_cell(x) for x in _summary(results, v, levels, "sparsity")) + " |"
                  for v in baselines]
-    groups = [("calibration ablations", [v for v in variants if v in CALIBRATION_VARIANTS])]
+    calibration = [v for v in variants if v in CALIBRATION_VARIANTS]
+    groups = [("calibration ablations", calibration)] if calibration != ["resp"] or not baselines else []
     if baselines:
         groups.append(("RESP vs ported baselines", [v for v in variants if v == "resp"] + baselines))
+        rows += ["", "–: not run; the model had collapsed (accuracy <= --stop-below) at a lower level."]
     fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4), squeeze=False)
     for ax, (title, group) in zip(axes[0], groups):
         for v in group:

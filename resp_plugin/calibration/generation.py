@@ -47,8 +47,10 @@ def sampling_kwargs(cfg: GenerationConfig) -> dict:
 
 @torch.no_grad()
 def generate_batched(model, prompts: list[list[int]], cfg: GenerationConfig, *, eos: set[int], pad_id: int,
-                     seed: int | None = None, desc: str = "generating") -> list[list[int]]:
+                     seed: int | None = None, desc: str = "generating", progress: bool = True) -> list[list[int]]:
     """The new token ids of every prompt (token ids), in the order given, padding after an end token kept.
+
+    ``progress=False`` hides the per-batch bar, for callers that show their own (``resp demo``).
 
     Prompts are sorted by length and generated ``cfg.batch_size`` at a time with left padding;
     ``seed`` seeds torch once before the first batch, so a call is reproducible as a whole.
@@ -63,7 +65,8 @@ def generate_batched(model, prompts: list[list[int]], cfg: GenerationConfig, *, 
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch", leave=False):
+        for start in tqdm(range(0, len(order), cfg.batch_size), desc=desc, unit="batch", leave=False,
+                          disable=not progress):
             batch = order[start:start + cfg.batch_size]
             ids, mask = pad_batch([prompts[i] for i in batch], pad_id, side="left")
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)

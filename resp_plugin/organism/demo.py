@@ -82,7 +82,7 @@ def _evaluate(model, tokenizer, problems, bar: tqdm | None = None) -> tuple[floa
     correct = 0.0
     for i in range(0, len(problems), EVAL_BATCH):
         chunk = problems[i:i + EVAL_BATCH]
-        acc, done = accuracy(model, tokenizer, chunk, batch_size=EVAL_BATCH)
+        acc, done = accuracy(model, tokenizer, chunk, batch_size=EVAL_BATCH, progress=False)  # `bar` counts
         correct += acc * len(chunk)
         completions += done
         if bar is not None:

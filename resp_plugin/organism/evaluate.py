@@ -45,13 +45,14 @@ def prompts(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], enable
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: Sequence[str], *,
              temperature: float = 0.0, top_p: float = 0.95, top_k: int = 20, batch_size: int = 128,
-             max_new_tokens: int = MAX_NEW_TOKENS, enable_thinking: bool = True) -> list[str]:
+             max_new_tokens: int = MAX_NEW_TOKENS, enable_thinking: bool = True, progress: bool = True) -> list[str]:
     """Completions (special tokens kept, cut at the end token) for each question; greedy when temperature is 0."""
     cfg = GenerationConfig(temperature=temperature, top_p=top_p, top_k=top_k, batch_size=batch_size,
                            max_new_tokens=max_new_tokens, thinking=enable_thinking)
     eos = eos_ids(model, tokenizer)
     prompts = [prompt_ids(tokenizer, q, enable_thinking) for q in questions]
-    generated = generate_batched(model, prompts, cfg, eos=eos, pad_id=tokenizer.pad_token_id, desc="generate")
+    generated = generate_batched(model, prompts, cfg, eos=eos, pad_id=tokenizer.pad_token_id, desc="generate",
+                                 progress=progress)
     return [completion(tokenizer, ids, eos).text for ids in generated]
 
 

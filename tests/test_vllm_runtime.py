@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -85,28 +86,54 @@ def _wait_ready(server: subprocess.Popen, url: str, log: Path, seconds: float = 
     pytest.fail(f"vllm serve not ready after {seconds} s:\n{log.read_text()[-3000:]}")
 
 
-def test_vllm_serve_answers_a_chat_request(organism40, tmp_path):
-    """The real OpenAI-compatible server (engine in its own process: the plugin loads by entry point)."""
-    port, log = _free_port(), tmp_path / "serve.log"
+@contextmanager
+def _served(model: Path, log: Path, max_model_len: int):
+    """`vllm serve MODEL` on a free localhost port (engine in its own process: the plugin loads by entry
+    point); yields the API base URL and stops the server after."""
+    port = _free_port()
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(organism40), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "256"]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(max_model_len)]
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         _wait_ready(server, f"http://127.0.0.1:{port}/health", log)
-        problem = json.loads(organism.data_path("test.jsonl").read_text().splitlines()[0])
-        reply = _post(f"http://127.0.0.1:{port}/v1/chat/completions", {
-            "model": str(organism40), "temperature": 0, "max_tokens": 64,
-            "messages": [{"role": "user", "content": problem["question"]}]})
-        answer = problem["answer"].split("####")[-1].strip()
-        assert reply["choices"][0]["message"]["content"].split()[-1] == answer, reply
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         server.terminate()
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_vllm_serve_answers_a_chat_request(organism40, tmp_path):
+    """The real OpenAI-compatible server answers a pruned checkpoint's chat request."""
+    with _served(organism40, tmp_path / "serve.log", 256) as url:
+        problem = json.loads(organism.data_path("test.jsonl").read_text().splitlines()[0])
+        reply = _post(f"{url}/chat/completions", {
+            "model": str(organism40), "temperature": 0, "max_tokens": 64,
+            "messages": [{"role": "user", "content": problem["question"]}]})
+    answer = problem["answer"].split("####")[-1].strip()
+    assert reply["choices"][0]["message"]["content"].split()[-1] == answer, reply
+
+
+def test_judge_against_a_vllm_served_model(tmp_path):
+    """The judge path against a real vLLM server: every document asked and answered (no request errors), the
+    verdicts parsed, the cache answering a rerun. The organism is no judge: its verdicts are not checked."""
+    from resp_plugin.integrations.judge import Judge
+
+    samples = [{"doc_id": 0, "target": "18", "resps": [["<think> 9 * 2 = 18 </think> 18"]]},
+               {"doc_id": 1, "target": "7", "resps": [["<think> 3 + 5 = 8 </think> 8"]]}]
+    model = organism.model_path()
+    with _served(model, tmp_path / "judge.log", 512) as url:
+        judge = Judge(url, str(model), cache=tmp_path / "cache.jsonl", concurrency=2, timeout=300)
+        judge.check()
+        first = judge.score(samples, "gsm8k", progress=False)
+    assert (first["n"], first["errors"], first["cached"]) == (2, 0, 0), first
+    assert all(isinstance(v["correct"], bool) and not v["error"] for v in first["verdicts"]), first
+    again = Judge(url, str(model), cache=tmp_path / "cache.jsonl").score(samples, "gsm8k", progress=False)
+    assert (again["cached"], again["judge_acc"]) == (2, first["judge_acc"])  # the server is gone: cache only
 
 
 @pytest.mark.skipif(not os.environ.get("RESP_W8A8_ORGANISM"),

@@ -143,6 +143,10 @@ def _check_prune_inputs(args, config) -> None:
         from resp_plugin.integrations.lm_eval import load_tasks
 
         load_tasks([task])
+    elif config.prompts:  # a prompt file is read in a moment: refuse a bad one before the model loads
+        from resp_plugin.calibration.sources import load_prompts
+
+        load_prompts(config.prompts, config.num_prompts, config.seed, config)
 
 
 def _check_report_dir(out: Path) -> None:

@@ -168,6 +168,9 @@ CASES = [
          lambda c: _hold_lock(c, c.tmp / "run")),
     Case("prune-bad-flag-value", "cli", _prune("good", "--sparsity", "lots"),
          r"resp prune: error: argument --sparsity: invalid float value"),
+    Case("prune-prompts-without-prompt-field", "cli", _prune("good", "--prompts", "jsonl:TMP/qa.jsonl"),
+         r"qa.jsonl: line 1 needs a non-empty string field 'prompt'",
+         lambda c: (c.tmp / "qa.jsonl").write_text('{"question": "1 + 1?", "answer": "2"}\n')),
     Case("prune-zero-prompts", "cli", _prune("good", "--num-prompts", "0"), r"num_prompts: Input should be greater"),
     # resp eval
     Case("eval-unknown-task", "cli", _eval("good", tasks="no_such_task_at_all"),

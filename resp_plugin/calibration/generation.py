@@ -91,5 +91,6 @@ class HFGenerationBackend:
         eos = eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos) if eos else 0
         generated = generate_batched(model, encoded, self.cfg, eos=eos, pad_id=pad,
-                                     seed=self.seed if seed is None else seed, desc="generating traces")
+                                     seed=self.seed if seed is None else seed, desc="generating traces",
+                                     progress=len(encoded) > self.cfg.batch_size)  # one batch: the caller's bar
         return [completion(tokenizer, ids, eos) for ids in generated]

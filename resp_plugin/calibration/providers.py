@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 from loguru import logger
+from tqdm.auto import tqdm
 
 from resp_plugin import distributed
 from resp_plugin.calibration import (
@@ -174,11 +175,14 @@ class SelfProvider(_Base):
             batches = list(enumerate(generation_batches(tokenizer, prompts, self.config.generation)))
             mine: dict[int, object] = {}
             with distributed.together("generating its calibration traces"):
-                for b, batch in distributed.shard(batches):
+                mine_batches = distributed.shard(batches)
+                bar = tqdm(mine_batches, desc="generating traces", unit="batch", leave=False,
+                           disable=not distributed.world().is_main)  # one bar over all batches of the set
+                for b, batch in bar:
                     out = self.backend.generate(model, tokenizer, [prompts[j] for j in batch], seed=batch_seed(seed, b))
                     mine.update(zip(batch, out))
                 # A sharded (FSDP2) model gathers its layers in every forward: ranks make as many calls.
-                for _ in range(distributed.lockstep_padding(model, len(batches), len(distributed.shard(batches)))):
+                for _ in range(distributed.lockstep_padding(model, len(batches), len(mine_batches))):
                     self.backend.generate(model, tokenizer, [prompts[j] for j in batches[0][1]], seed=seed)
             self.n_generated += len(mine)
             merged = {j: c for part in distributed.gather(mine) for j, c in part.items()}

@@ -56,7 +56,8 @@ def make_model(arch: str = "qwen3", layers: int = 4, hidden: int = 64, heads: in
     torch.manual_seed(seed)
     cfg = getattr(transformers, cfg_name)(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, head_dim=hidden // heads * 2 if arch == "qwen3" else hidden // heads,
+        num_key_value_heads=kv,
+        head_dim=extra.pop("head_dim", hidden // heads * 2 if arch == "qwen3" else hidden // heads),
         vocab_size=8 + len(WORDS), max_position_embeddings=256, tie_word_embeddings=False,
         pad_token_id=0, eos_token_id=1, **{**arch_extra, **extra},
     )
@@ -66,6 +67,15 @@ def make_model(arch: str = "qwen3", layers: int = 4, hidden: int = 64, heads: in
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model
+
+
+def save_tiny_qwen3(root: Path, name: str) -> Path:
+    """A saved tiny Qwen3 whose widths suit W4A16 group 128 (hidden 256, 512 channels, 4 heads / 2 KV heads
+    of 64), its tokenizer, and ``root/gold.jsonl`` (8 prompts): what the llm-compressor tests run recipes on."""
+    make_model(hidden=256, heads=4, kv=2, inter=512, head_dim=64).save_pretrained(root / name)
+    make_tokenizer().save_pretrained(root / name)
+    write_gold(root / "gold.jsonl", n=8)
+    return root
 
 
 def write_gold(path: Path, n: int = 10, seed: int = 0, prompt_len: int = 6, comp_len: int = 8) -> Path:

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("llmcompressor")
 
-from conftest import make_tokenizer, write_gold  # noqa: E402
+from conftest import save_tiny_qwen3  # noqa: E402
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 # script -> (folder suffix, width multiple its kernels need, calibration)
@@ -29,17 +29,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A saved tiny Qwen3 named ``tiny`` (hidden 256, 512 channels: W4A16 group 128 applies) + prompts."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    root = tmp_path_factory.mktemp("examples")
-    torch.manual_seed(0)
-    cfg = Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=64, vocab_size=88, max_position_embeddings=256,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
-    Qwen3ForCausalLM(cfg).eval().save_pretrained(root / "tiny")
-    make_tokenizer().save_pretrained(root / "tiny")
-    write_gold(root / "gold.jsonl", n=8)
-    return root
+    return save_tiny_qwen3(tmp_path_factory.mktemp("examples"), "tiny")
 
 
 def test_every_example_is_tested():

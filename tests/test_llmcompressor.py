@@ -24,7 +24,7 @@ from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import resp_plugin  # noqa: E402
-from conftest import make_tokenizer, write_gold  # noqa: E402
+from conftest import save_tiny_qwen3  # noqa: E402
 from resp_plugin.config import RESPConfig  # noqa: E402
 from resp_plugin.hookspecs import hookimpl  # noqa: E402
 from resp_plugin.integrations import llmcompressor_compat as compat  # noqa: E402
@@ -48,17 +48,7 @@ SHIPPED = ("resp", "resp_w4a16_gptq", "resp_w8a8", "resp_fp8_dynamic")
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory) -> Path:
     """A saved tiny Qwen3 (4 layers, 4 heads / 2 KV heads of 64, 512 channels) + tokenizer + gold prompts."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    root = tmp_path_factory.mktemp("llmc")
-    torch.manual_seed(0)
-    cfg = Qwen3Config(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=64, vocab_size=88, max_position_embeddings=256,
-                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
-    Qwen3ForCausalLM(cfg).eval().save_pretrained(root / "dense")
-    make_tokenizer().save_pretrained(root / "dense")
-    write_gold(root / "gold.jsonl", n=8)
-    return root
+    return save_tiny_qwen3(tmp_path_factory.mktemp("llmc"), "dense")
 
 
 def load(path: Path):

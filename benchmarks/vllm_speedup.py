@@ -3,16 +3,17 @@
 The model is `speedup.py`'s random Qwen3 (hidden 1024, 8 layers, 16 query / 8 KV heads, MLP 3072),
 pruned to 40 % of its decoder linear parameters in two layouts of equal parameter count:
 ``uniform`` (whole KV groups removed: even groups, vLLM's kernels as for any model) and
-``uneven`` (one query head per KV group: the RESP vLLM plugin lays the layers out with
-duplicated KV heads or pad heads, docs/serving.md).  Each checkpoint is saved as `resp prune`
-saves it and opened with ``vllm.LLM``.
+``uneven`` (one query head per KV group: the RESP vLLM plugin runs such layers on even slots,
+docs/serving.md).  Each checkpoint is saved as `resp prune` saves it and opened with
+``vllm.LLM`` as a vLLM user would, compiled (vLLM's default; ``--eager`` for
+``enforce_eager=True``).
 
 Decode tokens/s = batch x (N - 1) / (time for N new tokens - time for 1 new token), the same
 prompts, ``ignore_eos``: prefill cancels out.  All engines stay open and the repeats rotate over
 them, so load that drifts over the run hits every variant alike; medians are reported.  The ideal
 speed-up is the ratio of matmul parameters read per token (decoder linears + lm_head), dense / pruned.
 
-    python benchmarks/vllm_speedup.py [--batches 1,32] [--new-tokens 64] [--repeats 3] [--quick]
+    python benchmarks/vllm_speedup.py [--batches 1,32] [--new-tokens 64] [--repeats 3] [--eager] [--quick]
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def matmul_params(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def open_engines(paths: dict[str, Path], max_len: int) -> dict[str, object]:
+def open_engines(paths: dict[str, Path], max_len: int, eager: bool) -> dict[str, object]:
     """One vLLM engine per checkpoint, all alive at once (each in its own process), so that
     repeats can rotate over them and drifting machine load hits every variant alike."""
     from vllm import LLM
 
     return {name: LLM(model=str(path), dtype="float32", skip_tokenizer_init=True, max_model_len=max_len, seed=0,
-                      enforce_eager=True, gpu_memory_utilization=0.2) for name, path in paths.items()}
+                      enforce_eager=eager, gpu_memory_utilization=0.2) for name, path in paths.items()}
 
 
 def decode_rates(engines: dict[str, object], batch: int, prompt: int, new_tokens: int,
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eager", action="store_true", help="enforce_eager=True: no torch.compile")
     ap.add_argument("--quick", action="store_true", help="a small model, for a smoke run")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -99,7 +101,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory(prefix="resp-vllm-bench-") as tmp:
         variants = save_variants(setup, Path(tmp))
-        engines = open_engines({name: path for name, (path, _) in variants.items()}, setup.prompt + args.new_tokens + 8)
+        paths = {name: path for name, (path, _) in variants.items()}
+        engines = open_engines(paths, setup.prompt + args.new_tokens + 8, args.eager)
         rates = {}
         for b in batches:
             for name, rate in decode_rates(engines, b, setup.prompt, args.new_tokens, args.repeats).items():
@@ -107,7 +110,8 @@ def main() -> None:
         del engines
         gc.collect()
     dense_params = variants["dense"][1]
-    print(f"\nvLLM decode, fp32, {args.threads} threads, prompt {setup.prompt}, {args.new_tokens} new tokens, "
+    mode = "eager" if args.eager else "compiled"
+    print(f"\nvLLM decode, fp32, {mode}, {args.threads} threads, prompt {setup.prompt}, {args.new_tokens} new tokens, "
           f"median of {args.repeats}\n")
     print("| model | batch | tokens/s | speed-up | ideal | of ideal |\n|---|---|---|---|---|---|")
     for (name, b), rate in rates.items():

@@ -6,10 +6,11 @@ methods, tensor/pipeline parallelism, torch.compile and weight loading stay vLLM
 1. every decoder layer is built from a copy of the config carrying *its* sizes (query heads,
    KV heads, MLP width; read from ``per_layer_config`` by
    :mod:`resp_plugin.structures.layout`), with uneven query groups laid out evenly by
-   :func:`~resp_plugin.structures.layout.plan_heads` (pad heads with zero ``o_proj`` columns,
-   or duplicated KV heads);
-2. checkpoint tensors of layers with such a layout are re-indexed into it as they stream
-   in, before vLLM's own loaders see them.
+   :func:`~resp_plugin.structures.layout.plan_heads` (pad query slots, duplicated KV slots);
+2. such a layer runs its slots without extra matmul work: on one tensor-parallel rank it
+   projects the checkpoint's own heads and copies them into slots (:mod:`.vllm_slots`); under
+   tensor parallelism the checkpoint tensors are re-indexed into the slot layout as they
+   stream in (pads with zero ``o_proj`` columns), before vLLM's own loaders see them.
 
 A size that tensor parallelism cannot split is refused while the layers are built, before
 any weight is read.  This module imports vLLM's model code: it is loaded by vLLM only when a
@@ -31,6 +32,7 @@ from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.models import llama, mistral, qwen3
 
+from resp_plugin.integrations.vllm_slots import project_real_heads
 from resp_plugin.structures import DecoderSpec, supported_architectures
 from resp_plugin.structures.layout import (
     HeadPlan,
@@ -43,10 +45,19 @@ from resp_plugin.structures.layout import (
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
+def slots_in_weights(tp_size: int) -> bool:
+    """Whether uneven layers are laid out in the weights (pads and KV copies as matmul rows).
+
+    Only under tensor parallelism, where each rank projects a fixed contiguous share of the
+    heads; on one rank the slots are filled after the matmul (:mod:`.vllm_slots`).
+    """
+    return tp_size > 1
+
+
 def layer_plan(config: Any, index: int, tp_size: int) -> HeadPlan:
     """The even head layout of layer ``index``, or a clear error when ``tp_size`` cannot split it."""
     sizes = layer_sizes(config, index)
-    plan = plan_heads(sizes.kv_index, tp_size)
+    plan = plan_heads(sizes.kv_index, tp_size, slots_in_weights(tp_size))
     if plan is None or sizes.intermediate_size % tp_size:
         raise ValueError(
             f"layer {index} of this RESP checkpoint keeps {sizes.num_heads} query heads over "
@@ -84,6 +95,10 @@ def per_layer(layer_cls: type[nn.Module], overrides: tuple[tuple[str, Any], ...]
             base = config if config is not None else kwargs["vllm_config"].model_config.hf_config
             index = int(prefix.rsplit(".", 1)[-1])
             super().__init__(*args, prefix=prefix, config=layer_config(base, index, overrides), **kwargs)
+            tp_size = get_tensor_model_parallel_world_size()
+            plan = layer_plan(base, index, tp_size)
+            if not plan.is_identity and not slots_in_weights(tp_size):
+                project_real_heads(self, plan, layer_sizes(base, index))
 
     RESPDecoderLayer.__name__ = RESPDecoderLayer.__qualname__ = f"RESP{layer_cls.__name__}"
     return RESPDecoderLayer
@@ -103,8 +118,9 @@ def _remap_rows(name: str, tensor: torch.Tensor, units: tuple[int, ...], n_units
         return _gather(tensor, units, width, 0)
     if tensor.numel() == 1:
         return tensor
-    raise ValueError(f"{name}: cannot lay out a tensor of shape {tuple(tensor.shape)} per head; this "
-                     "quantisation format packs heads together. Prune with --attention-unit kv_group")
+    raise ValueError(f"{name}: cannot lay out a tensor of shape {tuple(tensor.shape)} per head for tensor "
+                     "parallelism; this quantisation format packs heads together. Serve with "
+                     "tensor_parallel_size=1, or prune with --attention-unit kv_group")
 
 
 def _remap_o(name: str, tensor: torch.Tensor, plan: HeadPlan, n_heads: int, width: int) -> torch.Tensor:
@@ -117,8 +133,9 @@ def _remap_o(name: str, tensor: torch.Tensor, plan: HeadPlan, n_heads: int, widt
         return out
     if tensor.dim() <= 1 or tensor.shape[1] == 1:  # bias, per-output-channel scales
         return tensor
-    raise ValueError(f"{name}: cannot pad a tensor of shape {tuple(tensor.shape)} by head; this "
-                     "quantisation format groups input columns. Prune with --attention-unit kv_group")
+    raise ValueError(f"{name}: cannot pad a tensor of shape {tuple(tensor.shape)} by head for tensor "
+                     "parallelism; this quantisation format groups input columns. Serve with "
+                     "tensor_parallel_size=1, or prune with --attention-unit kv_group")
 
 
 def remap_weights(weights: Iterable[tuple[str, torch.Tensor]], config: Any, spec: DecoderSpec,
@@ -153,7 +170,9 @@ class _PerLayerWeights:
         stock = dense_architecture_name(type(self).__name__)
         spec = supported_architectures().get(stock, DecoderSpec())
         tp_size = get_tensor_model_parallel_world_size()
-        return super().load_weights(remap_weights(weights, self.config, spec, tp_size))  # type: ignore[misc]
+        if slots_in_weights(tp_size):
+            weights = remap_weights(weights, self.config, spec, tp_size)
+        return super().load_weights(weights)  # type: ignore[misc]
 
 
 @contextlib.contextmanager

@@ -43,6 +43,35 @@ def test_plan_is_exact(kv_index):
     assert sum(plan.q_real) == n_q and set(plan.q_source) == set(range(n_q))
 
 
+@pytest.mark.parametrize("kv_index", [[0, 0, 1, 1, 2, 2, 3], [0, 0, 0, 0, 1, 2], [0, 1, 1, 2, 3], [1, 0, 1]])
+@pytest.mark.parametrize("slots_in_weights", [True, False])
+def test_real_heads_copied_into_slots_are_exact(kv_index, slots_in_weights):
+    """What vLLM runs on one rank: q/k/v of the real heads only, copied into slot order by
+    ``slot_heads``; ``real_slots`` hands the real slots back to an o_proj of the checkpoint's shape."""
+    torch.manual_seed(0)
+    n_q, n_kv, seq, d, hidden = len(kv_index), max(kv_index) + 1, 5, 4, 6
+    x, w_qkv = torch.randn(seq, hidden), torch.randn((n_q + 2 * n_kv) * d, hidden)
+    w_o = torch.randn(hidden, n_q * d)
+    q, k, v = (x @ w_qkv.T).split([n_q * d, n_kv * d, n_kv * d], -1)
+    heads = lambda t: t.view(seq, -1, d).transpose(0, 1)  # noqa: E731
+    want = grouped_attention(heads(q), heads(k), heads(v), kv_index).transpose(0, 1).reshape(seq, -1) @ w_o.T
+
+    plan = plan_heads(kv_index, slots_in_weights=slots_in_weights)
+    slots = (x @ w_qkv.T).view(seq, -1, d)[:, plan.slot_heads(n_q, n_kv)].reshape(seq, -1)
+    q_s, k_s, v_s = slots.split([plan.num_heads * d, plan.num_kv_heads * d, plan.num_kv_heads * d], -1)
+    groups = [s // plan.group for s in range(plan.num_heads)]
+    out = grouped_attention(heads(q_s), heads(k_s), heads(v_s), groups).transpose(0, 1)
+    torch.testing.assert_close(out[:, plan.real_slots()].reshape(seq, -1) @ w_o.T, want, rtol=1e-5, atol=1e-5)
+
+
+def test_without_matmul_cost_no_kv_head_is_duplicated():
+    """Slots filled after the matmul: pads are only attention arithmetic, KV copies would grow the cache."""
+    for kv_index in ([0, 0, 0, 0, 1, 2], [0, 1, 1, 2, 3], [0, 0, 1, 1, 2, 2, 3]):
+        plan = plan_heads(kv_index, slots_in_weights=False)
+        assert plan.num_kv_heads == max(kv_index) + 1 and plan.kv_source == tuple(range(plan.num_kv_heads))
+    assert plan_heads([0, 0, 0, 0, 1, 2], slots_in_weights=False).num_heads == 12  # 6 pads, no copy
+
+
 def test_even_groups_get_the_identity_plan():
     assert plan_heads([0, 0, 1, 1, 2, 2]).is_identity
     assert plan_heads([0, 1, 2]).is_identity

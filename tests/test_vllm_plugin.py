@@ -103,6 +103,33 @@ def test_dense_checkpoint_keeps_the_stock_class(organism_prompts):
         gc.collect()
 
 
+def test_uneven_layers_keep_the_checkpoints_weights_and_kv_heads(pruned_organisms):
+    """On one rank, uneven layers project only their real heads (no matmul rows for pads or KV
+    copies) and their KV cache holds exactly the checkpoint's KV heads."""
+    from vllm import LLM
+
+    path = pruned_organisms["query_head", 0.4]
+    layers = json.loads((path / "config.json").read_text())["per_layer_config"]
+    uneven = {int(i) for i, lc in layers.items() if len(set(map(lc["resp_kv_index"].count, lc["resp_kv_index"]))) > 1}
+    assert uneven, "the 40 % query_head organism should have an uneven layer"
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256)
+    try:
+        built = llm.apply_model(_attention_layout)[0]
+    finally:
+        del llm
+        gc.collect()
+    for i, (cls, kv_slots, projected) in enumerate(built):
+        lc = layers[str(i)]
+        assert cls == ("SlotQKVParallelLinear" if i in uneven else "QKVParallelLinear"), (i, cls)
+        assert (kv_slots, projected) == (lc["resp_num_key_value_heads"], lc["resp_num_attention_heads"]), i
+
+
+def _attention_layout(model) -> list[tuple[str, int, int]]:
+    """Per layer: the q/k/v projection's class, KV heads cached, query heads projected."""
+    return [(type(layer.self_attn.qkv_proj).__name__, layer.self_attn.attn.num_kv_heads,
+             layer.self_attn.qkv_proj.total_num_heads) for layer in model.model.layers]
+
+
 # ----------------------------------------------------------------------------- other architectures
 
 # (arch, heads, kv heads, per-layer kept query heads): each leaves uneven groups that need pads,
@@ -162,3 +189,16 @@ def test_vllm_internals_the_plugin_relies_on():
         assert {"config", "prefix"} <= inspect.signature(layer.__init__).parameters.keys()
     qkv = inspect.getsource(llama.LlamaDecoderLayer.__init__)
     assert "qkv_bias" in qkv and "head_dim" in inspect.getsource(llama.LlamaAttention.__init__)
+    # integrations/vllm_slots.py rebuilds an attention block's projections from their own attributes
+    from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+
+    from resp_plugin.integrations.vllm_slots import ATTENTION, OUT, QKV
+
+    for attn_init in (llama.LlamaAttention.__init__, qwen3.Qwen3Attention.__init__):
+        assert f"self.{QKV} = QKVParallelLinear(" in inspect.getsource(attn_init)
+        assert f"self.{OUT} = RowParallelLinear(" in inspect.getsource(attn_init)
+    for layer in (llama.LlamaDecoderLayer, qwen3.Qwen3DecoderLayer):
+        assert f"self.{ATTENTION} =" in inspect.getsource(layer.__init__)
+    qkv_args = inspect.signature(QKVParallelLinear).parameters.keys()
+    assert {"v_head_size", "params_dtype", "quant_config", "prefix"} <= qkv_args
+    assert {"input_is_parallel", "reduce_results"} <= inspect.signature(RowParallelLinear).parameters.keys()

@@ -16,10 +16,18 @@ a layer onto an even one, exactly:
   exactly nothing);
 - a KV head with more query heads than ``group`` is *duplicated* into several KV slots.
 
-The cheapest ``group`` is chosen: each extra query or KV slot costs the same matmul
-parameters (2 x head_dim x hidden), and a KV slot also costs KV-cache memory, so it counts
-twice.  Layers whose groups are already even (all ``kv_group`` checkpoints) get the identity
-plan: no pads, no duplicates, no overhead.
+The cheapest ``group`` is chosen, by what a slot costs the runtime:
+
+- when the slots are laid out in the weights (vLLM under tensor parallelism), each extra
+  query or KV slot costs the same matmul parameters (2 x head_dim x hidden), and a KV slot
+  also costs KV-cache memory, so it counts twice;
+- when the runtime projects only the real heads and copies them into slots (vLLM on one
+  rank), slots cost no matmul work; a KV slot still costs KV-cache memory and the bandwidth
+  of reading it at every decode step, a pad only attention arithmetic on keys already read,
+  so the plan with no duplicated KV head wins: the KV cache is exactly the checkpoint's.
+
+Layers whose groups are already even (all ``kv_group`` checkpoints) get the identity plan:
+no pads, no duplicates, no overhead.
 
 This file imports only the standard library: it is copied beside ``modeling_resp.py`` into
 every pruned checkpoint (which imports it as ``.layout``) and imported by vLLM processes.
@@ -82,6 +90,22 @@ class HeadPlan:
     def num_kv_heads(self) -> int:
         return len(self.kv_source)
 
+    def slot_heads(self, num_heads: int, num_kv_heads: int) -> list[int]:
+        """For each slot of a fused ``[q | k | v]`` output, the checkpoint head (row of
+        ``head_dim`` values in ``[q heads | k heads | v heads]``) it holds.
+
+        Projecting only the real heads and copying them into slots afterwards makes pads and
+        duplicated KV heads cost no matmul work (a gather of whole heads instead).
+        """
+        k_start, v_start = num_heads, num_heads + num_kv_heads
+        return [*self.q_source, *(k_start + h for h in self.kv_source), *(v_start + h for h in self.kv_source)]
+
+    def real_slots(self) -> list[int]:
+        """The slot of each checkpoint query head, in head order (pads dropped): the attention
+        output an ``o_proj`` of the checkpoint's own shape expects."""
+        slot_of = {h: s for s, (h, real) in enumerate(zip(self.q_source, self.q_real)) if real}
+        return [slot_of[h] for h in sorted(slot_of)]
+
 
 def head_dim_of(config: Any) -> int:
     """The attention head width: ``head_dim`` when the config sets it, else hidden / heads."""
@@ -105,21 +129,25 @@ def layer_sizes(config: Any, index: int) -> LayerSizes:
     )
 
 
-def plan_heads(kv_index: tuple[int, ...] | list[int], tp_size: int = 1) -> HeadPlan | None:
+def plan_heads(kv_index: tuple[int, ...] | list[int], tp_size: int = 1,
+               slots_in_weights: bool = True) -> HeadPlan | None:
     """The cheapest even layout of ``kv_index`` whose head counts ``tp_size`` ranks can split.
 
-    Returns None when no layout fits ``tp_size`` (query slots must divide by it; KV slots must
-    divide by it or divide it, as vLLM replicates KV heads when there are fewer than ranks).
+    ``slots_in_weights``: whether pads and KV copies become matmul rows (see the module
+    docstring for the two costs).  Returns None when no layout fits ``tp_size`` (query slots
+    must divide by it; KV slots must divide by it or divide it, as vLLM replicates KV heads
+    when there are fewer than ranks).
     """
     n_kv = max(kv_index) + 1 if kv_index else 0
     members = [[h for h, k in enumerate(kv_index) if k == j] for j in range(n_kv)]
-    best: tuple[int, HeadPlan] | None = None
+    best: tuple[Any, HeadPlan] | None = None
     for group in range(max(len(m) for m in members), 0, -1):
         plan = _plan_for_group(members, group)
         kv_ok = plan.num_kv_heads % tp_size == 0 or tp_size % plan.num_kv_heads == 0
         if plan.num_heads % tp_size or not kv_ok:
             continue
-        cost = (plan.num_heads - len(kv_index)) + 2 * (plan.num_kv_heads - n_kv)
+        pads, copies = plan.num_heads - len(kv_index), plan.num_kv_heads - n_kv
+        cost = pads + 2 * copies if slots_in_weights else (copies, pads)
         if best is None or cost < best[0]:
             best = (cost, plan)
     return best[1] if best is not None else None

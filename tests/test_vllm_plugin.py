@@ -28,11 +28,13 @@ pytestmark = pytest.mark.vllm
 N_PROMPTS, NEW_TOKENS = 64, 40
 
 
-def vllm_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], list[float]]]:
+def vllm_greedy(path: Path, prompts: list[list[int]], max_tokens: int, tp_size: int = 1,
+                dtype: str = "float32") -> list[tuple[list[int], list[float]]]:
     """Greedy tokens and their log-probabilities from a fresh vLLM engine on ``path``."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+    ranks = {"tensor_parallel_size": tp_size, "distributed_executor_backend": "mp"} if tp_size > 1 else {}
+    llm = LLM(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=256, seed=0, **ranks)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, skip_special_tokens=False)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -44,11 +46,12 @@ def vllm_greedy(path: Path, prompts: list[list[int]], max_tokens: int) -> list[t
 
 
 @torch.no_grad()
-def assert_same_as_transformers(path: Path, prompts: list[list[int]], max_tokens: int = NEW_TOKENS) -> None:
+def assert_same_as_transformers(path: Path, prompts: list[list[int]], max_tokens: int = NEW_TOKENS,
+                                tp_size: int = 1) -> None:
     """vLLM's greedy path is transformers' greedy path, and its log-probs agree within 1e-3."""
     model = load_pruned(path, dtype=torch.float32).eval()
     worst, differ = 0.0, []
-    for n, (prompt, (tokens, logprobs)) in enumerate(zip(prompts, vllm_greedy(path, prompts, max_tokens))):
+    for n, (prompt, (tokens, logprobs)) in enumerate(zip(prompts, vllm_greedy(path, prompts, max_tokens, tp_size))):
         ids = torch.tensor([prompt + tokens])
         logp = model(ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
         if logp.argmax(-1).tolist() != tokens:
@@ -141,15 +144,32 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("arch,heads,kv,keep", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_random_architectures_with_uneven_groups(tmp_path, arch, heads, kv, keep):
+def save_uneven(folder: Path, arch: str, heads: int, kv: int, keep: dict[int, list[int]]) -> Path:
+    """A random ``arch`` model whose layers in ``keep`` keep those query heads (and fewer channels)."""
     model = make_model(arch, layers=4, hidden=32 * heads, heads=heads, kv=kv, inter=160, initializer_range=0.2)
     adapter = adapter_for(model)
     for layer, kept in keep.items():
         adapter.keep(layer, heads=kept, channels=list(range(0, 160, 1 + layer)))
-    save_pruned(model, make_tokenizer(), tmp_path / "model", adapter)
-    prompts = [torch.randint(8, 88, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(16)]
-    assert_same_as_transformers(tmp_path / "model", prompts, max_tokens=24)
+    return save_pruned(model, make_tokenizer(), folder / "model", adapter)
+
+
+RANDOM_PROMPTS = [torch.randint(8, 88, (12,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(16)]
+
+
+@pytest.mark.parametrize("arch,heads,kv,keep", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_random_architectures_with_uneven_groups(tmp_path, arch, heads, kv, keep):
+    assert_same_as_transformers(save_uneven(tmp_path, arch, heads, kv, keep), RANDOM_PROMPTS, max_tokens=24)
+
+
+@pytest.mark.parametrize("arch,heads,kv,keep", LAYOUTS[:2], ids=[x[0] for x in LAYOUTS[:2]])
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU ranks need two cores")
+def test_tensor_parallel_lays_uneven_layers_out_in_the_weights(tmp_path, monkeypatch, arch, heads, kv, keep):
+    """Two CPU ranks: each projects its share of the slots, pads and KV copies being matmul rows
+    re-indexed from the checkpoint as it loads (the path vllm_models.remap_weights serves)."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (auto binding wants a NUMA node each)
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    path = save_uneven(tmp_path, arch, heads, kv, keep)
+    assert_same_as_transformers(path, RANDOM_PROMPTS, max_tokens=24, tp_size=2)
 
 
 # ----------------------------------------------------------------------------- tensor parallel
@@ -202,3 +222,29 @@ def test_vllm_internals_the_plugin_relies_on():
     qkv_args = inspect.signature(QKVParallelLinear).parameters.keys()
     assert {"v_head_size", "params_dtype", "quant_config", "prefix"} <= qkv_args
     assert {"input_is_parallel", "reduce_results"} <= inspect.signature(RowParallelLinear).parameters.keys()
+
+
+# ----------------------------------------------------------------------------- packed int4
+
+
+@pytest.mark.skipif(not os.environ.get("RESP_W4A16_UNEVEN"),
+                    reason="set RESP_W4A16_UNEVEN to a checkpoint from tests/make_w4a16_uneven.py (.ci/run does)")
+@torch.no_grad()
+def test_w4a16_uneven_layers_load_in_their_own_layout():
+    """Packed int4 columns and grouped scales cannot be re-indexed by head; on one rank they need not be.
+
+    vLLM's CPU int4 kernel runs bf16 activations only, so vLLM (bf16) is compared with transformers (fp32,
+    dequantised weights) by teacher forcing: bf16 noise measured 0.03 nats mean; swapping two heads' o_proj
+    columns in one layer measured 0.7-0.8 and first tokens agreeing on 5-8 of 16 prompts.
+    """
+    path = Path(os.environ["RESP_W4A16_UNEVEN"])
+    conf = json.loads((path / "config.json").read_text())
+    assert conf["quantization_config"]["format"] == "pack-quantized"
+    outs = vllm_greedy(path, RANDOM_PROMPTS, 24, dtype="bfloat16")
+    model = load_pruned(path, dtype=torch.float32).eval()
+    gaps, first = [], 0
+    for prompt, (tokens, logprobs) in zip(RANDOM_PROMPTS, outs):
+        logp = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        gaps.append((logp[torch.arange(len(tokens)), tokens] - torch.tensor(logprobs)).abs())
+        first += int(logp[0].argmax().item() == tokens[0])
+    assert torch.cat(gaps).mean() < 0.1 and first >= 12, (torch.cat(gaps).mean().item(), first)

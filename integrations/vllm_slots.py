@@ -46,6 +46,8 @@ class SlotQKVParallelLinear(QKVParallelLinear):
         self.register_buffer("slot_heads", torch.tensor(slot_heads), persistent=False)
 
     def forward(self, input_: torch.Tensor) -> Any:
+        if not self.return_bias:
+            return _take_heads(super().forward(input_), self.slot_heads, self.head_size)
         output, bias = super().forward(input_)
         return _take_heads(output, self.slot_heads, self.head_size), bias
 
@@ -76,9 +78,10 @@ def project_real_heads(layer: nn.Module, plan: HeadPlan, sizes: LayerSizes) -> N
     setattr(attn, QKV, SlotQKVParallelLinear(
         qkv.hidden_size, qkv.head_size, sizes.num_heads, sizes.num_kv_heads, bias=qkv.has_bias,
         skip_bias_add=qkv.skip_bias_add, params_dtype=qkv.params_dtype, quant_config=qkv.quant_config,
-        prefix=qkv.prefix, v_head_size=qkv.v_head_size,
+        prefix=qkv.prefix, return_bias=qkv.return_bias, v_head_size=qkv.v_head_size,
         slot_heads=plan.slot_heads(sizes.num_heads, sizes.num_kv_heads)))
     setattr(attn, OUT, SlotRowParallelLinear(
         sizes.num_heads * qkv.head_size, out.output_size, bias=out.has_bias, input_is_parallel=out.input_is_parallel,
         skip_bias_add=out.skip_bias_add, params_dtype=out.params_dtype, reduce_results=out.reduce_results,
-        quant_config=out.quant_config, prefix=out.prefix, real_slots=plan.real_slots(), head_size=qkv.head_size))
+        quant_config=out.quant_config, prefix=out.prefix, return_bias=out.return_bias,
+        real_slots=plan.real_slots(), head_size=qkv.head_size))

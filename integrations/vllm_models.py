@@ -69,9 +69,8 @@ def layer_plan(config: Any, index: int, tp_size: int) -> HeadPlan:
     return plan
 
 
-def layer_config(config: Any, index: int, overrides: tuple[tuple[str, Any], ...] = ()) -> Any:
-    """A copy of ``config`` whose head counts and MLP width are those of layer ``index``."""
-    plan = layer_plan(config, index, get_tensor_model_parallel_world_size())
+def layer_config(config: Any, index: int, plan: HeadPlan, overrides: tuple[tuple[str, Any], ...] = ()) -> Any:
+    """A copy of ``config`` with layer ``index``'s MLP width and the head (slot) counts of ``plan``."""
     own = copy.copy(config)
     for key, value in overrides:
         setattr(own, key, value)
@@ -94,9 +93,9 @@ def per_layer(layer_cls: type[nn.Module], overrides: tuple[tuple[str, Any], ...]
         def __init__(self, *args: Any, prefix: str = "", config: Any = None, **kwargs: Any) -> None:
             base = config if config is not None else kwargs["vllm_config"].model_config.hf_config
             index = int(prefix.rsplit(".", 1)[-1])
-            super().__init__(*args, prefix=prefix, config=layer_config(base, index, overrides), **kwargs)
             tp_size = get_tensor_model_parallel_world_size()
             plan = layer_plan(base, index, tp_size)
+            super().__init__(*args, prefix=prefix, config=layer_config(base, index, plan, overrides), **kwargs)
             if not plan.is_identity and not slots_in_weights(tp_size):
                 project_real_heads(self, plan, layer_sizes(base, index))
 

@@ -12,7 +12,8 @@ checkpoint's own ``qkv_proj`` and ``o_proj`` shapes:
   before its own matmul; pad slots' outputs are never read.
 
 Matmul work is then exactly the checkpoint's; what the slots still cost is attention over the
-pad query slots and the KV cache of duplicated KV slots.  The weights load with vLLM's own
+pad query slots (on one rank the layout duplicates no KV head: see ``plan_heads``, so the KV
+cache is the checkpoint's).  The weights load with vLLM's own
 loaders in the checkpoint's own layout, quantised formats included (packed int4 columns and
 grouped scales need no re-indexing).  Under tensor parallelism every rank computes a fixed
 share of heads, so :mod:`.vllm_models` lays the slots out in the weights there instead.

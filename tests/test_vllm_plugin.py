@@ -135,8 +135,8 @@ def _attention_layout(model) -> list[tuple[str, int, int]]:
 
 # ----------------------------------------------------------------------------- other architectures
 
-# (arch, heads, kv heads, per-layer kept query heads): each leaves uneven groups that need pads,
-# duplicated KV heads, or both (see resp_plugin/structures/layout.py).
+# (arch, heads, kv heads, per-layer kept query heads): each leaves uneven groups, which run on pad
+# slots on one rank, and on pads, duplicated KV heads or both under TP > 1 (resp_plugin/structures/layout.py).
 LAYOUTS = [
     ("llama", 8, 2, {1: [0, 1, 2, 4], 2: [3, 5, 6, 7]}),        # [3, 1]: padded
     ("mistral", 8, 4, {1: [1, 2, 3, 5, 6], 2: [0, 2, 4, 6]}),   # [1, 2, 1, 1]: a KV head duplicated
@@ -161,11 +161,21 @@ def test_random_architectures_with_uneven_groups(tmp_path, arch, heads, kv, keep
     assert_same_as_transformers(save_uneven(tmp_path, arch, heads, kv, keep), RANDOM_PROMPTS, max_tokens=24)
 
 
-@pytest.mark.parametrize("arch,heads,kv,keep", LAYOUTS[:2], ids=[x[0] for x in LAYOUTS[:2]])
+# Layouts two ranks can split: Llama's [3, 1] takes pads; Qwen2's [4, 1, 1] takes pads and a KV copy.
+TP_LAYOUTS = [LAYOUTS[0], ("qwen2", 12, 3, {1: [0, 1, 2, 3, 4, 8]})]
+
+
+@pytest.mark.parametrize("arch,heads,kv,keep", TP_LAYOUTS, ids=[x[0] for x in TP_LAYOUTS])
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two tensor-parallel CPU ranks need two cores")
 def test_tensor_parallel_lays_uneven_layers_out_in_the_weights(tmp_path, monkeypatch, arch, heads, kv, keep):
     """Two CPU ranks: each projects its share of the slots, pads and KV copies being matmul rows
     re-indexed from the checkpoint as it loads (the path vllm_models.remap_weights serves)."""
+    from resp_plugin.structures.layout import plan_heads
+
+    plans = [plan_heads([h // (heads // kv) for h in kept], tp_size=2) for kept in keep.values()]
+    assert all(p is not None and not p.is_identity for p in plans)
+    if arch == "qwen2":
+        assert len(set(plans[0].kv_source)) < plans[0].num_kv_heads, "this layout should copy a KV head"
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (auto binding wants a NUMA node each)
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     path = save_uneven(tmp_path, arch, heads, kv, keep)

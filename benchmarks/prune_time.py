@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from official import official_batch_loss
 from shapes import ModelShape
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from resp_plugin import RESPConfig, organism, prune, scoring
-from resp_plugin.calibration import pad_batch, provider_for
+from resp_plugin.calibration import provider_for
 from resp_plugin.calibration.providers import batch_seed, generation_batches
 from resp_plugin.structures import adapter_for
 
@@ -168,13 +169,7 @@ def official_scoring_pass(model, samples, pad_id: int, batch_size: int) -> None:
         p.requires_grad_(True)
     try:
         for i in range(0, len(samples), batch_size):
-            batch = samples[i:i + batch_size]
-            ids, attention = pad_batch([s.input_ids for s in batch], pad_id)
-            labels = ids.masked_fill(attention == 0, -100)
-            for b, sample in enumerate(batch):
-                labels[b, :sample.n_prompt] = -100
-            loss = model(input_ids=ids, attention_mask=attention, labels=labels, use_cache=False).loss
-            (loss * len(batch) / len(samples)).backward()
+            official_batch_loss(model, samples[i:i + batch_size], len(samples), pad_id).backward()
     finally:
         for p in params:
             p.requires_grad_(False)

@@ -92,6 +92,7 @@ def _trim() -> None:
 def child(mode: str, dtype_name: str, a: argparse.Namespace) -> dict[str, Any]:
     """One measurement, in this (fresh) process; returns byte counts."""
     import torch
+    from official import official_batch_loss
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from resp_plugin import RESPConfig
@@ -136,11 +137,7 @@ def child(mode: str, dtype_name: str, a: argparse.Namespace) -> dict[str, Any]:
                 if mode == "full_grads":
                     loss, _ = batch_loss(model, batch, len(samples), "decode")
                 else:
-                    ids = torch.tensor([s.input_ids for s in batch])
-                    labels = ids.clone()
-                    for b, s in enumerate(batch):
-                        labels[b, :s.n_prompt] = -100
-                    loss = model(input_ids=ids, labels=labels, use_cache=False).loss * len(batch) / len(samples)
+                    loss = official_batch_loss(model, batch, len(samples), cfg.pad_token_id)
                 loss.backward()
     seconds = time.perf_counter() - t
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)

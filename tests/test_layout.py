@@ -53,7 +53,9 @@ def test_real_heads_copied_into_slots_are_exact(kv_index, slots_in_weights):
     x, w_qkv = torch.randn(seq, hidden), torch.randn((n_q + 2 * n_kv) * d, hidden)
     w_o = torch.randn(hidden, n_q * d)
     q, k, v = (x @ w_qkv.T).split([n_q * d, n_kv * d, n_kv * d], -1)
-    heads = lambda t: t.view(seq, -1, d).transpose(0, 1)  # noqa: E731
+    def heads(t: torch.Tensor) -> torch.Tensor:  # (seq, heads x d) -> (heads, seq, d)
+        return t.view(seq, -1, d).transpose(0, 1)
+
     want = grouped_attention(heads(q), heads(k), heads(v), kv_index).transpose(0, 1).reshape(seq, -1) @ w_o.T
 
     plan = plan_heads(kv_index, slots_in_weights=slots_in_weights)

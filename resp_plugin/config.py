@@ -37,6 +37,56 @@ class GenerationConfig(BaseModel):
                                           "vLLM may take (the model being pruned waits on the CPU meanwhile)")
 
 
+class RecoveryConfig(BaseModel):
+    """Distillation of the dense model (teacher) into the pruned one (student) after pruning.
+
+    Defaults come from the organism measurements in docs/recovery.md: the student's own traces
+    judged token by token by the teacher (on-policy, as in GKD), reverse KL, rounds of
+    ``steps_per_round`` steps on a freshly generated set, each round kept only when the held-out
+    check of free-running answers improves (a recovery never returns a worse model).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = Field(False, description="run the recovery stage after pruning (resp prune --recover)")
+    trainer: str = Field("hf", description="training engine of the recovery rounds: hf (transformers' Trainer "
+                         "on accelerate: DDP, FSDP, DeepSpeed, bf16) or a plugin's")
+    data: Literal["student", "teacher", "mixed"] = Field(
+        "student", description="traces trained on: student (its own, on-policy), teacher (the dense model's, "
+        "off-policy; a run folder's calibration traces are reused), mixed (half each)")
+    loss: Literal["reverse_kl", "forward_kl", "jsd"] = Field(
+        "reverse_kl", description="per-token divergence to the teacher on the traces' generated tokens")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: weight of the teacher in the mixture "
+                        "(0 = forward KL, 1 = reverse KL, GKD's convention)")
+    temperature: float = Field(1.0, gt=0.0, description="softmax temperature of both distributions in the loss")
+    top_k: int = Field(64, ge=0, description="teacher log-probs kept per token (the rest is one tail bucket; "
+                       "0: the whole vocabulary)")
+    lr: float = Field(1e-3, gt=0.0, description="peak learning rate (AdamW, warm-up then cosine)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="share of the steps spent warming up")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping")
+    batch_size: int = Field(32, ge=1, description="sequences per optimizer step (per device x accumulation)")
+    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    rounds: int = Field(8, ge=1, description="most rounds (a round: a new trace set, steps_per_round steps, "
+                        "the held-out check)")
+    steps_per_round: int = Field(60, ge=1, description="optimizer steps on one trace set")
+    patience: int = Field(3, ge=1, description="rounds without a held-out gain before stopping")
+    num_prompts: int = Field(512, ge=1, description="training prompts (from --prompts, held-out split excluded): "
+                             "every round writes one trace per prompt")
+    heldout_prompts: int = Field(128, ge=1, description="prompts of the held-out check (never trained on)")
+    sample_temperature: float = Field(0.6, ge=0.0, description="sampling temperature of the training traces")
+    max_new_tokens: int | None = Field(None, ge=1, description="longest training trace (default: "
+                                       "generation.max_new_tokens)")
+    check_max_new_tokens: int | None = Field(None, ge=1, description="longest held-out answer (default: "
+                                             "max_new_tokens)")
+    lora_rank: int = Field(0, ge=0, description="train LoRA adapters of this rank (peft), merged on save; "
+                           "0: train all kept weights")
+    lora_alpha: float = Field(16.0, gt=0.0, description="LoRA scaling numerator (alpha / rank)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations while training")
+    bf16: bool = Field(False, description="train in bf16 mixed precision (GPUs that support it)")
+    seed: int = Field(0, description="seed of the split, the trace sampling and the data order")
+
+
 class RESPConfig(BaseModel):
     """Configuration of one RESP pruning run.
 
@@ -75,6 +125,7 @@ class RESPConfig(BaseModel):
     usable_gate: bool = Field(False, description="keep the previous traces when fewer than "
                               "min_usable_fraction of a regenerated set are usable (default: report only)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
 
     loss: Literal["decode", "full"] = Field("decode", description="decode: loss on the generated tokens only")
     saliency: Literal["sum_abs", "vector"] = Field("sum_abs", description="sum_abs: sum of |w * g| per structure; "
@@ -83,6 +134,10 @@ class RESPConfig(BaseModel):
                                                         "made comparable before the global ranking")
     attention_unit: Literal["query_head", "kv_group"] = Field("query_head", description="query_head: single query "
                                                               "heads; kv_group: a KV head with its query heads")
+    expert_unit: Literal["expert", "expert_channel", "both"] = Field(
+        "expert", description="Mixture-of-Experts layers: expert (a routed expert with its router row), "
+        "expert_channel (a channel of every expert of a layer: one width per layer), or both in one ranking "
+        "(docs/moe.md; dense models ignore it)")
     protected_layers: list[int] | None = Field(None, description="layer indices never pruned ('' for none; "
                                                "default: the reference's first 10 % and the last)")
     min_heads_per_layer: int = Field(1, ge=1, description="attention heads every layer keeps")

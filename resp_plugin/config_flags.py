@@ -4,7 +4,9 @@ The config is the one source of truth: every field becomes a flag with its type,
 (``Literal`` fields), its description and its default, so a field added to the config is on the
 command line at once and the two can never disagree.  ``generation.*`` fields are flattened
 (``--temperature``); a name both levels use gets a ``generation-`` prefix
-(``--generation-batch-size``).  Flags left out do not override ``--config`` nor the defaults.
+(``--generation-batch-size``).  ``recovery.*`` fields always carry a ``recovery-`` prefix
+(``--recovery-lr``), except ``recovery.enabled``, which is ``--recover``.  Flags left out do not
+override ``--config`` nor the defaults.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from resp_plugin.config import GenerationConfig, RESPConfig
+from resp_plugin.config import GenerationConfig, RecoveryConfig, RESPConfig
 
-NESTED = "generation"  # the RESPConfig field holding GenerationConfig
+NESTED = "generation"  # the RESPConfig field holding GenerationConfig (flattened)
+PREFIXED = "recovery"  # the RESPConfig field holding RecoveryConfig (--recovery-NAME)
+SUBMODELS: dict[str, type[BaseModel]] = {NESTED: GenerationConfig, PREFIXED: RecoveryConfig}
+RENAMED = {(PREFIXED, "enabled"): "recover"}
 
 
 def comma_floats(text: str) -> list[float]:
@@ -34,15 +39,17 @@ def comma_ints(text: str) -> list[int]:
 
 def flag_names() -> dict[tuple[str, ...], str]:
     """Config path (``("step",)``, ``("generation", "temperature")``) -> argparse dest name."""
-    top = [name for name in RESPConfig.model_fields if name != NESTED]  # in the config's order
+    top = [name for name in RESPConfig.model_fields if name not in SUBMODELS]  # in the config's order
     names: dict[tuple[str, ...], str] = {(name,): name for name in top}
     for name in GenerationConfig.model_fields:
         names[(NESTED, name)] = f"{NESTED}_{name}" if name in top else name
+    for name in RecoveryConfig.model_fields:
+        names[(PREFIXED, name)] = RENAMED.get((PREFIXED, name), f"{PREFIXED}_{name}")
     return names
 
 
 def _field(path: tuple[str, ...]) -> FieldInfo:
-    model: type[BaseModel] = GenerationConfig if path[0] == NESTED else RESPConfig
+    model: type[BaseModel] = SUBMODELS[path[0]] if len(path) > 1 else RESPConfig
     return model.model_fields[path[-1]]
 
 
@@ -85,7 +92,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, dest, None)
         if value is None:
             continue
-        target = data.setdefault(NESTED, {}) if len(path) > 1 else data
+        target = data.setdefault(path[0], {}) if len(path) > 1 else data
         target[path[-1]] = value
     return data
 
@@ -98,6 +105,7 @@ def config_from_args(args: argparse.Namespace, config_file: str | None = None) -
             raise ValueError("--sparsity is required (or give it in --config)")
         return RESPConfig.model_validate(given)
     base = RESPConfig.from_file(config_file).model_dump()
-    base[NESTED].update(given.pop(NESTED, {}))
+    for nested in SUBMODELS:
+        base[nested].update(given.pop(nested, {}))
     base.update(given)
     return RESPConfig.model_validate(base)

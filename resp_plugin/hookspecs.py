@@ -89,3 +89,16 @@ def resp_lm_eval_include_paths() -> list[str]:
     Called by :func:`resp_plugin.integrations.lm_eval.include_paths` whenever a task manager is
     built; every plugin's folders are used (no name can clash: lm-eval resolves the task names).
     """
+
+
+@hookspec
+def resp_recovery_trainers(register: Callable[[str, Any], None]) -> None:
+    """Register training engines of the recovery stage (``hf``: transformers' Trainer).
+
+    Called by :func:`resp_plugin.recovery.recover` before any work, selected by
+    ``--recovery-trainer NAME``.  ``register(name, factory)``: ``factory(config: RESPConfig)`` returns
+    an object with ``train(model, rounds, workdir, resume_from) -> model``, which runs
+    ``rounds.start`` / ``begin`` / ``log_step`` / ``end`` / ``saved`` / ``finish`` of a
+    :class:`resp_plugin.recovery.rounds.Rounds` around its optimizer steps and returns the trained
+    model (LoRA adapters merged).  The factory raises when the engine cannot run (a missing package).
+    """

@@ -7,7 +7,7 @@ import typing
 import pytest
 
 from resp_plugin.cli import _add_prune, _Parser, build_config
-from resp_plugin.config import GenerationConfig, RESPConfig
+from resp_plugin.config import GenerationConfig, RecoveryConfig, RESPConfig
 from resp_plugin.config_flags import flag_names
 
 
@@ -19,8 +19,9 @@ def _parse(*argv: str):
 
 def test_every_config_field_has_exactly_one_flag() -> None:
     paths = set(flag_names())
-    fields = {(n,) for n in RESPConfig.model_fields if n != "generation"}
+    fields = {(n,) for n in RESPConfig.model_fields if n not in ("generation", "recovery")}
     fields |= {("generation", n) for n in GenerationConfig.model_fields}
+    fields |= {("recovery", n) for n in RecoveryConfig.model_fields}
     assert paths == fields
     dests = list(flag_names().values())
     assert len(dests) == len(set(dests)), "two fields share a flag"
@@ -53,3 +54,16 @@ def test_bounds_come_from_the_config() -> None:
         build_config(_parse("--sparsity", "0.3", "--score-chunks", "0"))
     with pytest.raises(ValueError, match="--sparsity is required"):
         build_config(_parse())
+
+
+def test_recovery_flags_are_prefixed_and_reach_the_nested_config(tmp_path) -> None:
+    cfg = build_config(_parse("--sparsity", "0.5", "--recover", "--recovery-lr", "0.002", "--recovery-loss", "jsd",
+                              "--recovery-batch-size", "8", "--batch-size", "2"))
+    assert (cfg.recovery.enabled, cfg.recovery.lr, cfg.recovery.loss) == (True, 0.002, "jsd")
+    assert (cfg.recovery.batch_size, cfg.batch_size) == (8, 2)
+    file = tmp_path / "c.yaml"
+    file.write_text("sparsity: 0.5\nrecovery: {enabled: true, rounds: 3}\n")
+    cfg = build_config(_parse("--config", str(file), "--recovery-patience", "1"))
+    assert (cfg.recovery.enabled, cfg.recovery.rounds, cfg.recovery.patience) == (True, 3, 1)
+    with pytest.raises(SystemExit):
+        _parse("--sparsity", "0.3", "--recovery-loss", "not-a-loss")

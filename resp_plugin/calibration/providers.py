@@ -166,9 +166,15 @@ class SelfProvider(_Base):
         self.n_generated = 0  # traces this rank wrote (all milestones), for the report under torchrun
 
     def _generate(self, model, tokenizer, idx: list[int], sparsity: float) -> list[Trace]:
-        """Generate traces for ``idx``, batch by batch with a seed per batch; batches dealt over ranks."""
+        """Traces of the milestone at ``sparsity`` (its seed: the run's seed + 1000 x sparsity)."""
+        return self.generate_traces(model, tokenizer, idx, self.config.seed + int(round(sparsity * 1000)), sparsity)
+
+    def generate_traces(self, model, tokenizer, idx: list[int], seed: int, sparsity: float = 0.0) -> list[Trace]:
+        """Generate traces for records ``idx``, batch by batch with a seed per batch; batches dealt over ranks.
+
+        Also the recovery stage's trace writer (the student's own traces every round).
+        """
         prompts = [self.records[i].prompt for i in idx]
-        seed = self.config.seed + int(round(sparsity * 1000))
         if not self.per_batch:
             done = self.backend.generate(model, tokenizer, prompts, seed=seed)
         else:

@@ -6,7 +6,8 @@ and the answer is read by :func:`resp_plugin.answers.extract_number_strict`, the
 the ``resp_organism`` lm-eval task, so the training log and ``resp demo`` / ``resp eval`` measure
 accuracy the same way.
 
-``python -m resp_plugin.organism.evaluate --model DIR --n 500 --temperature 0.6``
+``python -m resp_plugin.organism.evaluate --model DIR --n 500 --temperature 0.6`` (DIR: the organism, or any
+pruned or recovered checkpoint of it)
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from pathlib import Path
 
 import torch
 from loguru import logger
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from resp_plugin.answers import extract_number_strict
 from resp_plugin.calibration import prompt_ids, render_prompt
 from resp_plugin.calibration.generation import completion, eos_ids, generate_batched
 from resp_plugin.config import GenerationConfig
+from resp_plugin.io import load_pruned
 from resp_plugin.organism.tasks import Problem, held_out_problems
 
 # "<think>" + 4 steps of 5 tokens + "</think>" + answer + "<|im_end|>" = 24; a little slack.
@@ -82,7 +84,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     path = args.model or model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load_pruned(path, dtype=torch.float32)  # dense, pruned and recovered folders alike
     problems = held_out_problems(args.n)
     t0 = time.time()
     acc, completions = accuracy(model, tokenizer, problems, temperature=args.temperature,

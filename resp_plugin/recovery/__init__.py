@@ -1,0 +1,78 @@
+"""Recovery: distil the dense model (teacher) into the pruned one (student) on reasoning traces.
+
+``recover(student, teacher, tokenizer, config, workdir)`` runs rounds of: a trace set (the student's
+own, the teacher's, or both), the teacher's top-k log-probs on its generated tokens, optimizer
+steps of a distillation loss on those tokens only (prompt masked), then a held-out check of the
+student's free-running answers.  A round's weights are kept only when the check improves, so the
+model returned is never worse on it than the one given.  The optimizer loop belongs to a training
+engine reached through the ``resp_recovery_trainers`` hook (built in: transformers' Trainer,
+``resp_plugin.integrations.recovery_trainer``), so data parallel, FSDP, DeepSpeed, bf16 and
+gradient checkpointing come from it.  Defaults and measurements: docs/recovery.md.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resp_plugin.calibration import Trace
+from resp_plugin.config import RESPConfig
+from resp_plugin.recovery.plan import RecoveryPlan, plan_recovery
+from resp_plugin.recovery.record import RecoveryRecord
+from resp_plugin.recovery.rounds import Rounds, resumed_state
+
+__all__ = ["RecoveryResult", "recover", "trainer_for", "RecoveryPlan", "RecoveryRecord", "plan_recovery"]
+
+RECORD_FILE = "record.json"
+
+
+@dataclass
+class RecoveryResult:
+    model: Any
+    record: RecoveryRecord
+
+
+def trainer_for(config: RESPConfig):
+    """The training engine of ``config.recovery.trainer``, through the ``resp_recovery_trainers`` hook."""
+    from resp_plugin.plugins import collect
+
+    engines = collect("resp_recovery_trainers")
+    name = config.recovery.trainer
+    if name not in engines:
+        raise ValueError(f"unknown recovery trainer {name!r}; available: {', '.join(sorted(engines)) or 'none'} "
+                         "(the built-in 'hf' comes with `pip install resp-plugin`)")
+    return engines[name](config)
+
+
+def recover(student, teacher, tokenizer, config: RESPConfig, workdir: str | Path | None = None, *,
+            resume: bool = False, teacher_traces: list[Trace] | None = None, progress: bool = True) -> RecoveryResult:
+    """Distil ``teacher`` into ``student`` (in place); the rounds' files and the record go to ``workdir``.
+
+    ``workdir`` (e.g. ``OUT/recovery``) holds the trace sets, the trainer's checkpoints and
+    ``record.json``; with ``resume=True`` an interrupted recovery continues from its last checkpoint.
+    Without a ``workdir`` a temporary folder is used and nothing is kept.
+    """
+    plan = plan_recovery(config, teacher_traces)  # every refusal before any work
+    engine = trainer_for(config)
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="resp-recovery-") as tmp:
+            return _run(student, teacher, tokenizer, config, plan, engine, Path(tmp), False, progress)
+    return _run(student, teacher, tokenizer, config, plan, engine, Path(workdir), resume, progress)
+
+
+def _run(student, teacher, tokenizer, config: RESPConfig, plan: RecoveryPlan, engine, workdir: Path, resume: bool,
+         progress: bool) -> RecoveryResult:
+    workdir.mkdir(parents=True, exist_ok=True)
+    record_file = workdir / RECORD_FILE
+    if resume and record_file.is_file() and RecoveryRecord.load(record_file).finished:
+        raise ValueError(f"the recovery in {workdir} has finished; its model is saved: nothing to resume")
+    checkpoint, state = resumed_state(workdir / "trainer") if resume else (None, None)
+    rounds = Rounds(student, teacher, tokenizer, config, plan, workdir, progress, resumed=state)
+    model = engine.train(student, rounds, workdir / "trainer", checkpoint)
+    from resp_plugin import distributed
+
+    if distributed.world().is_main:
+        rounds.record.save(record_file)
+    return RecoveryResult(model, rounds.record)

@@ -60,23 +60,13 @@ def check_not_quantized(model) -> None:
 
 def max_prunable_params(adapter: DecoderAdapter, config: RESPConfig, layers: list[int]) -> int:
     """Parameters removable under the guards (ranking-independent: all scores equal)."""
-    import torch
-
-    zeros = scoring.Scores()
-    for i in layers:
-        st = adapter.states[i]
-        ls = scoring.LayerScores(channels=torch.zeros(len(st.kept_channels)))
-        if config.attention_unit == "kv_group":
-            ls.groups = torch.zeros(len(st.kept_kv_heads))
-        else:
-            ls.heads = torch.zeros(len(st.kept_heads))
-        zeros.layers[i] = ls
-    return scoring.select(zeros, adapter, config, budget=float("inf")).params
+    return scoring.select(scoring.uniform_scores(adapter, config, layers), adapter, config, budget=float("inf")).params
 
 
 def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrite: bool) -> Plan:
     """Every check that can fail, before any work: one clear error naming the fix."""
     adapter = adapter_for(model)
+    adapter.check(config)
     check_not_quantized(model)
     if out is not None and (out / "model").exists() and not (resume or overwrite):
         raise FileExistsError(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
@@ -227,7 +217,7 @@ def _remove(model, adapter: DecoderAdapter, layers: list[int], sel: scoring.Sele
         if distributed.is_sharded(model):
             distributed.sharded_keep(model, adapter, i, heads, channels)
         else:
-            adapter.keep(i, heads=heads, channels=channels)
+            adapter.keep(i, heads=heads, channels=channels, experts=sel.kept_experts(adapter, i))
     return removed_h, removed_c
 
 

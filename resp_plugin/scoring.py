@@ -5,6 +5,11 @@ Score of a structure (reference numerics): ``sum |w * g_mean|`` over its weights
 loss, so the batch size never changes a score.  ``vector`` saliency is ``|sum w * g_mean|``,
 which equals the gradient of the loss with respect to a multiplier on the structure's output:
 it is read from per-structure mask gradients, so no weight gradient is ever stored.
+
+Mixture-of-Experts layers add two units (see docs/moe.md): routed experts and expert channels.
+Their saliency is the same sum over their weights (and an expert's router row); the adapter
+hands the scoring pass their parameters and an ``(experts, channels)`` grid of per-channel sums,
+so this module sees units and parameter counts only, never a module name.
 """
 
 from __future__ import annotations
@@ -34,7 +39,19 @@ class LayerScores:
 
     heads: torch.Tensor | None = None  # (n_heads,) for attention_unit=query_head
     groups: torch.Tensor | None = None  # (n_kv,) for attention_unit=kv_group
-    channels: torch.Tensor | None = None  # (n_channels,)
+    channels: torch.Tensor | None = None  # (n_channels,): MLP channels (of every expert, in a MoE layer)
+    experts: torch.Tensor | None = None  # (n_experts,): routed experts of a MoE layer (expert_unit expert/both)
+
+
+UNIT_NAMES = ("heads", "groups", "channels", "experts")
+
+
+def mlp_units(adapter: DecoderAdapter, config, i: int) -> tuple[bool, bool]:
+    """Whether layer ``i`` is scored by (MLP channels, routed experts): a dense layer by channels,
+    a MoE layer as ``expert_unit`` says."""
+    if not adapter.is_moe(i):
+        return True, False
+    return config.expert_unit in ("expert_channel", "both"), config.expert_unit in ("expert", "both")
 
 
 @dataclass
@@ -43,6 +60,22 @@ class Scores:
     loss: float = float("nan")
     n_samples: int = 0
     n_local: int = 0  # samples this rank scored (= n_samples outside torchrun)
+
+
+def uniform_scores(adapter: DecoderAdapter, config, layers: list[int]) -> Scores:
+    """Equal scores for every unit of ``layers``: what the guards let go whatever the ranking."""
+    out = Scores()
+    for i in layers:
+        st = adapter.states[i]
+        channels, experts = mlp_units(adapter, config, i)
+        ls = LayerScores(channels=torch.zeros(len(st.kept_channels)) if channels else None,
+                         experts=torch.zeros(len(st.kept_experts)) if experts else None)
+        if config.attention_unit == "kv_group":
+            ls.groups = torch.zeros(len(st.kept_kv_heads))
+        else:
+            ls.heads = torch.zeros(len(st.kept_heads))
+        out.layers[i] = ls
+    return out
 
 
 # ---------------------------------------------------------------------------- loss
@@ -197,7 +230,7 @@ def _score_chunk(model: nn.Module, adapter: DecoderAdapter, chunk: list[int], co
 def _check_finite(scores: Scores) -> None:
     """A non-finite saliency would rank arbitrarily: refuse the step before anything is removed."""
     for i, ls in scores.layers.items():
-        for name in ("heads", "groups", "channels"):
+        for name in UNIT_NAMES:
             t = getattr(ls, name)
             if t is not None and not torch.isfinite(t).all():
                 raise FloatingPointError(f"non-finite {name} saliency in layer {i}; nothing was pruned")
@@ -223,7 +256,7 @@ class _SumAbsCollector:
     """sum |w * g_mean|: gradients of the prunable weights only, accumulated in fp32."""
 
     def __init__(self, adapter: DecoderAdapter, layers: list[int], config) -> None:
-        self.adapter, self.layers, self.unit = adapter, layers, config.attention_unit
+        self.adapter, self.layers, self.unit, self.config = adapter, layers, config.attention_unit, config
         roles = ("q", "o", "gate", "up", "down") + (("k", "v") if self.unit == "kv_group" else ())
         self.acc: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.hooks = []
@@ -231,15 +264,22 @@ class _SumAbsCollector:
         for i in layers:
             lin = adapter.linears(i)
             for r in roles:
+                if r not in lin:  # a MoE layer: its MLP is scored through moe_weights below
+                    continue
                 for kind in ("weight", "bias"):
                     p = getattr(lin[r], kind)
-                    if p is None:
-                        continue
-                    p.requires_grad_(True)
-                    self.params[(i, r, kind)] = p
-                    if p.dtype != torch.float32:  # fold low-precision grads into fp32 at once
-                        self.acc[p] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                        self.hooks.append(p.register_post_accumulate_grad_hook(self._fold))
+                    if p is not None:
+                        self._track((i, r, kind), p)
+            if adapter.is_moe(i) and any(mlp_units(adapter, config, i)):
+                for r, p in adapter.moe_weights(i).items():
+                    self._track((i, "moe:" + r, "weight"), p)
+
+    def _track(self, key: tuple[int, str, str], p: nn.Parameter) -> None:
+        p.requires_grad_(True)
+        self.params[key] = p
+        if p.dtype != torch.float32:  # fold low-precision grads into fp32 at once
+            self.acc[p] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            self.hooks.append(p.register_post_accumulate_grad_hook(self._fold))
 
     def _fold(self, p: torch.Tensor) -> None:
         self.acc[p].add_(p.grad.float())
@@ -263,43 +303,62 @@ class _SumAbsCollector:
             self._grad(p).mul_(n)
         distributed.all_reduce_(self._grad(p) for p in self.params.values() if not distributed.is_dtensor(p))
 
+    def _sal(self, i: int, r: str, kind: str = "weight") -> torch.Tensor | None:
+        p = self.params.get((i, r, kind))
+        if p is None:
+            return None
+        # A sharded (FSDP2) weight is gathered one matrix at a time: the sums below stay exact.
+        return distributed.full_tensor((p.detach().float() * self._grad(p)).abs_())
+
     @torch.no_grad()
     def finish(self) -> Scores:
         """Per-structure saliency; the loss weights already made the gradients means over samples."""
-        ad, hd, out = self.adapter, self.adapter.head_dim, Scores()
+        out = Scores()
         for i in self.layers:
-            def sal(r: str, kind: str = "weight", i: int = i) -> torch.Tensor | None:
-                p = self.params.get((i, r, kind))
-                if p is None:
-                    return None
-                # A sharded (FSDP2) weight is gathered one matrix at a time: the sums below stay exact.
-                return distributed.full_tensor((p.detach().float() * self._grad(p)).abs_())
-
-            nq = len(ad.states[i].kept_heads)
-            head = sal("q").view(nq, hd, -1).sum((1, 2)).cpu()
-            head += sal("o").view(-1, nq, hd).sum((0, 2)).cpu()
-            qb = sal("q", "bias")
-            if qb is not None:
-                head += qb.view(nq, hd).sum(1).cpu()
-            ch = (sal("gate").sum(1) + sal("up").sum(1) + sal("down").sum(0)).cpu()
-            for r in ("gate", "up"):
-                b = sal(r, "bias")
-                if b is not None:
-                    ch += b.cpu()
-            ls = LayerScores(channels=ch)
-            if self.unit == "kv_group":
-                nkv = len(ad.states[i].kept_kv_heads)
-                grp = torch.zeros(nkv).index_add_(0, torch.tensor(ad.states[i].kv_index()), head)
-                for r in ("k", "v"):
-                    grp += sal(r).view(nkv, hd, -1).sum((1, 2)).cpu()
-                    b = sal(r, "bias")
-                    if b is not None:
-                        grp += b.view(nkv, hd).sum(1).cpu()
-                ls.groups = grp
+            ls = self._attention(i)
+            if self.adapter.is_moe(i):
+                self._experts(i, ls)
             else:
-                ls.heads = head
+                ls.channels = self._channels(i)
             out.layers[i] = ls
         return out
+
+    def _attention(self, i: int) -> LayerScores:
+        ad, hd, sal = self.adapter, self.adapter.head_dim, self._sal
+        nq = len(ad.states[i].kept_heads)
+        head = sal(i, "q").view(nq, hd, -1).sum((1, 2)).cpu()
+        head += sal(i, "o").view(-1, nq, hd).sum((0, 2)).cpu()
+        qb = sal(i, "q", "bias")
+        if qb is not None:
+            head += qb.view(nq, hd).sum(1).cpu()
+        if self.unit != "kv_group":
+            return LayerScores(heads=head)
+        nkv = len(ad.states[i].kept_kv_heads)
+        grp = torch.zeros(nkv).index_add_(0, torch.tensor(ad.states[i].kv_index()), head)
+        for r in ("k", "v"):
+            grp += sal(i, r).view(nkv, hd, -1).sum((1, 2)).cpu()
+            b = sal(i, r, "bias")
+            if b is not None:
+                grp += b.view(nkv, hd).sum(1).cpu()
+        return LayerScores(groups=grp)
+
+    def _channels(self, i: int) -> torch.Tensor:
+        sal = self._sal
+        ch = (sal(i, "gate").sum(1) + sal(i, "up").sum(1) + sal(i, "down").sum(0)).cpu()
+        for r in ("gate", "up"):
+            b = sal(i, r, "bias")
+            if b is not None:
+                ch += b.cpu()
+        return ch
+
+    def _experts(self, i: int, ls: LayerScores) -> None:
+        """An expert: its row of the grid + its router row; an expert channel: a column of the grid."""
+        channels, experts = mlp_units(self.adapter, self.config, i)
+        if not (channels or experts):
+            return
+        grid, router = self.adapter.expert_grid({r: self._sal(i, "moe:" + r) for r in ("gate_up", "down", "router")})
+        ls.channels = grid.sum(0).cpu() if channels else None
+        ls.experts = (grid.sum(1) + router).cpu() if experts else None
 
     def close(self) -> None:
         for h in self.hooks:
@@ -311,21 +370,33 @@ class _SumAbsCollector:
 
 
 class _VectorCollector:
-    """|sum w * g_mean| from gradients of multipliers on each structure's output (no weight grads)."""
+    """|sum w * g_mean| from gradients of multipliers on each structure's output (no weight grads).
+
+    A MoE layer's expert channels get mask multipliers from the adapter (:meth:`expert_masks`);
+    its router rows, a matrix of ``experts x hidden``, keep their weight gradient (a router row
+    has no output of its own a multiplier could scale before the softmax).
+    """
 
     def __init__(self, adapter: DecoderAdapter, layers: list[int], config) -> None:
-        self.adapter, self.layers, self.unit = adapter, layers, config.attention_unit
+        self.adapter, self.layers, self.unit, self.config = adapter, layers, config.attention_unit, config
         self.masks: dict[tuple[int, str], torch.Tensor] = {}
         self.hooks = []
+        self.experts: dict[int, Any] = {}  # layer -> the adapter's ExpertMasks
+        self.router = _SumAbsCollector(adapter, [], config)  # reused for its fp32 gradient accumulation
         hd = adapter.head_dim
         for i in layers:
             lin, st = adapter.linears(i), adapter.states[i]
             nq, nkv, nc = len(st.kept_heads), len(st.kept_kv_heads), len(st.kept_channels)
             self._out(i, "q", lin["q"], nq, hd)
             self._in(i, "o", lin["o"], nq, hd)
-            self._out(i, "gate", lin["gate"], nc, 1)
-            self._out(i, "up", lin["up"], nc, 1)
-            self._in(i, "down", lin["down"], nc, 1)
+            if adapter.is_moe(i):
+                if any(mlp_units(adapter, config, i)):
+                    self.experts[i] = adapter.expert_masks(i)
+                    self.router._track((i, "router", "weight"), adapter.moe_weights(i)["router"])
+            else:
+                self._out(i, "gate", lin["gate"], nc, 1)
+                self._out(i, "up", lin["up"], nc, 1)
+                self._in(i, "down", lin["down"], nc, 1)
             if self.unit == "kv_group":
                 self._out(i, "k", lin["k"], nkv, hd)
                 self._out(i, "v", lin["v"], nkv, hd)
@@ -347,12 +418,14 @@ class _VectorCollector:
 
     def reduce(self) -> None:
         """Sum the mask gradients over ranks (torchrun); |sum| is taken after the sum, in finish."""
+        self.router.reduce()
         if not distributed.world().active:
             return
         for m in self.masks.values():
             if m.grad is None:
                 m.grad = torch.zeros_like(m)
         distributed.all_reduce_(m.grad for m in self.masks.values())
+        distributed.all_reduce_(g for em in self.experts.values() for g in em.grads())
 
     @torch.no_grad()
     def finish(self) -> Scores:
@@ -364,8 +437,11 @@ class _VectorCollector:
 
         for i in self.layers:
             head = g(i, "q") + g(i, "o")
-            ch = g(i, "gate") + g(i, "up") + g(i, "down")
-            ls = LayerScores(channels=ch.abs().float())
+            ls = LayerScores()
+            if self.adapter.is_moe(i):
+                self._experts(i, ls)
+            else:
+                ls.channels = (g(i, "gate") + g(i, "up") + g(i, "down")).abs().float()
             if self.unit == "kv_group":
                 st = self.adapter.states[i]
                 grp = torch.zeros(len(st.kept_kv_heads), dtype=torch.float64)
@@ -377,18 +453,36 @@ class _VectorCollector:
             out.layers[i] = ls
         return out
 
+    def _experts(self, i: int, ls: LayerScores) -> None:
+        """|sum w * g| of each expert (its grid row + its router row) and expert channel (a grid column)."""
+        if i not in self.experts:
+            return
+        channels, experts = mlp_units(self.adapter, self.config, i)
+        grid = self.experts[i].grid().cpu()
+        w = self.adapter.moe_weights(i)["router"]
+        router = (w.detach().double() * self.router._grad(w).double()).sum(1).cpu()
+        ls.channels = grid.sum(0).abs().float() if channels else None
+        ls.experts = (grid.sum(1) + router).abs().float() if experts else None
+
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
+        for em in self.experts.values():
+            em.remove()
+        self.router.close()
         self.masks.clear()
+        self.experts.clear()
 
 
 # ---------------------------------------------------------------------------- normalisation
 def normalize(scores: Scores, adapter: DecoderAdapter, config) -> Scores:
-    """Put heads and channels on one scale before the global ranking.
+    """Put heads, channels and experts on one scale before the global ranking.
 
     ``resp``: the reference constants, heads / (4 * head_dim * hidden), channels /
-    (3 * intermediate); a KV group counts as its dense number of query heads.
+    (3 * intermediate); a KV group counts as its dense number of query heads.  A MoE unit
+    counts as the single-expert channels it removes, each on the reference's channel scale with
+    the expert's own dense width W: an expert channel (one channel of each of the layer's E
+    experts) / (3 * W * E), an expert (its W' channels now) / (3 * W * W').
     ``per_param``: each structure's saliency divided by its parameter count.
     """
     ad, out = adapter, Scores(loss=scores.loss, n_samples=scores.n_samples)
@@ -399,13 +493,19 @@ def normalize(scores: Scores, adapter: DecoderAdapter, config) -> Scores:
             group_size = max(1, ad.orig_heads // max(ad.orig_kv_heads, 1))
             n.heads = None if ls.heads is None else ls.heads / head_c
             n.groups = None if ls.groups is None else ls.groups / (head_c * group_size)
-            n.channels = ls.channels / (3 * ad.orig_channels)
+            if ad.is_moe(i):
+                st, width = ad.states[i], 3 * ad.reference_width(i)
+                n.channels = None if ls.channels is None else ls.channels / (width * len(st.kept_experts))
+                n.experts = None if ls.experts is None else ls.experts / (width * len(st.kept_channels))
+            else:
+                n.channels = ls.channels / (3 * ad.orig_channels)
         else:
             n.heads = None if ls.heads is None else ls.heads / ad.head_params(i)
             if ls.groups is not None:
                 sizes = torch.bincount(torch.tensor(ad.states[i].kv_index()), minlength=len(ls.groups))
                 n.groups = ls.groups / (sizes * ad.head_params(i) + ad.kv_head_params(i))
-            n.channels = ls.channels / ad.channel_params(i)
+            n.channels = None if ls.channels is None else ls.channels / ad.channel_params(i)
+            n.experts = None if ls.experts is None else ls.experts / ad.expert_params(i)
         out.layers[i] = n
     return out
 
@@ -416,6 +516,7 @@ class Selection:
     heads: dict[int, list[int]] = field(default_factory=dict)  # layer -> current query heads to remove
     groups: dict[int, list[int]] = field(default_factory=dict)  # layer -> current kv groups to remove
     channels: dict[int, list[int]] = field(default_factory=dict)
+    experts: dict[int, list[int]] = field(default_factory=dict)  # layer -> current routed experts to remove
     params: int = 0
 
     def kept(self, adapter: DecoderAdapter, i: int) -> tuple[list[int], list[int]]:
@@ -428,6 +529,40 @@ class Selection:
         drop_c = set(self.channels.get(i, []))
         return ([h for h in range(len(st.kept_heads)) if h not in drop_h],
                 [c for c in range(len(st.kept_channels)) if c not in drop_c])
+
+    def kept_experts(self, adapter: DecoderAdapter, i: int) -> list[int] | None:
+        """Kept current expert positions of layer ``i`` after this selection (None: a dense layer)."""
+        st = adapter.states[i]
+        if st.kept_experts is None:
+            return None
+        drop = set(self.experts.get(i, []))
+        return [e for e in range(len(st.kept_experts)) if e not in drop]
+
+    def take(self, adapter: DecoderAdapter, i: int, kind: str, ids: list[int], left_per_kv: list[int]) -> None:
+        """Add one candidate block; ``params`` counts exactly what goes (a channel of a MoE layer only in
+        the experts this selection keeps, an expert only with the channels it keeps)."""
+        ad = adapter
+        if kind == "channel":
+            experts = None
+            if ad.is_moe(i):
+                experts = len(ad.states[i].kept_experts) - len(self.experts.get(i, []))
+            self.channels.setdefault(i, []).extend(ids)
+            self.params += len(ids) * ad.channel_params(i, experts)
+        elif kind == "expert":
+            width = len(ad.states[i].kept_channels) - len(self.channels.get(i, []))
+            self.experts.setdefault(i, []).extend(ids)
+            self.params += len(ids) * ad.expert_params(i, width)
+        elif kind == "head":
+            kv_index = ad.states[i].kv_index()
+            self.heads.setdefault(i, []).extend(ids)
+            for h in ids:
+                self.params += ad.head_params(i)
+                left_per_kv[kv_index[h]] -= 1
+                if left_per_kv[kv_index[h]] == 0:
+                    self.params += ad.kv_head_params(i)
+        else:
+            self.groups.setdefault(i, []).extend(ids)
+            self.params += sum(left_per_kv[j] * ad.head_params(i) + ad.kv_head_params(i) for j in ids)
 
 
 def _blocks(values: torch.Tensor, multiple: int, min_keep: int) -> list[tuple[list[int], float]]:
@@ -447,22 +582,27 @@ def _blocks(values: torch.Tensor, multiple: int, min_keep: int) -> list[tuple[li
 
 
 def select(scores: Scores, adapter: DecoderAdapter, config, budget: float) -> Selection:
-    """Remove the lowest-scoring structures, heads and channels in ONE global ranking, until
-    at least ``budget`` parameters are gone, respecting the per-layer guards."""
+    """Remove the lowest-scoring structures, heads, channels and experts in ONE global ranking, until
+    at least ``budget`` parameters are gone, respecting the per-layer guards (an MoE layer keeps at
+    least its router's top-k experts)."""
     ad, m = adapter, config.channel_multiple
     head_block = m // math.gcd(m, ad.head_dim)
     cands = []  # (key, layer, kind, ids)
     for i, ls in sorted(scores.layers.items()):
         st = ad.states[i]
-        min_c = _round_up(config.min_channels_per_layer, m)
-        for ids, key in _blocks(ls.channels, m, min_c):
-            cands.append((key, i, "channel", ids))
+        m_i = math.lcm(m, ad.width_multiple(i))
+        min_c = _round_up(config.min_channels_per_layer, m_i)
+        if ls.channels is not None:
+            for ids, key in _blocks(ls.channels, m_i, min_c):
+                cands.append((key, i, "channel", ids))
         if ls.heads is not None:
             min_h = _round_up(config.min_heads_per_layer, head_block)
             for ids, key in _blocks(ls.heads, head_block, min_h):
                 cands.append((key, i, "head", ids))
         if ls.groups is not None:
             cands += [(key, i, "group", ids) for ids, key in _group_blocks(ls.groups, st, config)]
+        if ls.experts is not None:
+            cands += [(key, i, "expert", ids) for ids, key in _blocks(ls.experts, 1, ad.min_experts(i))]
     cands.sort(key=lambda c: c[0])
     sel = Selection()
     left_per_kv = {i: torch.bincount(torch.tensor(ad.states[i].kv_index()),
@@ -471,20 +611,7 @@ def select(scores: Scores, adapter: DecoderAdapter, config, budget: float) -> Se
     for _key, i, kind, ids in cands:
         if sel.params >= budget:
             break
-        if kind == "channel":
-            sel.channels.setdefault(i, []).extend(ids)
-            sel.params += len(ids) * ad.channel_params(i)
-        elif kind == "head":
-            kv_index = ad.states[i].kv_index()
-            sel.heads.setdefault(i, []).extend(ids)
-            for h in ids:
-                sel.params += ad.head_params(i)
-                left_per_kv[i][kv_index[h]] -= 1
-                if left_per_kv[i][kv_index[h]] == 0:
-                    sel.params += ad.kv_head_params(i)
-        else:
-            sel.groups.setdefault(i, []).extend(ids)
-            sel.params += sum(left_per_kv[i][j] * ad.head_params(i) + ad.kv_head_params(i) for j in ids)
+        sel.take(ad, i, kind, ids, left_per_kv[i])
     return sel
 
 

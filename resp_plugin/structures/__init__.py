@@ -7,9 +7,10 @@ from typing import Any
 from torch import nn
 
 from resp_plugin.structures.adapter import DecoderAdapter, DecoderSpec, LayerState
+from resp_plugin.structures.layout import MoESpec
 
-__all__ = ["DecoderAdapter", "DecoderSpec", "LayerState", "adapter_for", "pruned_model_class", "spec_for",
-           "supported_architectures"]
+__all__ = ["DecoderAdapter", "DecoderSpec", "LayerState", "MoESpec", "adapter_for", "pruned_model_class",
+           "spec_for", "supported_architectures"]
 
 
 def supported_architectures() -> dict[str, DecoderSpec]:

@@ -1,9 +1,11 @@
-"""Which weights form an attention head, a KV group and an MLP channel, and how to cut them out.
+"""Which weights form an attention head, a KV group, an MLP channel or a routed expert, and how to
+cut them out.
 
 One adapter serves every decoder whose layers look like Llama's (q/k/v/o projections and a
-gated MLP); a :class:`DecoderSpec` names the modules.  The adapter keeps, per layer, the
-kept query heads, KV heads and channels in the *original* numbering, so a run can always say
-what was removed, and so a checkpoint can be rebuilt from the dense model.
+gated MLP, or a sparse MoE block of fused experts named by ``DecoderSpec.moe``); a
+:class:`DecoderSpec` names the modules.  The adapter keeps, per layer, the kept query heads, KV
+heads, channels (of every expert, in a MoE layer) and experts in the *original* numbering, so a
+run can always say what was removed, and so a checkpoint can be rebuilt from the dense model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resp_plugin.structures import modeling_resp
+from resp_plugin.structures import modeling_resp, moe
 from resp_plugin.structures.layout import DecoderSpec, head_dim_of
 
 __all__ = ["DecoderAdapter", "DecoderSpec", "LayerState"]
@@ -28,6 +30,7 @@ class LayerState:
     kept_kv_heads: list[int]
     kept_channels: list[int]
     kv_of_head: dict[int, int] = field(default_factory=dict)  # original query head -> original kv head
+    kept_experts: list[int] | None = None  # routed experts of a MoE layer (None: a dense layer)
 
     def kv_index(self) -> list[int]:
         """Position (among kept KV heads) of each kept query head's KV head."""
@@ -35,12 +38,15 @@ class LayerState:
         return [pos[self.kv_of_head[h]] for h in self.kept_heads]
 
     def to_json(self, index: int) -> dict[str, Any]:
-        return {
+        entry = {
             "index": index,
             "kept_heads": list(self.kept_heads),
             "kept_kv_heads": list(self.kept_kv_heads),
             "kept_channels": list(self.kept_channels),
         }
+        if self.kept_experts is not None:
+            entry["kept_experts"] = list(self.kept_experts)
+        return entry
 
 
 class DecoderAdapter:
@@ -54,11 +60,16 @@ class DecoderAdapter:
         self.num_layers: int = cfg.num_hidden_layers
         self.head_dim: int = head_dim_of(cfg)
         self.layers = list(model.get_decoder().layers)
+        self.blocks = [modeling_resp.moe_block(layer, self.spec) for layer in self.layers]  # None: dense
+        for i, block in enumerate(self.blocks):
+            if block is not None:
+                moe.check_layout(block[0], f"layer {i} of {type(model).__name__}")
         self.states = [self._read_state(i) for i in range(self.num_layers)]
         # Dense sizes from the config: the reference normalisation constants use them.
         self.orig_heads: int = cfg.num_attention_heads
         self.orig_kv_heads: int = cfg.num_key_value_heads
         self.orig_channels: int = cfg.intermediate_size
+        self.orig_expert_width: int | None = getattr(cfg, self.spec.moe.width_field) if self.is_moe_model else None
 
     # ------------------------------------------------------------------ module access
     def attn(self, i: int) -> nn.Module:
@@ -68,8 +79,49 @@ class DecoderAdapter:
         return getattr(self.layers[i], self.spec.mlp)
 
     def linears(self, i: int) -> dict[str, nn.Linear]:
-        """The seven prunable linears of layer ``i`` by role (q, k, v, o, gate, up, down)."""
+        """The prunable linears of layer ``i`` by role (q, k, v, o, and gate, up, down in a dense layer)."""
         return modeling_resp.layer_linears(self.layers[i], self.spec)
+
+    @property
+    def is_moe_model(self) -> bool:
+        return any(block is not None for block in self.blocks)
+
+    def is_moe(self, i: int) -> bool:
+        """Whether layer ``i``'s MLP is a sparse MoE block (its units: experts, expert channels)."""
+        return self.blocks[i] is not None
+
+    def moe_weights(self, i: int) -> dict[str, nn.Parameter]:
+        """The parameters MoE layer ``i``'s experts and expert channels are made of, by role."""
+        return moe.moe_params(*self.blocks[i], self.spec.moe)
+
+    @staticmethod
+    def expert_grid(saliency: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-weight saliency of :meth:`moe_weights` -> ``(experts, channels)`` grid, router values."""
+        return moe.unit_saliency(saliency)
+
+    def expert_masks(self, i: int) -> moe.ExpertMasks:
+        """Install mask multipliers on MoE layer ``i``'s expert channels (``vector`` saliency)."""
+        return moe.ExpertMasks(self.blocks[i][0], self.spec.moe)
+
+    def width_multiple(self, i: int) -> int:
+        """Kept MLP widths of layer ``i`` stay a multiple of this (1 dense; the fused experts' kernels'
+        alignment in a MoE layer), whatever ``channel_multiple`` asks on top."""
+        return self.spec.moe.width_multiple if self.is_moe(i) else 1
+
+    def min_experts(self, i: int) -> int:
+        """Experts MoE layer ``i`` must keep: its router's top-k, so routing stays the model's own."""
+        return int(getattr(self.blocks[i][1], self.spec.moe.top_k))
+
+    def check(self, config) -> None:
+        """Settings a MoE model cannot run with, refused before any work (one line naming the fix)."""
+        if not self.is_moe_model:
+            return
+        if config.fsdp:
+            raise ValueError("--fsdp does not shard Mixture-of-Experts models yet; run without --fsdp "
+                             "(data parallel under torchrun works) or see docs/moe.md")
+        if config.schedule == "official":
+            raise ValueError("schedule 'official' counts query heads and MLP channels only and has no step size "
+                             "for experts; use --schedule params with a Mixture-of-Experts model")
 
     def _read_state(self, i: int) -> LayerState:
         lin = self.linears(i)
@@ -80,19 +132,29 @@ class DecoderAdapter:
         if index is None:
             groups = max(1, n_q // max(n_kv, 1))
             index = [h // groups for h in range(n_q)]
+        kept_experts = None
+        if self.is_moe(i):
+            down = self.moe_weights(i)["down"]
+            kept_experts, width = list(range(down.shape[0])), down.shape[2]
+        else:
+            width = lin["gate"].out_features
         return LayerState(
             kept_heads=list(range(n_q)),
             kept_kv_heads=list(range(n_kv)),
-            kept_channels=list(range(lin["gate"].out_features)),
+            kept_channels=list(range(width)),
             kv_of_head={h: int(index[h]) for h in range(n_q)},
+            kept_experts=kept_experts,
         )
 
     # ------------------------------------------------------------------ parameter counts
     def layer_params(self, i: int) -> int:
-        """Current number of parameters (weights + biases) in layer ``i``'s seven linears."""
+        """Current number of prunable parameters (weights + biases) of layer ``i``: its seven linears, or
+        its attention linears, routed experts and router in a MoE layer."""
         total = 0
         for lin in self.linears(i).values():
             total += lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
+        if self.is_moe(i):
+            total += sum(p.numel() for p in self.moe_weights(i).values())
         return total
 
     def params(self) -> int:
@@ -109,10 +171,26 @@ class DecoderAdapter:
         bias = 2 * self.head_dim if lin["k"].bias is not None else 0
         return 2 * self.head_dim * self.hidden_size + bias
 
-    def channel_params(self, i: int) -> int:
+    def channel_params(self, i: int, experts: int | None = None) -> int:
+        """Parameters one MLP channel owns; in a MoE layer one channel of each of ``experts`` experts
+        (default: the experts it has now)."""
+        if self.is_moe(i):
+            n = len(self.states[i].kept_experts) if experts is None else experts
+            return 3 * self.hidden_size * n
         lin = self.linears(i)
         bias = sum(1 for k in ("gate", "up") if lin[k].bias is not None)
         return 3 * self.hidden_size + bias
+
+    def expert_params(self, i: int, width: int | None = None) -> int:
+        """Parameters one routed expert of ``width`` channels (default: the width it has now) owns,
+        its router row included."""
+        w = len(self.states[i].kept_channels) if width is None else width
+        return 3 * self.hidden_size * w + self.hidden_size
+
+    def reference_width(self, i: int) -> int:
+        """The dense MLP width of layer ``i`` (each expert's, in a MoE layer): the reference
+        normalisation divides a channel's score by 3 x this."""
+        return self.orig_expert_width if self.is_moe(i) else self.orig_channels
 
     # ------------------------------------------------------------------ physical removal
     @torch.no_grad()
@@ -121,36 +199,52 @@ class DecoderAdapter:
         i: int,
         heads: list[int] | None = None,
         channels: list[int] | None = None,
+        experts: list[int] | None = None,
     ) -> None:
-        """Keep only the given *current* query-head and channel positions of layer ``i``.
+        """Keep only the given *current* query-head, channel and (MoE layer) expert positions of layer ``i``.
 
-        A KV head left without query heads is removed with them.  Exact: the kept rows and
-        columns are copied unchanged, so the smaller layer computes what the masked one did.
+        A KV head left without query heads is removed with them; an expert takes its router row
+        with it.  Exact: the kept rows and columns are copied unchanged, so the smaller layer
+        computes what the masked one did (a removed expert: its router logit at -inf).
         """
-        state, lin, hd = self.states[i], self.linears(i), self.head_dim
+        state = self.states[i]
         if heads is not None and list(heads) != list(range(len(state.kept_heads))):
-            heads = sorted(heads)
-            old_index = state.kv_index()
-            kv_keep = sorted({old_index[h] for h in heads})
-            q_rows = _rows(heads, hd)
-            kv_rows = _rows(kv_keep, hd)
-            _select(lin["q"], q_rows, dim=0)
-            _select(lin["o"], q_rows, dim=1)
-            _select(lin["k"], kv_rows, dim=0)
-            _select(lin["v"], kv_rows, dim=0)
-            state.kept_heads = [state.kept_heads[h] for h in heads]
-            state.kept_kv_heads = [state.kept_kv_heads[j] for j in kv_keep]
-            modeling_resp.set_kv_layout(self.attn(i), state.kv_index())
-        if channels is not None and list(channels) != list(range(len(state.kept_channels))):
-            channels = sorted(channels)
+            self._keep_heads(i, sorted(heads))
+        channels = None if channels is None or list(channels) == list(range(len(state.kept_channels))) \
+            else sorted(channels)
+        if experts is not None and not self.is_moe(i):
+            raise ValueError(f"layer {i} has no routed experts to keep")
+        experts = None if experts is None or list(experts) == list(range(len(state.kept_experts))) \
+            else sorted(experts)
+        if self.is_moe(i) and (channels is not None or experts is not None):
+            moe.keep_units(*self.blocks[i], self.spec.moe, experts, channels)
+            if experts is not None:
+                state.kept_experts = [state.kept_experts[e] for e in experts]
+        elif channels is not None:
+            lin = self.linears(i)
             _select(lin["gate"], channels, dim=0)
             _select(lin["up"], channels, dim=0)
             _select(lin["down"], channels, dim=1)
-            state.kept_channels = [state.kept_channels[c] for c in channels]
             mlp = self.mlp(i)
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = len(channels)
+        if channels is not None:
+            state.kept_channels = [state.kept_channels[c] for c in channels]
         modeling_resp.use_resp_attention(self.model)
+
+    def _keep_heads(self, i: int, heads: list[int]) -> None:
+        state, lin, hd = self.states[i], self.linears(i), self.head_dim
+        old_index = state.kv_index()
+        kv_keep = sorted({old_index[h] for h in heads})
+        q_rows = _rows(heads, hd)
+        kv_rows = _rows(kv_keep, hd)
+        _select(lin["q"], q_rows, dim=0)
+        _select(lin["o"], q_rows, dim=1)
+        _select(lin["k"], kv_rows, dim=0)
+        _select(lin["v"], kv_rows, dim=0)
+        state.kept_heads = [state.kept_heads[h] for h in heads]
+        state.kept_kv_heads = [state.kept_kv_heads[j] for j in kv_keep]
+        modeling_resp.set_kv_layout(self.attn(i), state.kv_index())
 
     def apply_kept(self, layers: list[dict[str, Any]]) -> None:
         """Re-apply a kept map (original numbering, as in report.json) to the dense model."""
@@ -159,11 +253,19 @@ class DecoderAdapter:
             st = self.states[i]
             pos_h = {h: p for p, h in enumerate(st.kept_heads)}
             pos_c = {c: p for p, c in enumerate(st.kept_channels)}
+            experts = None
+            if entry.get("kept_experts") is not None:
+                pos_e = {e: p for p, e in enumerate(st.kept_experts)}
+                experts = [pos_e[e] for e in entry["kept_experts"]]
             self.keep(i, heads=[pos_h[h] for h in entry["kept_heads"]],
-                      channels=[pos_c[c] for c in entry["kept_channels"]])
+                      channels=[pos_c[c] for c in entry["kept_channels"]], experts=experts)
 
     def write_config(self) -> None:
-        """Record per-layer sizes in ``config.per_layer_config`` so the checkpoint reloads."""
+        """Record per-layer sizes in ``config.per_layer_config`` so the checkpoint reloads.
+
+        A MoE model records ``resp_num_experts`` on every layer (null on its dense layers):
+        transformers wants a per-layer field on all layers or in the global config.
+        """
         per_layer = {}
         for i, st in enumerate(self.states):
             per_layer[i] = {
@@ -172,6 +274,8 @@ class DecoderAdapter:
                 "resp_intermediate_size": len(st.kept_channels),
                 "resp_kv_index": st.kv_index(),
             }
+            if self.is_moe_model:
+                per_layer[i]["resp_num_experts"] = None if st.kept_experts is None else len(st.kept_experts)
         self.model.config.per_layer_config = per_layer
 
     def kept_map(self) -> list[dict[str, Any]]:

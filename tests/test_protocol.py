@@ -21,7 +21,6 @@ from resp_plugin.cli import _add_prune, _Parser, build_config
 from resp_plugin.pruner import official_step_structures, save_at_dir
 
 DATA = Path(__file__).parent / "fixtures" / "data"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def official_indices(n_rows: int, n: int, seed: int) -> list[int]:
@@ -58,16 +57,42 @@ def test_all_rows_are_shuffled_and_sample_keeps_the_earlier_draw() -> None:
     assert [r.prompt for r in load_prompts(path, 5, 0, _cfg(prompt_selection="sample"))] == [rows[i] for i in old]
 
 
-@pytest.mark.slow
-def test_paper_500_gsm8k_prompts_on_the_full_train_split() -> None:
-    train = SHARED / "gsm8k" / "train.jsonl"
-    if not train.exists():
-        pytest.skip(f"{train} not available")
-    rows = [json.loads(x)["question"] for x in train.read_text().splitlines() if x.strip()]
-    got = [r.prompt for r in load_prompts(f"gsm8k:{train}", 500, 0, _cfg())]
-    assert got == [rows[i] for i in official_indices(len(rows), 500, 0)]
-    old = {rows[i] for i in random.Random(0).sample(range(len(rows)), 500)}
-    assert len(old & set(got)) < 25  # the earlier draw shared almost none of the paper's prompts
+GSM8K_TRAIN_ROWS = 7473  # rows of GSM8K's train split (openai/grade-school-math, the Hub's "main" train)
+# The official draw for that split and seed 0, pinned: the first five and the last five of the 500 row indices
+# (in the real file, rows 4530 and 6017 begin "The result from the 40-item Statistics exam" and "Stephen made
+# 10 round trips"; checked once against the project's offline copy, which is not in the repository).
+PAPER_FIRST, PAPER_LAST = [4530, 6017, 4120, 3208, 2585], [6874, 4763, 2684, 5588, 4316]
+
+
+def _gsm8k_train_like(path: Path, n: int) -> Path:
+    """A GSM8K-format train file of ``n`` rows (the selection depends on the row count, the seed and the file
+    order only), each question unique and naming its row, with the real file's awkward content: dollar
+    signs, commas in numbers, quotes, non-ASCII text and line breaks inside a field."""
+    extras = ["costs $1,250.50 in total", 'is called "the big one"', "weighs 3 kg \u2013 or 3\u00a0000 g",
+              "is on\nthe next line", "has no remainder"]
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            q = f"Row {i}: the item {extras[i % len(extras)]}. How many are left?"
+            f.write(json.dumps({"question": q, "answer": f"{i} - 1 = <<{i}-1={i - 1}>>{i - 1}\n#### {i - 1}"}) + "\n")
+    return path
+
+
+def test_paper_500_gsm8k_prompts_on_a_train_split_of_the_real_size(tmp_path) -> None:
+    """The paper's 500 calibration prompts (seed 0) from a file the size of GSM8K's train split, generated
+    here: the official shuffle restated above picks the same rows, in the same order, as ``load_prompts``."""
+    train = _gsm8k_train_like(tmp_path / "train.jsonl", GSM8K_TRAIN_ROWS)
+    rows = [json.loads(x) for x in train.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == GSM8K_TRAIN_ROWS
+    got = load_prompts(f"gsm8k:{train}", 500, 0, _cfg())
+    want = official_indices(GSM8K_TRAIN_ROWS, 500, 0)
+    assert want[:5] == PAPER_FIRST and want[-5:] == PAPER_LAST
+    assert [r.prompt for r in got] == [rows[i]["question"] for i in want]
+    assert [r.completion for r in got] == [rows[i]["answer"] for i in want]  # gold travels with its question
+    assert [int(r.prompt.split(":")[0].removeprefix("Row ")) for r in got] == want  # each prompt names its row
+    old = load_prompts(f"gsm8k:{train}", 500, 0, _cfg(prompt_selection="sample"))
+    assert [r.prompt for r in old] == [rows[i]["question"] for i in sorted(random.Random(0).sample(
+        range(GSM8K_TRAIN_ROWS), 500))]
+    assert len({r.prompt for r in old} & {r.prompt for r in got}) < 25  # the earlier draw shares almost none
 
 
 def _gold_cfg(gold_file: Path, **kw) -> RESPConfig:

@@ -120,8 +120,8 @@ def test_physical_equals_masked(family, unit):
 
 
 def _gold_config(gold_file, **kw) -> RESPConfig:
-    return RESPConfig(sparsity=0.3, step=0.1, calibration="gold", prompts=f"jsonl:{gold_file}",
-                      protected_layers=[0], batch_size=5, **kw)
+    kw = {"sparsity": 0.3, "step": 0.1, **kw}
+    return RESPConfig(calibration="gold", prompts=f"jsonl:{gold_file}", protected_layers=[0], batch_size=5, **kw)
 
 
 @pytest.mark.parametrize("family,unit,saliency", [("qwen3_moe", "expert", "sum_abs"),
@@ -249,3 +249,102 @@ def test_moe_refuses_what_it_cannot_run(tmp_path):
         validate(model, RESPConfig(sparsity=0.3, schedule="official"), None, False, False)
     with pytest.raises(ValueError, match="--fsdp"):
         validate(model, RESPConfig(sparsity=0.3, fsdp=True), None, False, False)
+
+
+# ---------------------------------------------------------------------------- a plugin's own MoE layout
+class _Bank(torch.nn.Module):
+    """Routed experts under other names: ``w13 (E, 2I, H)``, ``w2 (E, H, I)``, ``n_routed``, ``width``."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        e, i, h = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.n_routed, self.width = e, i
+        self.w13 = torch.nn.Parameter(torch.randn(e, 2 * i, h) * 0.1)
+        self.w2 = torch.nn.Parameter(torch.randn(e, h, i) * 0.1)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x, index, weights):
+        out = torch.zeros_like(x)
+        for e in range(self.n_routed):
+            token, slot = torch.where(index == e)
+            gate, up = F.linear(x[token], self.w13[e]).chunk(2, dim=-1)
+            out.index_add_(0, token, F.linear(self.act_fn(gate) * up, self.w2[e]) * weights[token, slot, None])
+        return out
+
+
+class _Router(torch.nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.k, self.n_routed = config.num_experts_per_tok, config.num_experts
+        self.weight = torch.nn.Parameter(torch.randn(config.num_experts, config.hidden_size))
+
+    def forward(self, x):
+        top, index = torch.topk(torch.softmax(F.linear(x, self.weight).float(), dim=-1), self.k, dim=-1)
+        return (top / top.sum(-1, keepdim=True)).to(x.dtype), index
+
+
+class _BankBlock(torch.nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.router, self.bank = _Router(config), _Bank(config)
+
+    def forward(self, hidden):
+        b, s, d = hidden.shape
+        x = hidden.reshape(-1, d)
+        return self.bank(x, *reversed(self.router(x))).reshape(b, s, d)
+
+
+@pytest.fixture
+def bank_plugin():
+    """A plugin registering an architecture whose MoE block is named differently (and needs no width
+    alignment: its experts run an eager loop); the model is registered with transformers' auto classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from resp_plugin.hookspecs import hookimpl
+    from resp_plugin.plugins import pm
+    from resp_plugin.structures import DecoderSpec, MoESpec
+
+    class BankConfig(Qwen3MoeConfig):
+        model_type = "resp_moe_bank_example"
+
+    class BankForCausalLM(Qwen3MoeForCausalLM):
+        config_class = BankConfig
+
+        def __init__(self, config) -> None:
+            super().__init__(config)
+            for layer in self.model.layers:
+                layer.mlp = _BankBlock(config)
+
+    class Plugin:
+        @hookimpl
+        def resp_architectures(self, register):
+            register("BankForCausalLM", DecoderSpec(moe=MoESpec(
+                experts="bank", router="router", gate_up_proj="w13", down_proj="w2", num_experts="n_routed",
+                width="width", top_k="k", width_multiple=1)))
+
+    AutoConfig.register(BankConfig.model_type, BankConfig, exist_ok=True)
+    AutoModelForCausalLM.register(BankConfig, BankForCausalLM, exist_ok=True)
+    plugin = Plugin()
+    pm.register(plugin, name="resp_moe_bank_example")
+    yield BankConfig, BankForCausalLM
+    pm.unregister(plugin)
+
+
+def test_plugin_moe_layout_prunes_and_reloads(bank_plugin, tokenizer, gold_file, tmp_path):
+    config_cls, model_cls = bank_plugin
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=8 + len(WORDS), hidden_size=32, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, moe_intermediate_size=12,
+                                 num_experts=6, num_experts_per_tok=2, tie_word_embeddings=False, pad_token_id=0,
+                                 eos_token_id=1)).eval()
+    cfg = _gold_config(gold_file, expert_unit="both", sparsity=0.4)
+    prune(model, tokenizer, cfg, out=tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "model"
+    plc = json.loads((path / "config.json").read_text())["per_layer_config"]
+    assert any(v["resp_num_experts"] < 6 for v in plc.values())
+    assert any(v["resp_intermediate_size"] % 8 for v in plc.values())  # this layout asked for no alignment
+    again = load_pruned(path).eval()
+    assert type(again).__name__ == "RESPBankForCausalLM"
+    x = torch.randint(8, 80, (2, 10))
+    assert (again(x).logits - model(x).logits).abs().max().item() == 0.0
+    assert again.num_parameters() == model.num_parameters()

@@ -63,7 +63,7 @@ class DecoderAdapter:
         self.blocks = [modeling_resp.moe_block(layer, self.spec) for layer in self.layers]  # None: dense
         for i, block in enumerate(self.blocks):
             if block is not None:
-                moe.check_layout(block[0], f"layer {i} of {type(model).__name__}")
+                moe.check_layout(block[0], self.spec.moe, f"layer {i} of {type(model).__name__}")
         self.states = [self._read_state(i) for i in range(self.num_layers)]
         # Dense sizes from the config: the reference normalisation constants use them.
         self.orig_heads: int = cfg.num_attention_heads

@@ -8,6 +8,7 @@ compared with ``resp_gsm8k_paper`` / ``resp_mathqa_paper`` document by document.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +103,50 @@ def test_paper_generation_settings(tasks, name: str) -> None:
         assert getattr(ours.config, key) == getattr(official.config, key), key
 
 
-RESPONSES = [
-    "<think>\n3 + 4 = 7, then 7 * 2 = 14.\n</think>\n\nThe answer is 14.",
-    "Janet has 16 eggs. 16 - 3 - 4 = 9, 9 * 2 = $18. The answer is 18.",
-    "<think>\nthe speed is 30 mph, maybe option b\n</think>\nThe answer is (b).",
-    "#### 1,200",
-    "",
+def _gold(name: str, doc: dict) -> str:
+    """The target restated from the fixture row itself (not through either task's doc_to_target)."""
+    if name == "resp_gsm8k_paper":
+        return doc["answer"].split("####")[-1].strip()
+    return f"Options: {doc['options']}\n Correct: {doc['correct']}"
+
+
+def _number(name: str, doc: dict) -> str:
+    """The right number for a document: GSM8K's answer, MathQA's correct option value (or its letter)."""
+    if name == "resp_gsm8k_paper":
+        return doc["answer"].split("####")[-1].strip()
+    options = dict(re.findall(r"([a-e]) \) ([^,\]]+?)\s*(?:,|$)", doc["options"]))
+    value = options.get(doc["correct"], "").strip()
+    return value if re.fullmatch(r"-?[0-9.]+", value) else "17"
+
+
+def _commas(n: str) -> str:
+    """A number as a response may write it: thousands separated (the metric ignores the commas)."""
+    return f"{int(n):,}" if re.fullmatch(r"-?[0-9]+", n) else n
+
+
+# One response per document (its kind = doc_id % 6), built from that document's own number n (w: a wrong
+# one), with the scores the official filters and exact_match give it for GSM8K (strict-match, flexible-extract),
+# worked out by hand from the filter regexes: strict takes the first "The answer is N.", flexible the last number.
+KINDS = [
+    (lambda n, w: f"<think>\n{w} is wrong.\n</think>\n\nThe answer is {_commas(n)}.", (1.0, 1.0)),
+    (lambda n, w: f"It is not {w}, so it is {_commas(n)}", (0.0, 1.0)),
+    (lambda n, w: f"The answer is {_commas(n)}. Not {w}", (1.0, 0.0)),
+    (lambda n, w: f"The answer is {w}.", (0.0, 0.0)),
+    (lambda n, w: "", (0.0, 0.0)),
+    (lambda n, w: f"#### {n}", (0.0, 1.0)),
 ]
+
+
+def _respond(task: Any, name: str) -> list[dict[str, float]]:
+    """Give each instance the response of its document's kind; return the per-document scores."""
+    _requests(task, False)
+    for inst in task.instances:
+        n = _number(name, inst.doc)
+        wrong = str(int(float(n)) + 1)
+        inst.resps = [KINDS[inst.doc_id % len(KINDS)][0](n, wrong)]
+    task.apply_filters()
+    return [{key: task.process_results(inst.doc, [inst.filtered_resps[key]])["exact_match"]
+             for key in ("strict-match", "flexible-extract")} for inst in task.instances]
 
 
 @pytest.mark.parametrize("name", sorted(PAIRS))
@@ -116,20 +154,22 @@ def test_paper_targets_filters_and_scores_equal_official(tasks, name: str) -> No
     official, ours = tasks[name]
     assert ours.config.filter_list == official.config.filter_list
     assert ours.config.metric_list == official.config.metric_list
-    scores = []
-    for task in (official, ours):
-        _requests(task, False)
-        for k, inst in enumerate(task.instances):
-            inst.resps = [RESPONSES[k % len(RESPONSES)]]
-        task.apply_filters()
-        per_doc = []
-        for inst in task.instances:
-            doc = inst.doc
-            per_doc.append({key: task.process_results(doc, [inst.filtered_resps[key]])
-                            for key in inst.filtered_resps})
-        scores.append(([task.doc_to_target(i.doc) for i in task.instances], per_doc))
-    assert scores[1] == scores[0]
-    assert set(scores[1][1][0]) == {"strict-match", "flexible-extract"}
+    got, want = _respond(ours, name), _respond(official, name)
+    docs = [inst.doc for inst in ours.instances]
+    assert [i.doc_id for i in ours.instances] == list(range(len(docs))) == [i.doc_id for i in official.instances]
+    assert docs == [inst.doc for inst in official.instances]
+    for task in (official, ours):  # targets line up with their documents, in both tasks
+        assert [task.doc_to_target(d) for d in docs] == [_gold(name, d) for d in docs]
+    assert [i.filtered_resps for i in ours.instances] == [i.filtered_resps for i in official.instances]
+    assert got == want
+    if name == "resp_gsm8k_paper":  # the scores the filter regexes give each kind of response
+        expected = [KINDS[k % len(KINDS)][1] for k in range(len(docs))]
+        assert [(s["strict-match"], s["flexible-extract"]) for s in got] == expected
+        assert {s["strict-match"] for s in got} == {s["flexible-extract"] for s in got} == {0.0, 1.0}
+    else:  # the filters extract numbers, the target is "Options: ... Correct: x": exact_match is always 0 in
+        assert all(v == 0.0 for s in got for v in s.values())  # both (the paper scores MathQA by its judge)
+        first = ours.instances[0].filtered_resps
+        assert first["strict-match"] == _number(name, docs[0]), first  # yet the filters did extract the number
 
 
 def test_paper_tasks_run_with_chat_template(tokenizer) -> None:

@@ -6,6 +6,7 @@ Every multi-process run here is ``python -m torch.distributed.run --standalone -
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -97,12 +98,27 @@ def test_resume_under_torchrun_after_sigkill_keeps_the_same_sets(qwen3_run):
     out = root / "killed"
     proc = subprocess.Popen(torchrun_cmd([*args, "--out", str(out)]), env=torchrun_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if wait_for_steps(out / "state.json", proc, steps=3):
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks at once, as a scheduler's kill would
-        proc.wait()
-        assert not (out / "model").exists() and not (out / "report.json").exists()
+    import psutil
+
+    running = wait_for_steps(out / "state.json", proc, steps=3)
+    assert running, "the run ended before it could be killed; make the model larger or the steps smaller"
+    # The launcher and both ranks at once, as a scheduler's kill would. torchrun starts each rank in a session
+    # of its own, so killing the launcher's process group alone leaves the ranks running to the end.
+    launcher = psutil.Process(proc.pid)
+    procs = [launcher, *launcher.children(recursive=True)]
+    assert sorted(p.environ().get("RANK", "") for p in procs if p.environ().get("RANK")) == ["0", "1"]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    _, alive = psutil.wait_procs(procs[1:], timeout=60)
+    assert not alive, alive
+    done = len(json.loads((out / "state.json").read_text())["steps"])
+    assert 3 <= done < len(ref["steps"]), (done, len(ref["steps"]))  # killed mid-run, after a checkpoint
+    assert not (out / "model").exists() and not (out / "report.json").exists()
     res = torchrun([*args, "--out", str(out), "--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
+    assert f"after {done} steps" in res.stdout + res.stderr  # it resumed from the checkpoint, not from scratch
     assert stripped(json.loads((out / "report.json").read_text())) == stripped(ref)
 
 
@@ -116,7 +132,7 @@ def test_a_dying_rank_stops_the_others_then_resume_keeps_the_same_sets(qwen3_run
     proc = subprocess.Popen(torchrun_cmd([*args, "--out", str(out)]), env=torchrun_env(), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = out / "state.json"
-    wait_for_steps(state, proc, steps=1)
+    assert wait_for_steps(state, proc, steps=1), "the run ended before rank 1 could be killed"
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
     assert workers, "rank 1 not found (the run ended too early?)"
     workers[0].send_signal(signal.SIGKILL)

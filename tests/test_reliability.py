@@ -39,14 +39,15 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, tokenizer):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "resp_plugin.cli", *args, "--out", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = wait_for_steps(out / "state.json", proc, steps=3)
-    if killed:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert not (out / "model").exists()
+    assert wait_for_steps(out / "state.json", proc, steps=3), "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(json.loads((out / "state.json").read_text())["steps"])
+    assert 3 <= done < len(ref["steps"]), (done, len(ref["steps"]))  # killed mid-run, after a checkpoint
+    assert not (out / "model").exists()
     assert main([*args, "--out", str(out), "--resume"]) == 0
     assert kept_record(json.loads((out / "report.json").read_text())) == kept_record(ref)
-    assert killed, "the run finished before it could be killed; make the model larger"
 
 
 def test_same_seed_same_kept_sets_with_sampled_traces(tmp_path, tokenizer, gold_file):

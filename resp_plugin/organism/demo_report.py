@@ -49,11 +49,18 @@ def answer_table(s: dict[str, Any]) -> str:
 
 
 def speed_table(s: dict[str, Any]) -> str:
-    """Greedy decode tokens/s, dense and the most pruned RESP model, per batch size."""
+    """Greedy decode tokens/s, dense and the most pruned RESP model, per batch size.
+
+    Dense, pruned and speed-up come from one repeat (the one with the median ratio), so the speed-up is
+    the ratio of the two numbers beside it; the last column is the range of the ratio over all repeats.
+    """
     level = pct(s["speed_level"])
-    rows = [f"| batch | dense tokens/s | RESP {level} tokens/s | speed-up |", "|---|---|---|---|"]
+    n = s["speed"][0]["repeats"] if s["speed"] else 0
+    rows = [f"| batch | dense tokens/s | RESP {level} tokens/s | speed-up | speed-up, all {n} repeats |",
+            "|---|---|---|---|---|"]
     for r in s["speed"]:
-        rows.append(f"| {r['batch']} | {r['dense']:.0f} | {r['pruned']:.0f} | {r['speedup']:.2f}x |")
+        rows.append(f"| {r['batch']} | {r['dense']:.0f} | {r['pruned']:.0f} | {r['speedup']:.2f}x | "
+                    f"{r['speedup_min']:.2f}x-{r['speedup_max']:.2f}x |")
     return "\n".join(rows)
 
 
@@ -70,6 +77,9 @@ def markdown(s: dict[str, Any]) -> str:
         "## One test question",
         answer_table(s),
         f"## Decode speed ({s['speed'][0]['new_tokens']} greedy tokens per prompt, prefill excluded)",
+        "Dense and pruned runs alternate; each repeat gives a pruned/dense ratio. A row shows the repeat with "
+        "the median ratio (its two tokens/s and their ratio) and the ratio's range over all repeats "
+        "(every repeat is in demo.json).",
         speed_table(s),
         "Pruning reports: [RESP](resp/report.md), [generic](generic/report.md); the pruned models are "
         "`resp/model` and `generic/model`.",

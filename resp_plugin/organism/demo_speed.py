@@ -4,8 +4,11 @@ Pruning is only worth it if the smaller model is also faster, so the demo measur
 tokens/s of both on the same test prompts. Each ``generate`` call is forced to write exactly
 ``new_tokens`` tokens (``min_new_tokens``), and a logits processor stamps the time of every step:
 tokens/s = batch / median step time, so the prompt's prefill is left out and a step slowed by
-another process barely moves the result. Dense and pruned runs alternate, and the reported
-speed-up is the median of the per-repeat ratios, so load that drifts over the measurement cancels.
+another process barely moves the result. Dense and pruned runs alternate, and each repeat gives
+a pruned/dense ratio from measurements taken seconds apart, so load that drifts over the
+measurement cancels. A row reports the repeat with the median ratio (the lower middle one for an
+even count): its dense and pruned tokens/s and their ratio, so the three numbers agree with each
+other, beside the lowest and highest ratio of all repeats; every repeat is kept in ``runs``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -47,7 +51,7 @@ def decode_rate(model: PreTrainedModel, batch: dict[str, torch.Tensor], pad_id: 
 def compare_decode(dense: PreTrainedModel, pruned: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                    questions: Sequence[str], batch_sizes: Sequence[int] = (1, 64), new_tokens: int = 32,
                    repeats: int = 5) -> list[dict[str, float]]:
-    """One row per batch size: median dense and pruned tokens/s and the median pruned/dense ratio."""
+    """One row per batch size: the median-ratio repeat's dense and pruned tokens/s and ratio, every repeat."""
     rows = []
     total = len(batch_sizes) * repeats
     with tqdm(total=total, desc="decode speed", unit="repeat") as bar:
@@ -62,7 +66,14 @@ def compare_decode(dense: PreTrainedModel, pruned: PreTrainedModel, tokenizer: P
                 d.append(decode_rate(dense, batch, tokenizer.pad_token_id, new_tokens))
                 p.append(decode_rate(pruned, batch, tokenizer.pad_token_id, new_tokens))
                 bar.update()
-            rows.append({"batch": len(texts), "new_tokens": new_tokens, "dense": statistics.median(d),
-                         "pruned": statistics.median(p),
-                         "speedup": statistics.median(b / a for a, b in zip(d, p))})
+            rows.append(_row(len(texts), new_tokens, d, p))
     return rows
+
+
+def _row(batch: int, new_tokens: int, dense: list[float], pruned: list[float]) -> dict[str, Any]:
+    """The repeat whose pruned/dense ratio is the median (lower middle), the ratios' range, all repeats."""
+    ratios = [b / a for a, b in zip(dense, pruned)]
+    k = ratios.index(statistics.median_low(ratios))
+    return {"batch": batch, "new_tokens": new_tokens, "repeats": len(ratios), "dense": dense[k],
+            "pruned": pruned[k], "speedup": ratios[k], "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "runs": {"dense": dense, "pruned": pruned}}

@@ -11,12 +11,13 @@ merges the adapters back before the model is returned, so the checkpoint format 
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from resp_plugin import distributed
 from resp_plugin.config import RESPConfig
@@ -61,10 +62,11 @@ class _DistillTrainer(Trainer):
 class _RoundCallback(TrainerCallback):
     """Rounds are epochs: data at the start of each, the held-out check at its end; one progress bar."""
 
-    def __init__(self, rounds: Rounds) -> None:
-        self.rounds = rounds
+    def __init__(self, rounds: Rounds, checkpoints: bool) -> None:
+        self.rounds, self.checkpoints = rounds, checkpoints
         self.trainer: _DistillTrainer | None = None  # set once the trainer exists (it counts the tokens)
         self.bar = None
+        self.tokens, self.train_seconds, self.step_t0 = 0, 0.0, 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         show = self.rounds.progress and distributed.world().is_main
@@ -74,21 +76,26 @@ class _RoundCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         self.rounds.begin(model)
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_t0 = time.perf_counter()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             trainer = self.trainer
             tokens = int(distributed.all_reduce_float(float(trainer.loss_tokens)))
             trainer.loss_tokens = 0
             self.rounds.log_step(float(logs["loss"]), tokens)
-            rate = self.bar.format_dict.get("rate") or 0.0
+            # training tokens/s: optimizer steps only (generation, scoring and checks are not in it)
+            self.tokens += tokens
+            self.train_seconds += time.perf_counter() - self.step_t0
             self.bar.update(state.global_step - self.bar.n)
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", round=self.rounds.round,
-                                 tok_s=f"{tokens * rate:,.0f}")
+                                 tok_s=f"{self.tokens / max(self.train_seconds, 1e-9):,.0f}")
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if self.rounds.end(model):
             control.should_training_stop = True
-        control.should_save = True  # every round ends in a checkpoint (what --resume continues from)
+        control.should_save = self.checkpoints  # every round ends in a checkpoint (what --resume continues from)
 
     def on_save(self, args, state, control, **kwargs):
         self.rounds.saved(Path(args.output_dir) / f"checkpoint-{state.global_step}")
@@ -116,7 +123,7 @@ class HFRecoveryTrainer:
                 raise ValueError("LoRA recovery (--recovery-lora-rank) needs peft: pip install "
                                  "'resp-plugin[recovery]'") from e
 
-    def arguments(self, workdir: Path) -> TrainingArguments:
+    def arguments(self, workdir: Path, checkpoints: bool = True) -> TrainingArguments:
         """The Trainer's settings, all derived from RecoveryConfig (one source of truth)."""
         rec = self.rec
         steps = rec.rounds * rec.steps_per_round
@@ -125,20 +132,21 @@ class HFRecoveryTrainer:
             gradient_accumulation_steps=rec.gradient_accumulation, learning_rate=rec.lr,
             weight_decay=rec.weight_decay, max_grad_norm=rec.max_grad_norm, lr_scheduler_type="cosine",
             warmup_steps=round(rec.warmup_ratio * steps), seed=rec.seed, bf16=rec.bf16,
-            gradient_checkpointing=rec.gradient_checkpointing, logging_steps=1, save_strategy="epoch",
-            save_total_limit=2, report_to=[], disable_tqdm=True, remove_unused_columns=False,
-            dataloader_drop_last=True, label_names=[], use_cpu=not torch.cuda.is_available(),
+            gradient_checkpointing=rec.gradient_checkpointing, logging_steps=1,
+            save_strategy="epoch" if checkpoints else "no", save_total_limit=2, report_to=[], disable_tqdm=True,
+            remove_unused_columns=False, dataloader_drop_last=True, label_names=[], use_cpu=not torch.cuda.is_available(),
             ddp_find_unused_parameters=False)
 
-    def train(self, model, rounds: Rounds, workdir: Path, resume_from: Path | None):
+    def train(self, model, rounds: Rounds, workdir: Path, resume_from: Path | None, checkpoints: bool = True):
         """Run the rounds; return the trained model (best round's weights, LoRA merged)."""
         model = self._wrap(model)
         if rounds.start(model):
-            callback = _RoundCallback(rounds)
-            trainer = _DistillTrainer(model=model, args=self.arguments(workdir), train_dataset=rounds.dataset,
-                                      data_collator=partial(collate, pad_id=rounds.pad_id), recovery=self.rec,
-                                      callbacks=[callback])
+            callback = _RoundCallback(rounds, checkpoints)
+            trainer = _DistillTrainer(model=model, args=self.arguments(workdir, checkpoints),
+                                      train_dataset=rounds.dataset, recovery=self.rec, callbacks=[callback],
+                                      data_collator=partial(collate, pad_id=rounds.pad_id))
             callback.trainer = trainer
+            trainer.remove_callback(PrinterCallback)  # the bar shows the loss; no dict printed per step
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             model = trainer.model
         rounds.finish(model)

@@ -1,4 +1,4 @@
-"""The ``resp`` command line: prune, report, eval, tasks-path, demo."""
+"""The ``resp`` command line: prune, recover, report, eval, reproduce, tasks-path, demo."""
 
 from __future__ import annotations
 
@@ -45,6 +45,32 @@ def _add_prune(sub) -> None:
     p.set_defaults(func=cmd_prune)
 
 
+def _add_recover(sub) -> None:
+    p = sub.add_parser("recover", help="distil the dense model into a pruned one on reasoning traces",
+                       description="Recover MODEL_OR_RUN (a pruned model folder, or a `resp prune` run folder, "
+                       "which also supplies its prompts and the dense model's traces) by distillation from "
+                       "--teacher. The --recovery-* flags set the stage (docs/recovery.md).")
+    p.add_argument("model_or_run", help="pruned model folder, or the --out folder of `resp prune`")
+    p.add_argument("--teacher", required=True, help="the dense model folder the student was pruned from")
+    p.add_argument("--out", required=True, help="folder for recovery/ (rounds, checkpoints, record.json) and model/")
+    p.add_argument("--config", help="YAML file of RESPConfig fields (a run folder's config.yaml is the default)")
+    add_config_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted recovery in --out")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.set_defaults(func=cmd_recover)
+
+
+def cmd_recover(args) -> int:
+    from resp_plugin.recovery.folder import recover_command
+
+    record = recover_command(args)
+    best = record.best_accuracy
+    print(f"recovery: held-out accuracy {record.start_accuracy:.3f} -> {best:.3f} (teacher "
+          f"{record.teacher_accuracy:.3f}) in {len(record.rounds)} rounds, {record.tokens:,} tokens; "
+          f"model in {Path(args.out) / 'model'}")
+    return 0
+
+
 def build_config(args):
     """The run's RESPConfig: ``--config`` FILE (if any) with the command line's fields over it."""
     return config_from_args(args, args.config)
@@ -62,6 +88,10 @@ def cmd_prune(args) -> int:
     from resp_plugin.distributed import check_fsdp
 
     check_fsdp(config)
+    if config.recovery.enabled and not args.overwrite:
+        from resp_plugin.recovery.folder import check_not_recovered
+
+        check_not_recovered(out)
     world = _join_torchrun(config.device)
     # A sharded run reads the checkpoint into host memory; each rank then keeps its shard on its device.
     device = "cpu" if config.fsdp else _rank_device(config.device)
@@ -72,6 +102,8 @@ def cmd_prune(args) -> int:
     except Exception as e:
         _lost_rank(e)
         raise
+    if config.recovery.enabled:
+        _recover_pruned(args, result, tokenizer, config, out)
     if not world.is_main:
         return 0
     from resp_plugin.report import render
@@ -81,6 +113,17 @@ def cmd_prune(args) -> int:
     print(f"sparsity {r['sparsity']:.4f}: {r['params_before']:,} -> {r['params_after']:,} decoder linear "
           f"parameters in {len(r['steps'])} steps; model in {out / 'model'}, report in {out / 'report.md'}")
     return 0
+
+
+def _recover_pruned(args, result, tokenizer, config, out: Path) -> None:
+    """``--recover``: distil the dense model (the folder just pruned) into the pruned one, in this run folder."""
+    from resp_plugin.recovery.folder import recover_after_prune
+
+    record = recover_after_prune(result.model, tokenizer, config, out, args.model, resume=args.resume,
+                                 trust_remote_code=args.trust_remote_code)
+    print(f"recovery: held-out accuracy {record.start_accuracy:.3f} -> {record.best_accuracy:.3f} (teacher "
+          f"{record.teacher_accuracy:.3f}) in {len(record.rounds)} rounds, {record.tokens:,} tokens; pruned-only "
+          f"model kept in {out / 'model-pruned'}")
 
 
 def _join_torchrun(device: str):
@@ -287,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help=f"full tracebacks of errors (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
+    _add_recover(sub)
     r = sub.add_parser("report", help="render OUT/report.md with plots from OUT/report.json")
     r.add_argument("out")
     r.set_defaults(func=cmd_report)

@@ -97,7 +97,7 @@ def resp_recovery_trainers(register: Callable[[str, Any], None]) -> None:
 
     Called by :func:`resp_plugin.recovery.recover` before any work, selected by
     ``--recovery-trainer NAME``.  ``register(name, factory)``: ``factory(config: RESPConfig)`` returns
-    an object with ``train(model, rounds, workdir, resume_from) -> model``, which runs
+    an object with ``train(model, rounds, workdir, resume_from, checkpoints=True) -> model``, which runs
     ``rounds.start`` / ``begin`` / ``log_step`` / ``end`` / ``saved`` / ``finish`` of a
     :class:`resp_plugin.recovery.rounds.Rounds` around its optimizer steps and returns the trained
     model (LoRA adapters merged).  The factory raises when the engine cannot run (a missing package).

@@ -113,7 +113,6 @@ def test_round_files_read_back_exactly(tmp_path) -> None:
 
 def test_teacher_scoring_matches_a_plain_forward() -> None:
     from conftest import make_model
-
     from resp_plugin.recovery.data import score_with_teacher
 
     model = make_model()

@@ -47,30 +47,33 @@ def trainer_for(config: RESPConfig):
 
 
 def recover(student, teacher, tokenizer, config: RESPConfig, workdir: str | Path | None = None, *,
-            resume: bool = False, teacher_traces: list[Trace] | None = None, progress: bool = True) -> RecoveryResult:
+            resume: bool = False, teacher_traces: list[Trace] | None = None, progress: bool = True,
+            checkpoints: bool = True) -> RecoveryResult:
     """Distil ``teacher`` into ``student`` (in place); the rounds' files and the record go to ``workdir``.
 
     ``workdir`` (e.g. ``OUT/recovery``) holds the trace sets, the trainer's checkpoints and
     ``record.json``; with ``resume=True`` an interrupted recovery continues from its last checkpoint.
-    Without a ``workdir`` a temporary folder is used and nothing is kept.
+    Without a ``workdir`` a temporary folder is used and nothing is kept.  ``checkpoints=False``: the
+    trainer writes no checkpoint (no ``--resume``), for callers whose model must not be saved mid-way
+    (inside llm-compressor's ``oneshot``, ``save_pretrained`` is its compressing save).
     """
     plan = plan_recovery(config, teacher_traces)  # every refusal before any work
     engine = trainer_for(config)
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="resp-recovery-") as tmp:
-            return _run(student, teacher, tokenizer, config, plan, engine, Path(tmp), False, progress)
-    return _run(student, teacher, tokenizer, config, plan, engine, Path(workdir), resume, progress)
+            return _run(student, teacher, tokenizer, config, plan, engine, Path(tmp), False, progress, False)
+    return _run(student, teacher, tokenizer, config, plan, engine, Path(workdir), resume, progress, checkpoints)
 
 
 def _run(student, teacher, tokenizer, config: RESPConfig, plan: RecoveryPlan, engine, workdir: Path, resume: bool,
-         progress: bool) -> RecoveryResult:
+         progress: bool, checkpoints: bool) -> RecoveryResult:
     workdir.mkdir(parents=True, exist_ok=True)
     record_file = workdir / RECORD_FILE
     if resume and record_file.is_file() and RecoveryRecord.load(record_file).finished:
         raise ValueError(f"the recovery in {workdir} has finished; its model is saved: nothing to resume")
     checkpoint, state = resumed_state(workdir / "trainer") if resume else (None, None)
     rounds = Rounds(student, teacher, tokenizer, config, plan, workdir, progress, resumed=state)
-    model = engine.train(student, rounds, workdir / "trainer", checkpoint)
+    model = engine.train(student, rounds, workdir / "trainer", checkpoint, checkpoints=checkpoints)
     from resp_plugin import distributed
 
     if distributed.world().is_main:

@@ -59,10 +59,12 @@ class Rounds:
         self._round_t0 = self._t0 = time.time()
         self._round_losses: list[float] = []
         self._round_tokens = 0
+        self._was_training = False
 
     # ------------------------------------------------------------------ start / resume
     def start(self, model) -> bool:
         """Snapshot the starting weights, measure teacher and start; False when there is nothing to train."""
+        self._was_training = model.training  # the trainer leaves it training; finish() puts this back
         self.best = {n: p.detach().to("cpu", copy=True) for n, p in trainable(model).items()}
         if self.resumed is not None:
             self.record = RecoveryRecord.model_validate(self.resumed)
@@ -210,6 +212,7 @@ class Rounds:
         with torch.no_grad():
             for n, p in trainable(model).items():
                 p.copy_(self.best[n].to(p.device, p.dtype))
+        model.train(self._was_training)
         self.record.finished = True
         self.record.seconds = round(self.record.seconds + time.time() - self._t0, 2)
         return self.record

@@ -1,0 +1,127 @@
+"""``resp recover`` and ``resp prune --recover`` on disk: what a run folder supplies, where the model goes.
+
+A RESP run folder (``resp prune --out RUN``) supplies the student (``RUN/model``), the prompts of its
+config and the dense model's own calibration traces (``RUN/calibration/traces-0.000.jsonl``, reused
+as the teacher's traces).  The recovered model is saved beside ``OUT/model``'s place atomically:
+``OUT/model`` always holds a complete model (the pruned one until recovery ends, then the recovered
+one; the pruned one is then kept in ``OUT/model-pruned``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from loguru import logger
+
+from resp_plugin.calibration import read_traces, traces_path
+from resp_plugin.config import RESPConfig
+from resp_plugin.io.checkpoint import KEPT_FILE, save_pruned
+
+__all__ = ["RunInputs", "run_inputs", "save_recovered", "PRUNED_DIR"]
+
+PRUNED_DIR = "model-pruned"
+
+
+class RunInputs:
+    """What a recovery reads from MODEL_OR_RUN: the student folder, and a run's config and traces."""
+
+    def __init__(self, student: Path, config: RESPConfig | None, traces: list | None) -> None:
+        self.student, self.config, self.traces = student, config, traces
+
+
+def run_inputs(model_or_run: str | Path) -> RunInputs:
+    """A run folder (config.yaml + model/) or a model folder; refused in one line when it is neither."""
+    path = Path(model_or_run)
+    if (path / "config.yaml").is_file() and (path / "model" / "config.json").is_file():
+        config = RESPConfig.from_file(path / "config.yaml")
+        first = traces_path(path, 0.0)
+        traces = read_traces(first) if first.is_file() and config.calibration == "self" else None
+        return RunInputs(path / "model", config, traces)
+    if (path / "config.json").is_file():
+        return RunInputs(path, None, None)
+    raise FileNotFoundError(f"{path} is neither a model folder (config.json) nor a `resp prune` run folder "
+                            "(config.yaml and model/); pass one of them")
+
+
+def save_recovered(model, tokenizer, student_dir: Path, out: Path) -> Path:
+    """Save to ``OUT/model``; a pruned model already there moves to ``OUT/model-pruned`` first."""
+    staged = save_pruned(model, tokenizer, out / "model-recovered", overwrite=True)
+    if (student_dir / KEPT_FILE).is_file():  # the kept map (original numbering) is the student's
+        shutil.copyfile(student_dir / KEPT_FILE, staged / KEPT_FILE)
+    final = out / "model"
+    if final.exists():
+        if (out / PRUNED_DIR).exists():
+            shutil.rmtree(out / PRUNED_DIR)
+        os.replace(final, out / PRUNED_DIR)
+    os.replace(staged, final)
+    logger.info(f"saved the recovered model to {final}")
+    return final
+
+
+def recovery_config(args, run_config: RESPConfig | None) -> RESPConfig:
+    """The run's config (or ``--config``), the command line's fields over it, recovery switched on."""
+    from resp_plugin.config_flags import SUBMODELS, config_overrides
+
+    if getattr(args, "config", None):
+        base = RESPConfig.from_file(args.config).model_dump()
+    elif run_config is not None:
+        base = run_config.model_dump()
+    else:  # a bare model folder: the pruning fields are not used by recovery, only their defaults are read
+        base = RESPConfig(sparsity=0.5).model_dump()
+    given = config_overrides(args)
+    for nested in SUBMODELS:
+        base[nested].update(given.pop(nested, {}))
+    base.update(given)
+    base["recovery"]["enabled"] = True
+    return RESPConfig.model_validate(base)
+
+
+def recover_command(args):
+    """``resp recover``: load student and teacher, distil, save ``OUT/model``; returns the record."""
+    from resp_plugin.errors import run_folder
+    from resp_plugin.io import load_model_and_tokenizer
+    from resp_plugin.io.model_folder import check_model_dir
+    from resp_plugin.recovery import recover
+
+    inputs = run_inputs(args.model_or_run)
+    config = recovery_config(args, inputs.config)
+    check_model_dir(args.teacher)
+    out = Path(args.out)
+    with run_folder(out):
+        student, tokenizer = load_model_and_tokenizer(inputs.student, "cpu", config.dtype,
+                                                      trust_remote_code=args.trust_remote_code)
+        teacher, _ = load_model_and_tokenizer(args.teacher, "cpu", config.dtype,
+                                              trust_remote_code=args.trust_remote_code)
+        result = recover(student, teacher, tokenizer, config, out / "recovery", resume=args.resume,
+                         teacher_traces=inputs.traces)
+        del teacher
+        save_recovered(result.model, tokenizer, inputs.student, out)
+    return result.record
+
+
+def recover_after_prune(model, tokenizer, config: RESPConfig, out: Path, teacher_path: str, *, resume: bool,
+                        trust_remote_code: bool = False):
+    """``resp prune --recover``: the model just pruned is the student, the folder it came from the teacher."""
+    from resp_plugin.io import load_model_and_tokenizer
+    from resp_plugin.recovery import recover
+
+    first = traces_path(out, 0.0)
+    traces = read_traces(first) if config.calibration == "self" and first.is_file() else None
+    teacher, _ = load_model_and_tokenizer(teacher_path, "cpu", config.dtype, trust_remote_code=trust_remote_code)
+    result = recover(model, teacher, tokenizer, config, out / "recovery", resume=resume, teacher_traces=traces)
+    del teacher
+    save_recovered(result.model, tokenizer, out / "model", out)
+    return result.record
+
+
+def check_not_recovered(out: Path) -> None:
+    """A run folder whose recovery has finished holds the recovered model: pruning again would replace it."""
+    from resp_plugin.recovery import RECORD_FILE
+    from resp_plugin.recovery.record import RecoveryRecord
+
+    record = out / "recovery" / RECORD_FILE
+    if record.is_file() and RecoveryRecord.load(record).finished:
+        raise ValueError(f"{out} holds a finished recovery (its model/ is the recovered model); pass a new --out, "
+                         "or --overwrite to prune again from the start")

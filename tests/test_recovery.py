@@ -1,0 +1,166 @@
+"""The recovery stage on the organism: rounds run through transformers' Trainer, the held-out check
+keeps only rounds that improve it, the saved model reloads, and the CLI drives it from a run folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from resp_plugin import RESPConfig, organism
+from resp_plugin.io import load_model_and_tokenizer, load_pruned
+from resp_plugin.recovery import recover
+from resp_plugin.recovery.record import RecoveryRecord
+
+PROMPTS = f"gsm8k:{organism.data_path('train.jsonl')}"
+SMALL = dict(rounds=2, steps_per_round=3, num_prompts=24, heldout_prompts=16, batch_size=8, max_new_tokens=28)
+
+
+def _config(**recovery) -> RESPConfig:
+    return RESPConfig(sparsity=0.5, prompts=PROMPTS, batch_size=8,
+                      generation={"batch_size": 64, "max_new_tokens": 28},
+                      recovery={"enabled": True, **SMALL, **recovery})
+
+
+def _load(path):
+    model, tok = load_model_and_tokenizer(path, "cpu", "float32")
+    return model, tok
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.arange(3, 40).unsqueeze(0)).logits
+
+
+@pytest.fixture(scope="module")
+def student_dir(pruned_organism):
+    return pruned_organism("query_head", 0.4)
+
+
+def test_a_recovery_that_only_hurts_returns_the_model_it_was_given(student_dir, tmp_path) -> None:
+    student, tok = _load(student_dir)
+    teacher, _ = _load(organism.model_path())
+    before = _logits(student)
+    # lr 5: every round wrecks the model, so no round may be kept
+    result = recover(student, teacher, tok, _config(lr=5.0, warmup_ratio=0.0, patience=2), tmp_path / "rec",
+                     progress=False)
+    rec = result.record
+    assert [r.kept for r in rec.rounds] == [False, False] and rec.best_round == -1
+    assert all(r.accuracy < rec.start_accuracy for r in rec.rounds), "lr 5 should have hurt the check"
+    torch.testing.assert_close(_logits(result.model), before, atol=0, rtol=0)
+    assert RecoveryRecord.load(tmp_path / "rec" / "record.json").finished
+
+
+def test_rounds_train_on_the_teachers_judgement_and_keep_the_best(student_dir, tmp_path) -> None:
+    student, tok = _load(student_dir)
+    teacher, _ = _load(organism.model_path())
+    start = {n: p.detach().clone() for n, p in student.named_parameters()}
+    result = recover(student, teacher, tok, _config(data="mixed", loss="jsd", top_k=16), tmp_path / "rec",
+                     progress=False)
+    rec = result.record
+    assert len(rec.rounds) >= 1 and len(rec.losses) == sum(r.steps for r in rec.rounds)
+    assert all(r.steps == 3 and r.tokens > 0 and r.trace_tokens > 0 for r in rec.rounds)
+    assert rec.teacher_accuracy is not None and rec.start_accuracy is not None
+    # the returned weights are the best round's (or the start's): the check on them equals the record's best
+    assert result.record.best_accuracy == rec.rounds[rec.best_round].accuracy if rec.best_round >= 0 else True
+    changed = any(not torch.equal(p, start[n]) for n, p in result.model.named_parameters())
+    assert changed == (rec.best_round >= 0)
+    files = sorted(p.name for p in (tmp_path / "rec").iterdir())
+    assert "record.json" in files and any(f.startswith("round-") for f in files)
+
+
+def test_lora_recovery_merges_into_the_same_checkpoint_format(student_dir, tmp_path) -> None:
+    pytest.importorskip("peft")
+    from resp_plugin.recovery.folder import save_recovered
+
+    student, tok = _load(student_dir)
+    teacher, _ = _load(organism.model_path())
+    shapes = {n: p.shape for n, p in student.named_parameters()}
+    result = recover(student, teacher, tok, _config(lora_rank=4, lr=1e-2, rounds=1), tmp_path / "rec",
+                     progress=False)
+    model = result.model
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes  # merged: no adapter left
+    saved = save_recovered(model, tok, student_dir, tmp_path / "out")
+    reloaded = load_pruned(saved, dtype=torch.float32)
+    torch.testing.assert_close(_logits(reloaded), _logits(model), atol=1e-5, rtol=1e-5)
+    cfg = json.loads((saved / "config.json").read_text())
+    assert cfg == {**cfg, **json.loads((student_dir / "config.json").read_text())} or \
+        cfg["per_layer_config"] == json.loads((student_dir / "config.json").read_text())["per_layer_config"]
+
+
+def test_recovery_without_gold_answers_is_refused_before_any_work(tmp_path, student_dir) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(40)))
+    cfg = RESPConfig(sparsity=0.5, prompts=f"jsonl:{prompts}", recovery={"enabled": True, **SMALL})
+    with pytest.raises(ValueError, match="no gold answer"):
+        recover(None, None, None, cfg, tmp_path / "rec")
+    assert not (tmp_path / "rec").exists()
+
+
+def test_recipe_resp_with_recovery_then_w8a8_saves_a_recovered_quantised_model(tmp_path) -> None:
+    """RESP (+ recovery) -> W8A8 in one oneshot: the quantiser attaches to the recovered layers, and the
+    saved folder reloads with the per-layer sizes and equal logits."""
+    pytest.importorskip("llmcompressor")
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    from resp_plugin.integrations.llmcompressor import RESPPruningModifier
+
+    model = load_pruned(organism.model_path(), dtype=torch.float32)
+    resp = RESPPruningModifier(sparsity=0.4, step=0.1, calibration="gold", num_prompts=16, prompts=PROMPTS,
+                               progress=False, recovery={"enabled": True, **SMALL, "rounds": 1},
+                               output_dir=str(tmp_path / "run"))
+    quant = QuantizationModifier(targets="Linear", ignore=["lm_head"], scheme="W8A8")
+    out = tmp_path / "out"
+    oneshot(model=model, recipe=[resp, quant], output_dir=str(out))
+    record = RecoveryRecord.load(tmp_path / "run" / "recovery" / "record.json")
+    assert record.finished and len(record.rounds) == 1
+    with torch.no_grad():
+        expected = model(input_ids=torch.arange(3, 40).unsqueeze(0)).logits
+    reloaded = load_pruned(out, dtype=torch.float32)
+    assert [m.mlp.down_proj.in_features for m in reloaded.model.layers] == \
+        [m.mlp.down_proj.in_features for m in model.model.layers]
+    assert hasattr(reloaded.model.layers[1].mlp.down_proj, "quantization_scheme")
+    torch.testing.assert_close(_logits(reloaded), expected, atol=0, rtol=0)
+
+
+def _cli_flags(**over) -> list[str]:
+    flags = {**SMALL, **over}
+    return [x for k, v in flags.items() for x in (f"--recovery-{k.replace('_', '-')}", str(v))]
+
+
+def test_cli_recovers_a_run_folder_and_resumes_after_a_kill(student_dir, tmp_path) -> None:
+    """`resp recover RUN --teacher DENSE --out OUT`: killed after its first round's checkpoint, `--resume`
+    continues from it (the first round is not redone) and ends with every round recorded."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "resp_plugin.cli", "recover", str(student_dir.parent), "--teacher",
+           str(organism.model_path()), "--out", str(out), "--generation-batch-size", "64",
+           *_cli_flags(rounds=3, patience=3, lr=1e-4)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if list((out / "recovery" / "trainer").glob("checkpoint-*/recovery_state.json")):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads(next((out / "recovery" / "trainer").glob("checkpoint-*/recovery_state.json")).read_text())
+    assert len(state["rounds"]) == 1 and not (out / "model").exists()
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = RecoveryRecord.load(out / "recovery" / "record.json")
+    assert [r.round for r in record.rounds] == [0, 1, 2] and record.finished
+    assert record.rounds[0].model_dump() == state["rounds"][0]  # round 0 came from the checkpoint, not rerun
+    assert "recovery: held-out accuracy" in done.stdout
+    reloaded = load_pruned(out / "model", dtype=torch.float32)
+    assert reloaded.config.to_dict()["per_layer_config"] == \
+        json.loads((student_dir / "config.json").read_text())["per_layer_config"]

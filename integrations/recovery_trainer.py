@@ -134,8 +134,8 @@ class HFRecoveryTrainer:
             warmup_steps=round(rec.warmup_ratio * steps), seed=rec.seed, bf16=rec.bf16,
             gradient_checkpointing=rec.gradient_checkpointing, logging_steps=1,
             save_strategy="epoch" if checkpoints else "no", save_total_limit=2, report_to=[], disable_tqdm=True,
-            remove_unused_columns=False, dataloader_drop_last=True, label_names=[], use_cpu=not torch.cuda.is_available(),
-            ddp_find_unused_parameters=False)
+            remove_unused_columns=False, dataloader_drop_last=True, label_names=[],
+            use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False)
 
     def train(self, model, rounds: Rounds, workdir: Path, resume_from: Path | None, checkpoints: bool = True):
         """Run the rounds; return the trained model (best round's weights, LoRA merged)."""

@@ -29,11 +29,17 @@ EVAL_BATCH = 128
 EPS = 1e-9
 
 
-def demo_config(kind: str = "resp", quick: bool = False, seed: int = 0, sparsity: float = max(LEVELS)):
+PINNED = {"prompt_selection": "sample", "usable_gate": True}
+
+
+def demo_config(kind: str = "resp", quick: bool = False, seed: int = 0, sparsity: float = max(LEVELS),
+                pinned: bool = True):
     """RESP (``resp``) or the generic-text baseline (``generic``), sized for the organism and 2 CPU cores.
 
-    Only the calibration differs between the two; RESP's settings are the ones docs/results.md
-    was measured with, so its numbers at 20-40 % are those of the earlier demo for the same seed.
+    Only the calibration differs between the two. RESP's run pins ``PINNED``, the settings
+    docs/results.md was measured with before the defaults became the official ones (the earlier
+    prompt draw and the usable-trace gate; docs/results.md says why); ``pinned=False`` runs it on
+    the defaults. The generic baseline draws no task prompts and never regenerates: neither applies.
     """
     from resp_plugin import RESPConfig, organism
 
@@ -45,9 +51,7 @@ def demo_config(kind: str = "resp", quick: bool = False, seed: int = 0, sparsity
     if kind != "resp":
         raise ValueError(f"unknown demo calibration {kind!r}; use 'resp' or 'generic'")
     return RESPConfig(calibration="self", prompts=f"gsm8k:{organism.data_path('train.jsonl')}",
-                      # pinned to the settings docs/results.md was measured with (the defaults became the official ones)
-                      prompt_selection="sample", usable_gate=True,
-                      generation={"max_new_tokens": 40, "batch_size": 64}, **common)
+                      generation={"max_new_tokens": 40, "batch_size": 64}, **(PINNED if pinned else {}), **common)
 
 
 @contextmanager
@@ -90,7 +94,8 @@ def _evaluate(model, tokenizer, problems, bar: tqdm | None = None) -> tuple[floa
     return correct / len(problems), completions
 
 
-def _prune_and_measure(kind: str, model_dir: Path, out: Path, problems, levels: tuple[float, ...], quick: bool):
+def _prune_and_measure(kind: str, model_dir: Path, out: Path, problems, levels: tuple[float, ...], quick: bool,
+                       pinned: bool = True):
     """One pruning run to the last level, evaluated at the first step reaching each level.
 
     Returns the measurements, the completions at the last level and the pruned model.
@@ -112,8 +117,8 @@ def _prune_and_measure(kind: str, model_dir: Path, out: Path, problems, levels: 
         bar.update(min(round(100 * sparsity), bar.total) - bar.n)  # after the evaluation: 100 % means done
 
     with _no_transformers_bars():
-        prune(model, tokenizer, demo_config(kind, quick, sparsity=max(levels)), out=out / kind, overwrite=True,
-              on_step=on_step, progress=False)
+        prune(model, tokenizer, demo_config(kind, quick, sparsity=max(levels), pinned=pinned), out=out / kind,
+              overwrite=True, on_step=on_step, progress=False)
     bar.close()
     return got, last, model
 
@@ -144,10 +149,11 @@ def pick_example(problems, completions: dict[str, list[str]], tokenizer) -> dict
 
 
 def run_demo(out: str | Path = "resp-demo", quick: bool = False, model_dir: str | Path | None = None,
-             limit: int | None = None, levels: tuple[float, ...] = LEVELS) -> dict[str, Any]:
+             limit: int | None = None, levels: tuple[float, ...] = LEVELS, pinned: bool = True) -> dict[str, Any]:
     """Run the demo into ``out`` and return its summary (also ``OUT/demo.json``).
 
-    ``model_dir``, ``limit`` and ``levels`` exist for the tests (a micro organism cannot reach 50 %).
+    ``model_dir``, ``limit`` and ``levels`` exist for the tests (a micro organism cannot reach 50 %);
+    ``pinned=False`` runs RESP on the defaults instead of ``PINNED`` (docs/results.md compares both).
     """
     from resp_plugin import organism
     from resp_plugin.io import atomic_write_json, atomic_write_text
@@ -170,7 +176,7 @@ def run_demo(out: str | Path = "resp-demo", quick: bool = False, model_dir: str 
     completions = {"dense": dense_completions}
     pruned = None
     for kind in demo_report.METHODS:
-        got, completions[kind], model = _prune_and_measure(kind, model_dir, out, problems, levels, quick)
+        got, completions[kind], model = _prune_and_measure(kind, model_dir, out, problems, levels, quick, pinned)
         summary["methods"][kind] = got
         render(out / kind)
         if kind == "resp":

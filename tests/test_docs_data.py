@@ -1,0 +1,284 @@
+"""Every number of the result tables in docs/ comes from a raw output kept beside them in docs/.
+
+Each table of docs/results.md and docs/performance.md is either checked here against its raw JSON
+(cell by cell: the table is rebuilt from the JSON and compared with what the page says) or listed in
+``UNCHECKED`` with the reason, and then it must say on the page that no raw output was kept. A new
+table that is neither fails the test. ``test_an_edited_number_is_caught`` edits one number of each
+checked table and expects the check to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+LEVELS = ["0.2", "0.3", "0.4", "0.5", "0.6"]
+NO_RAW = "*Raw output: none kept"
+
+
+@dataclass
+class Table:
+    header: str
+    rows: list[list[str]]  # the cells of every row below the rule, stripped
+    after: str  # the first non-empty line after the table
+
+
+def tables(text: str) -> list[Table]:
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            j = i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            after = next((x for x in lines[j:] if x.strip()), "")
+            out.append(Table(lines[i].strip(), [_cells(x) for x in lines[i + 2:j]], after))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]  # an escaped \| stays in its cell
+
+
+def _raw(name: str) -> dict:
+    return json.loads((DOCS / name).read_text())
+
+
+def _mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _seeds(results: dict, variant: str) -> list[dict]:
+    runs = [r for k, r in results.items() if k.startswith(variant + "/")]
+    assert runs, variant
+    return runs
+
+
+def _plain(cell: str) -> str:
+    return cell.replace("**", "")
+
+
+# ---------------------------------------------------------------------------- docs/results.md
+def check_demo_accuracy(t: Table) -> None:
+    s = _raw("demo_results.json")
+    want = [["0 % (dense)", f"{s['dense']:.3f}", "100.0", f"{s['dense']:.3f}", "100.0"]]
+    for level in s["levels"]:
+        row = [f"{round(100 * float(level))} %"]
+        for m in ("resp", "generic"):
+            acc = s["methods"][m]["accuracy"][level]
+            row += [f"{acc:.3f}", f"{100 * acc / s['dense']:.1f}"]
+        want.append(row)
+    assert t.rows == want
+
+
+def check_demo_answers(t: Table) -> None:
+    ex = _raw("demo_results.json")["example"]
+    names = {"dense": "dense", "resp": "RESP 50 %", "generic": "generic 50 %"}
+    want = [[names[who], f"`{a['completion']}`", f"{a['answer']} ({'right' if a['correct'] else 'wrong'})"]
+            for who, a in ex["answers"].items()]
+    assert t.rows == want
+
+
+def check_demo_speed(t: Table) -> None:
+    s = _raw("demo_results.json")
+    assert t.header == ("| batch | dense tokens/s | RESP 50 % tokens/s | speed-up | speed-up, all "
+                        f"{s['speed'][0]['repeats']} repeats |")
+    assert t.rows == [[str(r["batch"]), f"{r['dense']:.0f}", f"{r['pruned']:.0f}", f"{r['speedup']:.2f}x",
+                       f"{r['speedup_min']:.2f}x-{r['speedup_max']:.2f}x"] for r in s["speed"]]
+
+
+def check_demo_defaults(t: Table) -> None:
+    pinned, defaults = _raw("demo_results.json"), _raw("demo_results_defaults.json")
+    assert defaults["dense"] == pinned["dense"]
+    assert defaults["methods"]["generic"]["accuracy"] == pinned["methods"]["generic"]["accuracy"]
+    assert t.rows == [[f"{round(100 * float(lv))} %", f"{pinned['methods']['resp']['accuracy'][lv]:.3f}",
+                       f"{defaults['methods']['resp']['accuracy'][lv]:.3f}",
+                       f"{defaults['methods']['generic']['accuracy'][lv]:.3f}"] for lv in defaults["levels"]]
+
+
+ABLATION_ROWS = {  # the first words of a row's label -> its variant in the raw file
+    "RESP": "resp", "static": "static", "full loss": "full_loss", "gold": "gold", "generic": "generic",
+    "Wanda-sp, our earlier reading": "wanda_sp",
+}
+
+
+def _variant(label: str) -> str:
+    label = _plain(label)
+    (v,) = [v for k, v in ABLATION_ROWS.items() if label.startswith(k + " ") or label == k]
+    return v
+
+
+def check_ablations(t: Table) -> None:
+    res = _raw("ablations_results.json")
+    assert [_variant(r[0]) for r in t.rows] == ["resp", "static", "full_loss", "gold", "generic", "wanda_sp"]
+    for row in t.rows:
+        runs = _seeds(res, _variant(row[0]))
+        assert len(runs) == 3
+        assert [_plain(c) for c in row[1:]] == [_mean_sd([r[lv] for r in runs]) for lv in LEVELS], row[0]
+
+
+BASELINE_ROWS = {"**RESP** (rerun)": "resp", "Wanda-sp, generic text": "wanda_sp_generic",
+                 "Wanda-sp, gold": "wanda_sp_gold", "FLAP, generic text": "flap_generic", "FLAP, gold": "flap_gold",
+                 "OWL, generic text": "owl_generic", "OWL, gold": "owl_gold"}
+
+
+def check_baselines(t: Table) -> None:
+    res = _raw("ablations_results_baselines.json")
+    assert [r[0] for r in t.rows] == list(BASELINE_ROWS)
+    for row in t.rows:
+        run = res[f"{BASELINE_ROWS[row[0]]}/s0"]
+        want = [f"{run[lv]:.2f}" if lv in run else "–" for lv in LEVELS]
+        assert [_plain(c) for c in row[1:]] == want, row[0]
+        assert all(lv in run or lv in run.get("not_run", []) for lv in LEVELS)
+
+
+def check_earlier_checkpoints(t: Table) -> None:
+    s2, s3 = _raw("ablations_results_stage2.json"), _raw("ablations_results_stage3_seed0.json")
+    assert t.header == (f"| variant | stage 2 (dense {s2['dense']:.3f}), 40 % | 50 % | "
+                        f"stage 3 (dense {s3['dense']:.3f}), 40 % | 50 % |")
+    for row in t.rows:
+        v = _variant(row[0]) if row[0] != "Wanda-sp" else "wanda_sp"
+        runs = _seeds(s2, v)
+        assert row[1:3] == [_mean_sd([r[lv] for r in runs]) for lv in ("0.4", "0.5")], row[0]
+        assert row[3:] == [f"{s3[v + '/s0'][lv]:.3f}" for lv in ("0.4", "0.5")], row[0]
+
+
+def _number_set(values: dict[str, float]) -> set[str]:
+    return {x for v in values.values() for x in (f"{v:.3f}", f"{v:.2f}", f"{v:.1f}")}
+
+
+def check_claims(t: Table) -> None:
+    """The 'what reproduces' verdicts: every number of the result column is a level, the seed count, a raw
+    value, or a mean, a % of dense or a difference in points of the 3-seed means (one decimal)."""
+    res, base = _raw("ablations_results.json"), _raw("ablations_results_baselines.json")
+    dense = res["dense"]
+    means = {f"{v}@{lv}": statistics.mean(r[lv] for r in _seeds(res, v)) for v in ABLATION_ROWS.values()
+             for lv in LEVELS}
+    allowed = {"20", "30", "40", "50", "60", "3", f"{dense:.3f}"}
+    allowed |= _number_set(means)
+    allowed |= {f"{100 * m / dense:.1f}" for m in means.values()} | {f"{100 * m:.1f}" for m in means.values()}
+    allowed |= {"100"} if means["resp@0.2"] == means["resp@0.3"] == dense else set()
+    allowed |= {f"{100 * (a - b):+.1f}".replace("-", "−") for a in means.values() for b in means.values()}
+    sds = [statistics.stdev(r[lv] for r in _seeds(res, v)) for v in ("resp", "static") for lv in LEVELS[2:]]
+    allowed |= {f"{min(sds):.2f}", f"{max(sds):.2f}"}
+    allowed |= {f"{r[lv]:.2f}" for k, r in base.items() if "/" in k for lv in LEVELS if lv in r}
+    allowed |= {str(x) for x in base["settings"]["seeds"]} | {str(base["settings"]["limit"])}
+    for row in t.rows:
+        numbers = re.findall(r"[+−-]?\d+(?:\.\d+)?", row[1].replace("0.00-0.06", "0.00 0.06").replace(
+            "0.01-0.08", "0.01 0.08").replace("20-60", "20 60"))
+        unknown = [n for n in numbers if n not in allowed and n.lstrip("+") not in allowed]
+        assert not unknown, (row[0], unknown)
+
+
+RESULTS: dict[str, Callable[[Table], None]] = {
+    "| sparsity | RESP accuracy | % of dense | generic accuracy | % of dense |": check_demo_accuracy,
+    "| model | completion | answer |": check_demo_answers,
+    "| batch | dense tokens/s |": check_demo_speed,
+    "| sparsity | RESP, pinned (table above) | RESP, defaults |": check_demo_defaults,
+    "| variant | 20% | 30% | 40% | 50% | 60% |": check_ablations,
+    "| variant (seed 0, 100 problems) | 20% | 30% | 40% | 50% | 60% |": check_baselines,
+    "| variant | stage 2 (dense": check_earlier_checkpoints,
+    "| claim / target | result |": check_claims,
+}
+
+
+# ---------------------------------------------------------------------------- docs/performance.md
+def check_cost_per_sample(t: Table) -> None:
+    runs = _raw("performance_cost_model.json")["runs"]
+    short, long_ = runs["1000"]["per_sample_tflop"], runs["2048"]["per_sample_tflop"]
+    assert [r[0] for r in t.rows] == [f"{round(100 * float(s))} %" for s in short]
+    assert t.rows == [[f"{round(100 * float(s))} %", f"{short[s]:.1f}", f"{long_[s]:.1f}",
+                       f"{long_[s] / long_['0.0']:.3f}"] for s in short]
+
+
+def check_cost_hours(t: Table) -> None:
+    runs = _raw("performance_cost_model.json")["runs"]
+    assert all(r["steps"] == 40 and r["assumptions"]["mfu"] == 0.4 for r in runs.values())
+    want = []
+    for name, key in (("masks (dense every step)", "masked_gpu_h"), ("physical removal (ours)", "physical_gpu_h")):
+        one, two = runs["1000"][key], runs["2048"][key]
+        want.append([name, f"{one:.1f} h", f"{two:.1f} h", f"{two / 8:.2f} h"])
+    assert t.rows == want
+
+
+PERFORMANCE: dict[str, Callable[[Table], None]] = {
+    "| sparsity | TFLOP per sample, 200 + 1000 tokens |": check_cost_per_sample,
+    "| scoring passes, run to 40 % |": check_cost_hours,
+}
+
+UNCHECKED = {  # docs/performance.md tables measured before raw outputs were kept: (header start, reason)
+    "| sparsity | layout | ideal lin |": "speedup.py timings (~4.5 min, noisy on a shared machine): not rerun",
+    "| mode | overhead MiB |": "scoring_memory.py peaks (two workloads): not rerun",
+    "| command | mode | overhead x W |": "scoring_memory.py with checkpointing / chunks: not rerun",
+    "| run to 40 % | total s |": "prune_time.py wall times, measured alone on the machine: not rerun",
+    "| step starts at |": "prune_time.py per-step ratios of the same run: not rerun",
+    "| run | 1 rank s | 2 ranks s |": "three torchrun timings under other users' load: not rerun",
+    "| model | batch | tokens/s |": "vllm_speedup.py needs the vLLM venv, alone on the machine",
+    "| model | sparsity | hf s |": "generation.py needs the vLLM venv",
+}
+
+
+def _checker(t: Table, registry: dict[str, Callable[[Table], None]]) -> Callable[[Table], None] | None:
+    found = [fn for head, fn in registry.items() if t.header.startswith(head)]
+    assert len(found) <= 1, t.header
+    return found[0] if found else None
+
+
+def test_results_tables_match_their_raw_files() -> None:
+    found = tables((DOCS / "results.md").read_text())
+    assert len(found) >= len(RESULTS)
+    for t in found:
+        check = _checker(t, RESULTS)
+        assert check is not None, f"docs/results.md table without a raw-file check: {t.header}"
+        check(t)
+    assert {_checker(t, RESULTS) for t in found} == set(RESULTS.values())  # every check found its table
+
+
+def test_performance_tables_match_their_raw_files_or_say_none_was_kept() -> None:
+    found = tables((DOCS / "performance.md").read_text())
+    for t in found:
+        check = _checker(t, PERFORMANCE)
+        if check is not None:
+            assert t.after.startswith("*Raw output: [performance_cost_model.json]"), t.header
+            check(t)
+        else:
+            assert any(t.header.startswith(h) for h in UNCHECKED), f"docs/performance.md table unregistered: {t.header}"
+            assert t.after.startswith(NO_RAW), f"say 'Raw output: none kept' under: {t.header}"
+    assert {_checker(t, PERFORMANCE) for t in found} >= set(PERFORMANCE.values())
+
+
+EDITS = [  # (page, table header start, a number of that table, what it is edited to)
+    ("results.md", "| sparsity | RESP accuracy |", "| 40 % | 0.992 |", "| 40 % | 0.993 |"),
+    ("results.md", "| batch | dense tokens/s |", "| 1 | ", "| 1 | 1"),
+    ("results.md", "| sparsity | RESP, pinned", "| 40 % | 0.992 | 0.982 |", "| 40 % | 0.992 | 0.983 |"),
+    ("results.md", "| variant | 20% |", "**0.976 ± 0.013**", "**0.967 ± 0.013**"),
+    ("results.md", "| variant (seed 0", "| OWL, gold | 0.06 |", "| OWL, gold | 0.05 |"),
+    ("results.md", "| variant | stage 2", "| 0.809 ± 0.015 |", "| 0.809 ± 0.016 |"),
+    ("results.md", "| claim / target |", "+76.5 points", "+77.5 points"),
+    ("performance.md", "| sparsity | TFLOP per sample", "| 20 % | 45.3 |", "| 20 % | 45.8 |"),
+    ("performance.md", "| scoring passes, run to 40 %", "| 0.19 h |", "| 0.18 h |"),
+]
+
+
+@pytest.mark.parametrize("page,head,old,new", EDITS, ids=[f"{e[0]}:{e[2]}" for e in EDITS])
+def test_an_edited_number_is_caught(page: str, head: str, old: str, new: str) -> None:
+    text = (DOCS / page).read_text()
+    (t,) = [t for t in tables(text) if t.header.startswith(head)]
+    registry = RESULTS if page == "results.md" else PERFORMANCE
+    _checker(t, registry)(t)  # the page as it is passes
+    start = text.index(t.header)
+    end = start + text[start:].index("\n\n")
+    assert old in text[start:end], old
+    edited = text[:start] + text[start:end].replace(old, new, 1) + text[end:]
+    (t2,) = [t for t in tables(edited) if t.header.startswith(head)]
+    with pytest.raises(AssertionError):
+        _checker(t2, registry)(t2)

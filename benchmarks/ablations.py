@@ -43,7 +43,7 @@ def _config(variant: str, target: float, seed: int, num_prompts: int, step: floa
     common = dict(sparsity=target, step=step, seed=seed, num_prompts=num_prompts, device="cpu", dtype="float32",
                   batch_size=32, generation={"max_new_tokens": 40, "batch_size": 64},
                   milestones=[m for m in (0.1, 0.2, 0.3, 0.4, 0.5) if m <= target],
-                  # the settings docs/results.md was measured with (the defaults became the official ones)
+                  # pinned: the settings docs/results.md was measured with ("Pinned settings" there says why)
                   prompt_selection="sample", usable_gate=True)
     if variant == "resp":
         return RESPConfig(prompts=f"gsm8k:{train}", **common)

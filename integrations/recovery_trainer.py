@@ -47,14 +47,21 @@ class _DistillTrainer(Trainer):
 
     def __init__(self, *args, recovery, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # compute_loss takes the global batch's token count (the Trainer counts it from the collator's labels
+        # only for models it believes accept loss kwargs; ours does, whatever the model).
+        self.model_accepts_loss_kwargs = True
         self.recovery = recovery
         self.loss_tokens = 0  # generated tokens of the micro-batches since the last optimizer step
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rec = self.recovery
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        whole = num_items_in_batch is not None  # the global batch's loss tokens (all micro-batches, all ranks)
         loss = distill_loss(logits, inputs["teacher_ids"], inputs["teacher_logp"], inputs["loss_mask"], rec.loss,
-                            rec.beta, rec.temperature)
+                            rec.beta, rec.temperature, reduction="sum" if whole else "mean")
+        if whole:  # every token weighs alike; DDP then averages over ranks, which the factor undoes
+            loss = loss / num_items_in_batch * (self.accelerator.num_processes
+                                                if self.args.average_tokens_across_devices else 1)
         self.loss_tokens += int(inputs["loss_mask"].sum())
         return (loss, None) if return_outputs else loss
 

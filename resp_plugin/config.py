@@ -65,7 +65,8 @@ class RecoveryConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="share of the steps spent warming up")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping")
-    batch_size: int = Field(32, ge=1, description="sequences per optimizer step (per device x accumulation)")
+    batch_size: int = Field(32, ge=1, description="sequences per optimizer step, over all ranks and accumulation "
+                            "steps")
     gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
     rounds: int = Field(8, ge=1, description="most rounds (a round: a new trace set, steps_per_round steps, "
                         "the held-out check)")

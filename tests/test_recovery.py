@@ -164,3 +164,29 @@ def test_cli_recovers_a_run_folder_and_resumes_after_a_kill(student_dir, tmp_pat
     reloaded = load_pruned(out / "model", dtype=torch.float32)
     assert reloaded.config.to_dict()["per_layer_config"] == \
         json.loads((student_dir / "config.json").read_text())["per_layer_config"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_give_the_loss_curve_of_one_process(student_dir, tmp_path) -> None:
+    """Data parallel (gloo, CPU): the global batch is the one process's batch, every token weighs alike
+    (the loss is divided by the global batch's token count), so the curves agree within fp32 noise."""
+    import os
+    import subprocess
+    import sys
+
+    flags = ["recover", str(student_dir.parent), "--teacher", str(organism.model_path()), "--generation-batch-size",
+             "64", *_cli_flags(rounds=2, patience=5)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "resp_plugin.cli", *flags, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                          "resp_plugin.cli", *flags, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = RecoveryRecord.load(tmp_path / "one" / "recovery" / "record.json")
+    b = RecoveryRecord.load(tmp_path / "two" / "recovery" / "record.json")
+    assert len(a.losses) == len(b.losses) == 6
+    assert max(abs(x - y) for x, y in zip(a.losses, b.losses)) < 1e-4 * max(a.losses)
+    assert [r.tokens for r in a.rounds] == [r.tokens for r in b.rounds]
+    assert [r.accuracy for r in a.rounds] == [r.accuracy for r in b.rounds]

@@ -100,8 +100,12 @@ def collate(samples: list[DistillSample], pad_id: int) -> dict[str, torch.Tensor
         teacher_ids[b, span] = s.teacher_ids.long()
         teacher_logp[b, span] = s.teacher_logp.float()
         loss_mask[b, span] = True
+    # labels: the generated tokens (-100 elsewhere), only so that a trainer can count a global batch's loss
+    # tokens (transformers' Trainer counts labels[..., 1:]); the loss itself reads loss_mask.
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:][loss_mask[:, :-1]] = ids[:, 1:][loss_mask[:, :-1]]
     return {"input_ids": ids, "attention_mask": attention, "teacher_ids": teacher_ids,
-            "teacher_logp": teacher_logp, "loss_mask": loss_mask}
+            "teacher_logp": teacher_logp, "loss_mask": loss_mask, "labels": labels}
 
 
 def save_round(path: Path, samples: list[DistillSample], info: dict) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from resp_plugin import distributed
 from resp_plugin.calibration import read_traces, traces_path
 from resp_plugin.config import RESPConfig
 from resp_plugin.io.checkpoint import KEPT_FILE, save_pruned
@@ -97,7 +98,8 @@ def recover_command(args):
         result = recover(student, teacher, tokenizer, config, out / "recovery", resume=args.resume,
                          teacher_traces=inputs.traces)
         del teacher
-        save_recovered(result.model, tokenizer, inputs.student, out)
+        if distributed.world().is_main:  # under torchrun every rank holds the same model; rank 0 saves it
+            save_recovered(result.model, tokenizer, inputs.student, out)
     return result.record
 
 
@@ -112,7 +114,8 @@ def recover_after_prune(model, tokenizer, config: RESPConfig, out: Path, teacher
     teacher, _ = load_model_and_tokenizer(teacher_path, "cpu", config.dtype, trust_remote_code=trust_remote_code)
     result = recover(model, teacher, tokenizer, config, out / "recovery", resume=resume, teacher_traces=traces)
     del teacher
-    save_recovered(result.model, tokenizer, out / "model", out)
+    if distributed.world().is_main:
+        save_recovered(result.model, tokenizer, out / "model", out)
     return result.record
 
 

@@ -66,8 +66,12 @@ def divergence(teacher: torch.Tensor, student: torch.Tensor, loss: str, beta: fl
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
-                 mask: torch.Tensor, loss: str, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
-    """Mean divergence over the positions where ``mask`` is set (the trace's generated tokens).
+                 mask: torch.Tensor, loss: str, beta: float = 0.5, temperature: float = 1.0,
+                 reduction: str = "mean") -> torch.Tensor:
+    """Mean (or ``reduction="sum"``) divergence over the positions where ``mask`` is set (generated tokens).
+
+    ``sum`` lets a trainer divide by the tokens of the whole global batch, so micro-batches and ranks
+    holding different numbers of tokens weigh every token alike (equal to one process on the whole batch).
 
     ``student_logits``: ``(B, T, V)``; ``teacher_ids`` / ``teacher_logp``: ``(B, T, k)`` for the same
     positions (position t predicts token t + 1); ``mask``: ``(B, T)``.  Only masked positions are
@@ -78,4 +82,5 @@ def distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teache
         return student_logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) alive
     teacher = _with_tail(teacher_logp[sel].float())
     student = folded_student(student_logits[sel], teacher_ids[sel], temperature)
-    return divergence(teacher, student, loss, beta).mean()
+    per_token = divergence(teacher, student, loss, beta)
+    return per_token.sum() if reduction == "sum" else per_token.mean()

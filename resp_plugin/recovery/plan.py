@@ -26,13 +26,16 @@ class RecoveryPlan:
     teacher_traces: list[Trace] | None  # the dense model's traces to reuse (a run folder's calibration)
 
 
-def _provider_config(config: RESPConfig) -> RESPConfig:
-    """The run's config as the trace writer of the recovery sees it: its prompts, seed and sampling."""
+def _provider_config(config: RESPConfig, reserved: int) -> RESPConfig:
+    """The run's config as the trace writer of the recovery sees it: its prompts, seed and sampling.
+
+    ``reserved``: prompts that may not be held out (the teacher's traces), drawn on top of the others.
+    """
     rec = config.recovery
     generation = config.generation.model_copy(update={
         "temperature": rec.sample_temperature,
         "max_new_tokens": rec.max_new_tokens or config.generation.max_new_tokens})
-    return config.model_copy(update={"num_prompts": rec.heldout_prompts + rec.num_prompts, "seed": rec.seed,
+    return config.model_copy(update={"num_prompts": rec.heldout_prompts + rec.num_prompts + reserved, "seed": rec.seed,
                                      "prompt_selection": "shuffle", "generation": generation,
                                      "calibration": "self"})
 
@@ -49,8 +52,8 @@ def plan_recovery(config: RESPConfig, teacher_traces: list[Trace] | None = None)
     if not config.prompts:
         raise ValueError("recovery needs task prompts with answers: --prompts gsm8k:PATH, mathqa:PATH or "
                          "jsonl:PATH (the held-out check grades the student's answers)")
-    provider = SelfProvider(_provider_config(config))
     seen = {t.prompt for t in teacher_traces or []}
+    provider = SelfProvider(_provider_config(config, len(seen)))
     free = [i for i, r in enumerate(provider.records) if r.prompt not in seen]
     heldout = free[:rec.heldout_prompts]
     train = [i for i in range(len(provider.records)) if i not in set(heldout)][:rec.num_prompts]

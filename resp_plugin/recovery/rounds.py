@@ -50,8 +50,7 @@ class Rounds:
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         self.workdir, self.progress = Path(workdir), progress
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        global_batch = self.rec.batch_size * max(1, distributed.world().world_size)
-        self.dataset = RoundData(self.rec.steps_per_round * global_batch)
+        self.dataset = RoundData(self.rec.steps_per_round * self.rec.batch_size)  # batch_size: over all ranks
         self.record = RecoveryRecord(settings=self.rec.model_dump(mode="json"), heldout_prompts=len(plan.heldout),
                                      train_prompts=len(plan.train))
         self.best: dict[str, torch.Tensor] = {}

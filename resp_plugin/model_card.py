@@ -63,6 +63,7 @@ def write_model_card(model_dir: str | Path, *, base_model: str | None = None,
         _settings(run.get("config")),
         _layer_table(config),
         _quantisation(config, model_dir),
+        _recovery(model_dir),
         _evaluation(evaluation),
         _usage(model_dir),
     ]
@@ -104,6 +105,28 @@ def _run_record(model_dir: Path) -> dict[str, Any]:
         if report.get("steps") == steps and report.get("params_before"):  # the report of this very run
             record.update(params_before=report["params_before"], params_after=report["params_after"])
     return record
+
+
+def _recovery(model_dir: Path) -> str:
+    """The recovery this model went through (its record travels in the folder), or nothing."""
+    from resp_plugin.recovery.record import RECORD_IN_MODEL, RecoveryRecord
+
+    path = model_dir / RECORD_IN_MODEL
+    if not path.is_file():
+        return ""
+    rec = RecoveryRecord.load(path)
+    s = rec.settings
+    lora = f"LoRA rank {s.get('lora_rank')} (merged)" if s.get("lora_rank") else "all kept weights"
+    best = "the start (no round improved it)" if rec.best_round < 0 else f"round {rec.best_round}"
+    return "\n".join([
+        "## Recovery", "",
+        f"Distilled from the dense model after pruning (`resp recover`): {s.get('loss')} on {s.get('data')} traces, "
+        f"top-{s.get('top_k')} teacher log-probs, lr {s.get('lr')}, {lora}.", "",
+        "| held-out check | accuracy |", "|---|---|",
+        f"| teacher (dense) | {rec.teacher_accuracy:.3f} |", f"| pruned, before recovery | {rec.start_accuracy:.3f} |",
+        f"| recovered (kept: {best}) | {rec.best_accuracy:.3f} |", "",
+        f"{len(rec.rounds)} rounds, {rec.tokens:,} training tokens, {rec.seconds:.0f} s; stopped: {rec.stop_reason}.",
+        ""])
 
 
 def _found_evaluation(model_dir: Path) -> dict | None:

@@ -42,8 +42,44 @@ def render(out: str | Path) -> Path:
     _plot_kept_per_layer(rep["layers"], out / "kept_per_layer.png")
     _plot_loss_per_step(rep["steps"], rep.get("milestones", []), out / "loss_per_step.png")
     md = out / "report.md"
-    atomic_write_text(md, "\n".join(_markdown(rep)) + "\n")
+    atomic_write_text(md, "\n".join(_markdown(rep) + _recovery_section(out)) + "\n")
     return md
+
+
+def _recovery_section(out: Path) -> list[str]:
+    """``resp prune --recover``: the recovery's loss curve and held-out check, from its record."""
+    from resp_plugin.recovery import RECORD_FILE
+    from resp_plugin.recovery.record import RecoveryRecord
+
+    path = out / "recovery" / RECORD_FILE
+    if not path.is_file():
+        return []
+    rec = RecoveryRecord.load(path)
+    _plot_recovery(rec, out / "recovery.png")
+    lines = ["", "## Recovery", "", "![recovery](recovery.png)", "",
+             f"- held-out accuracy: teacher {rec.teacher_accuracy:.3f}, pruned {rec.start_accuracy:.3f}, "
+             f"recovered **{rec.best_accuracy:.3f}** (best round {rec.best_round})",
+             f"- {rec.tokens:,} training tokens, {rec.seconds:.0f} s; stopped: {rec.stop_reason}", "",
+             "| round | data | steps | tokens | loss | held-out | kept | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.round} | {r.data} | {r.steps} | {r.tokens:,} | {r.loss:.4f} | {r.accuracy:.3f} | {r.kept} | "
+              f"{r.seconds:.0f} |" for r in rec.rounds]
+    return lines
+
+
+def _plot_recovery(rec, png: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    axes[0].plot(range(1, len(rec.losses) + 1), rec.losses)
+    axes[0].set(xlabel="optimizer step", ylabel="distillation loss", yscale="log", title="recovery loss")
+    axes[1].plot(range(-1, len(rec.rounds)), [rec.start_accuracy] + [r.accuracy for r in rec.rounds], "o-",
+                 label="student")
+    axes[1].axhline(rec.teacher_accuracy, color="grey", ls=":", label="teacher")
+    axes[1].set(xlabel="round (-1: before)", ylabel="held-out accuracy", title="held-out check", ylim=(0, 1.02))
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def _pyplot():

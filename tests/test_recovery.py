@@ -161,6 +161,8 @@ def test_cli_recovers_a_run_folder_and_resumes_after_a_kill(student_dir, tmp_pat
     assert [r.round for r in record.rounds] == [0, 1, 2] and record.finished
     assert record.rounds[0].model_dump() == state["rounds"][0]  # round 0 came from the checkpoint, not rerun
     assert "recovery: held-out accuracy" in done.stdout
+    card = (out / "model" / "README.md").read_text()
+    assert "## Recovery" in card and f"{record.start_accuracy:.3f}" in card
     reloaded = load_pruned(out / "model", dtype=torch.float32)
     assert reloaded.config.to_dict()["per_layer_config"] == \
         json.loads((student_dir / "config.json").read_text())["per_layer_config"]

@@ -48,9 +48,16 @@ def run_inputs(model_or_run: str | Path) -> RunInputs:
 
 def save_recovered(model, tokenizer, student_dir: Path, out: Path) -> Path:
     """Save to ``OUT/model``; a pruned model already there moves to ``OUT/model-pruned`` first."""
+    from resp_plugin.model_card import write_model_card
+    from resp_plugin.recovery import RECORD_FILE
+    from resp_plugin.recovery.record import RECORD_IN_MODEL
+
     staged = save_pruned(model, tokenizer, out / "model-recovered", overwrite=True)
     if (student_dir / KEPT_FILE).is_file():  # the kept map (original numbering) is the student's
         shutil.copyfile(student_dir / KEPT_FILE, staged / KEPT_FILE)
+    if (out / "recovery" / RECORD_FILE).is_file():  # the model card tells the recovery from it
+        shutil.copyfile(out / "recovery" / RECORD_FILE, staged / RECORD_IN_MODEL)
+        write_model_card(staged, base_model=getattr(model, "name_or_path", None) or None)
     final = out / "model"
     if final.exists():
         if (out / PRUNED_DIR).exists():

@@ -12,9 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from resp_plugin.io.files import atomic_write_text
 
-__all__ = ["SCHEMA_VERSION", "RoundRecord", "RecoveryRecord"]
+__all__ = ["SCHEMA_VERSION", "RECORD_IN_MODEL", "RoundRecord", "RecoveryRecord"]
 
 SCHEMA_VERSION = 1
+RECORD_IN_MODEL = "resp_recovery.json"  # the record's copy inside a recovered model folder (model card)
 
 
 class RoundRecord(BaseModel):

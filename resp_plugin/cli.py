@@ -117,10 +117,12 @@ def cmd_prune(args) -> int:
 
 def _recover_pruned(args, result, tokenizer, config, out: Path) -> None:
     """``--recover``: distil the dense model (the folder just pruned) into the pruned one, in this run folder."""
+    from resp_plugin.errors import run_folder
     from resp_plugin.recovery.folder import recover_after_prune
 
-    record = recover_after_prune(result.model, tokenizer, config, out, args.model, resume=args.resume,
-                                 trust_remote_code=args.trust_remote_code)
+    with run_folder(out):  # the run folder stays locked while the recovery writes into it
+        record = recover_after_prune(result.model, tokenizer, config, out, args.model, resume=args.resume,
+                                     trust_remote_code=args.trust_remote_code)
     print(f"recovery: held-out accuracy {record.start_accuracy:.3f} -> {record.best_accuracy:.3f} (teacher "
           f"{record.teacher_accuracy:.3f}) in {len(record.rounds)} rounds, {record.tokens:,} tokens; pruned-only "
           f"model kept in {out / 'model-pruned'}")

@@ -192,3 +192,34 @@ def test_torchrun_two_ranks_give_the_loss_curve_of_one_process(student_dir, tmp_
     assert max(abs(x - y) for x, y in zip(a.losses, b.losses)) < 1e-4 * max(a.losses)
     assert [r.tokens for r in a.rounds] == [r.tokens for r in b.rounds]
     assert [r.accuracy for r in a.rounds] == [r.accuracy for r in b.rounds]
+
+
+def test_prune_with_recover_leaves_the_recovered_model_and_the_pruned_one(tmp_path) -> None:
+    """`resp prune ... --recover`: RUN/model is the recovered model (its card and record say so),
+    RUN/model-pruned the pruned-only one, and RUN/report.md shows the recovery."""
+    from resp_plugin.cli import main
+
+    run = tmp_path / "run"
+    rc = main(["prune", str(organism.model_path()), "--sparsity", "0.4", "--step", "0.1", "--calibration", "gold",
+               "--num-prompts", "16", "--prompts", PROMPTS, "--out", str(run), "--generation-batch-size", "64",
+               "--recover", *_cli_flags(rounds=1)])
+    assert rc == 0
+    assert (run / "model" / "resp_recovery.json").is_file() and (run / "model-pruned" / "config.json").is_file()
+    assert "## Recovery" in (run / "report.md").read_text() and (run / "recovery.png").is_file()
+    pruned = load_pruned(run / "model-pruned", dtype=torch.float32)
+    recovered = load_pruned(run / "model", dtype=torch.float32)
+    assert [m.mlp.down_proj.in_features for m in pruned.model.layers] == \
+        [m.mlp.down_proj.in_features for m in recovered.model.layers]
+    assert main(["prune", str(organism.model_path()), "--sparsity", "0.4", "--prompts", PROMPTS, "--out", str(run),
+                 "--recover", "--resume"]) == 2  # a finished recovery is not pruned over
+
+
+def test_organism_evaluation_loads_pruned_checkpoints(student_dir) -> None:
+    """`python -m resp_plugin.organism.evaluate --model DIR` on a pruned folder (it used to fail on the sizes)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "resp_plugin.organism.evaluate", "--model", str(student_dir), "--n",
+                           "8"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "accuracy " in done.stdout and "(" in done.stdout

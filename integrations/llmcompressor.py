@@ -43,6 +43,7 @@ from resp_plugin.integrations.llmcompressor_quant import (
     check_recipe_order,
     resolve_channel_multiple,
 )
+from resp_plugin.integrations.llmcompressor_recovery import recover_in_recipe, teacher_source
 from resp_plugin.pruner import check_not_quantized, prune
 
 __all__ = ["RESPPruningModifier", "calibration_dataloader", "recipe_path", "register_modifiers"]
@@ -59,29 +60,6 @@ _RESPConfigFields = create_model(
     "_RESPConfigFields", __base__=Modifier,
     **{name: (f.annotation, copy.deepcopy(f)) for name, f in RESPConfig.model_fields.items()
        if name not in NOT_MIRRORED | REDEFINED})
-
-
-def _teacher_source(model) -> str:
-    """The folder the dense model was loaded from: the recovery's teacher is reloaded from it."""
-    source = model.config._name_or_path
-    if not source or not Path(source).is_dir():
-        raise UserError(f"recovery needs the dense model as teacher, reloaded from the folder the model came from; "
-                        f"the model says {source!r}: load it with from_pretrained(FOLDER) before oneshot")
-    return source
-
-
-def _recover(model, tokenizer, config: RESPConfig, out: Path | None, source: str) -> bool:
-    """``recovery.enabled``: distil the dense model (reloaded on the host) into the pruned one in place,
-    before the quantisation modifiers that follow calibrate on it."""
-    from resp_plugin.io import load_pruned
-    from resp_plugin.recovery import recover
-
-    teacher = load_pruned(source, dtype=model.dtype)
-    # No trainer checkpoints: inside oneshot, save_pretrained is llm-compressor's compressing save, which
-    # dispatches the model mid-training (the weights in memory and on disk then part ways).
-    recover(model, teacher, tokenizer, config, Path(out) / "recovery" if out is not None else None,
-            checkpoints=False)
-    return True
 
 
 class RESPPruningModifier(_RESPConfigFields):
@@ -164,16 +142,15 @@ class RESPPruningModifier(_RESPConfigFields):
         config = self.resp_config(multiple)
         self.channel_multiple = config.channel_multiple  # the saved recipe.yaml records what was used
         tokenizer = self._tokenizer = resolve_tokenizer(model, self.tokenizer)
-        source = _teacher_source(model) if config.recovery.enabled else ""
+        source = teacher_source(model) if config.recovery.enabled else ""
         recorder = Recorder(provider_for(config))
-        wants_final = self.regenerate_final
-        if wants_final is None:
-            wants_final = any(getattr(m, "requires_calibration_data", False) for m in after)
+        wants_final = (any(getattr(m, "requires_calibration_data", False) for m in after)
+                       if self.regenerate_final is None else self.regenerate_final)
         with placed(model, self.device, self.saliency), torch.enable_grad():
             result = prune(model, tokenizer, config, out=self.output_dir, save=False, provider=recorder,
                            progress=self.progress)
             cal = recorder.last
-            recovered = config.recovery.enabled and _recover(model, tokenizer, config, result.out, source)
+            recovered = config.recovery.enabled and recover_in_recipe(model, tokenizer, config, result.out, source)
             if wants_final and cal.kind == "self" and (recovered or cal.sparsity + 1e-9 < config.sparsity):
                 logger.info("regenerating the calibration traces with the final model (for the next modifier)")
                 cal = recorder.refresh(model, tokenizer, config.sparsity, cal, result.out)

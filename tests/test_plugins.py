@@ -21,6 +21,7 @@ def test_builtins_registered_through_hooks():
     assert {"self", "gold", "generic"} <= set(collect("resp_calibration_kinds"))
     assert {"gsm8k", "mathqa", "jsonl"} <= set(collect("resp_prompt_sources"))
     assert {"hf", "vllm"} <= set(collect("resp_generation_backends"))
+    assert {"hf"} <= set(collect("resp_recovery_trainers"))
 
 
 def test_entry_point_plugin_adds_architecture(tmp_path, tokenizer, gold_file, monkeypatch):

@@ -282,3 +282,37 @@ def test_an_edited_number_is_caught(page: str, head: str, old: str, new: str) ->
     (t2,) = [t for t in tables(edited) if t.header.startswith(head)]
     with pytest.raises(AssertionError):
         _checker(t2, registry)(t2)
+
+
+# ---------------------------------------------------------------------------- docs/recovery.md
+RECOVERY_RAW = {"60 %": "recovery_results/resp60_seed0_default.json"}
+
+
+def recovery_rows(text: str) -> list[list[str]]:
+    """The organism table of docs/recovery.md (header starts with 'RESP level')."""
+    found = [t for t in tables(text) if t.header.startswith("| RESP level")]
+    assert len(found) == 1, "docs/recovery.md has one organism table"
+    return found[0].rows
+
+
+def check_recovery_row(row: list[str]) -> None:
+    """Every number of a row is its raw result's: accuracies, held-out per round, best round, tokens, time."""
+    level = row[0].split(" (")[0]
+    raw = _raw(RECOVERY_RAW[level])
+    assert _plain(row[1]) == f"{raw['before']:.3f}" and _plain(row[2]) == f"{raw['after']:.3f}"
+    assert row[3] == ", ".join(f"{a:.3f}" for a in raw["heldout"])
+    assert int(row[4]) == raw["best_round"] and int(row[5].replace(",", "")) == raw["tokens"]
+    assert row[6].split(" s")[0] == f"{raw['seconds']:.0f}"
+
+
+def test_recovery_table_matches_its_raw_files() -> None:
+    for row in recovery_rows((DOCS / "recovery.md").read_text()):
+        check_recovery_row(row)
+
+
+def test_recovery_table_check_fails_when_a_number_is_edited() -> None:
+    rows = recovery_rows((DOCS / "recovery.md").read_text())
+    edited = [list(rows[0])]
+    edited[0][2] = edited[0][2].replace("0.825", "0.826")
+    with pytest.raises(AssertionError):
+        check_recovery_row(edited[0])

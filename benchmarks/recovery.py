@@ -129,7 +129,7 @@ def _trainer_step(student, scored, pad_id: int, batch: int):
     from transformers import TrainingArguments
 
     from resp_plugin.config import RecoveryConfig
-    from resp_plugin.integrations.recovery_trainer import _DistillTrainer
+    from resp_plugin.integrations.recovery_hf import _DistillTrainer
 
     args = TrainingArguments(output_dir="/tmp/resp-bench-trainer", per_device_train_batch_size=batch, max_steps=1,
                              report_to=[], disable_tqdm=True, remove_unused_columns=False, save_strategy="no",

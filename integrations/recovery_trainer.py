@@ -1,175 +1,21 @@
-"""The ``hf`` recovery trainer: transformers' Trainer (on accelerate) takes the optimizer steps.
+"""Registers the ``hf`` recovery trainer (entry point of the ``resp`` group), without importing it.
 
-The engine (:mod:`resp_plugin.recovery`) owns the data, the loss and the keep-best rule; this
-adapter hands them to :class:`transformers.Trainer`, so everything a user launches training with
-today applies unchanged: ``torchrun`` / ``accelerate launch`` data parallel, FSDP and DeepSpeed
-through ``accelerate config``, bf16, gradient checkpointing, checkpoints and ``--resume``.  One
-recovery round is one Trainer epoch: the round's trace set is loaded at ``on_epoch_begin`` and the
-held-out check runs at ``on_epoch_end``.  LoRA (``lora_rank > 0``) wraps the student with peft and
-merges the adapters back before the model is returned, so the checkpoint format never changes.
+The implementation (:mod:`.recovery_hf`, transformers' Trainer) is imported when a recovery asks for
+it: every ``resp`` command loads the plugins, and the Trainer's import costs seconds.
 """
 
 from __future__ import annotations
 
-import time
-from functools import partial
-from pathlib import Path
-
-import torch
-from tqdm.auto import tqdm
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-
-from resp_plugin import distributed
-from resp_plugin.config import RESPConfig
 from resp_plugin.hookspecs import hookimpl
-from resp_plugin.recovery.data import collate
-from resp_plugin.recovery.losses import distill_loss
-from resp_plugin.recovery.rounds import Rounds
 
-__all__ = ["HFRecoveryTrainer", "lora_targets"]
+
+def hf_trainer(config):
+    """Factory of the ``hf`` trainer (transformers' Trainer; LoRA through peft)."""
+    from resp_plugin.integrations.recovery_hf import HFRecoveryTrainer
+
+    return HFRecoveryTrainer(config)
 
 
 @hookimpl
 def resp_recovery_trainers(register) -> None:
-    register("hf", HFRecoveryTrainer)
-
-
-def lora_targets(model) -> list[str]:
-    """The decoder linears LoRA adapts, named by the architecture's spec (structures/)."""
-    from resp_plugin.structures import adapter_for
-
-    spec = adapter_for(model).spec
-    return sorted({spec.q_proj, spec.k_proj, spec.v_proj, spec.o_proj, spec.gate_proj, spec.up_proj, spec.down_proj})
-
-
-class _DistillTrainer(Trainer):
-    """Trainer whose loss is the distillation loss on the traces' generated tokens."""
-
-    def __init__(self, *args, recovery, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # compute_loss takes the global batch's token count (the Trainer counts it from the collator's labels
-        # only for models it believes accept loss kwargs; ours does, whatever the model).
-        self.model_accepts_loss_kwargs = True
-        self.recovery = recovery
-        self.loss_tokens = 0  # generated tokens of the micro-batches since the last optimizer step
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        rec = self.recovery
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        whole = num_items_in_batch is not None  # the global batch's loss tokens (all micro-batches, all ranks)
-        loss = distill_loss(logits, inputs["teacher_ids"], inputs["teacher_logp"], inputs["loss_mask"], rec.loss,
-                            rec.beta, rec.temperature, reduction="sum" if whole else "mean")
-        if whole:  # every token weighs alike; DDP then averages over ranks, which the factor undoes
-            loss = loss / num_items_in_batch * (self.accelerator.num_processes
-                                                if self.args.average_tokens_across_devices else 1)
-        self.loss_tokens += int(inputs["loss_mask"].sum())
-        return (loss, None) if return_outputs else loss
-
-
-class _RoundCallback(TrainerCallback):
-    """Rounds are epochs: data at the start of each, the held-out check at its end; one progress bar."""
-
-    def __init__(self, rounds: Rounds, checkpoints: bool) -> None:
-        self.rounds, self.checkpoints = rounds, checkpoints
-        self.trainer: _DistillTrainer | None = None  # set once the trainer exists (it counts the tokens)
-        self.bar = None
-        self.tokens, self.train_seconds, self.step_t0 = 0, 0.0, 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        show = self.rounds.progress and distributed.world().is_main
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="recovery", unit="step",
-                        disable=not show)
-
-    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
-        self.rounds.begin(model)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.step_t0 = time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            trainer = self.trainer
-            tokens = int(distributed.all_reduce_float(float(trainer.loss_tokens)))
-            trainer.loss_tokens = 0
-            self.rounds.log_step(float(logs["loss"]), tokens)
-            # training tokens/s: optimizer steps only (generation, scoring and checks are not in it)
-            self.tokens += tokens
-            self.train_seconds += time.perf_counter() - self.step_t0
-            self.bar.update(state.global_step - self.bar.n)
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", round=self.rounds.round,
-                                 tok_s=f"{self.tokens / max(self.train_seconds, 1e-9):,.0f}")
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if self.rounds.end(model):
-            control.should_training_stop = True
-        control.should_save = self.checkpoints  # every round ends in a checkpoint (what --resume continues from)
-
-    def on_save(self, args, state, control, **kwargs):
-        self.rounds.saved(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class HFRecoveryTrainer:
-    """transformers' Trainer as the recovery's training engine (the ``hf`` entry of the hook)."""
-
-    def __init__(self, config: RESPConfig) -> None:
-        self.config, self.rec = config, config.recovery
-        world = max(1, distributed.world().world_size if distributed.world().active else _launched_world())
-        per_step = self.rec.gradient_accumulation * world
-        if self.rec.batch_size % per_step:
-            raise ValueError(f"--recovery-batch-size {self.rec.batch_size} must be a multiple of "
-                             f"--recovery-gradient-accumulation x ranks = {per_step}")
-        self.micro_batch = self.rec.batch_size // per_step
-        if self.rec.lora_rank:
-            try:
-                import peft  # noqa: F401
-            except ImportError as e:
-                raise ValueError("LoRA recovery (--recovery-lora-rank) needs peft: pip install "
-                                 "'resp-plugin[recovery]'") from e
-
-    def arguments(self, workdir: Path, checkpoints: bool = True) -> TrainingArguments:
-        """The Trainer's settings, all derived from RecoveryConfig (one source of truth)."""
-        rec = self.rec
-        steps = rec.rounds * rec.steps_per_round
-        return TrainingArguments(
-            output_dir=str(workdir), max_steps=steps, per_device_train_batch_size=self.micro_batch,
-            gradient_accumulation_steps=rec.gradient_accumulation, learning_rate=rec.lr,
-            weight_decay=rec.weight_decay, max_grad_norm=rec.max_grad_norm, lr_scheduler_type="cosine",
-            warmup_steps=round(rec.warmup_ratio * steps), seed=rec.seed, bf16=rec.bf16,
-            gradient_checkpointing=rec.gradient_checkpointing, logging_steps=1,
-            save_strategy="epoch" if checkpoints else "no", save_total_limit=2, report_to=[], disable_tqdm=True,
-            remove_unused_columns=False, dataloader_drop_last=True, label_names=[],
-            use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False)
-
-    def train(self, model, rounds: Rounds, workdir: Path, resume_from: Path | None, checkpoints: bool = True):
-        """Run the rounds; return the trained model (best round's weights, LoRA merged)."""
-        model = self._wrap(model)
-        if rounds.start(model):
-            callback = _RoundCallback(rounds, checkpoints)
-            trainer = _DistillTrainer(model=model, args=self.arguments(workdir, checkpoints),
-                                      train_dataset=rounds.dataset, recovery=self.rec, callbacks=[callback],
-                                      data_collator=partial(collate, pad_id=rounds.pad_id))
-            callback.trainer = trainer
-            trainer.remove_callback(PrinterCallback)  # the bar shows the loss; no dict printed per step
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            model = trainer.model
-        rounds.finish(model)
-        return model.merge_and_unload() if self.rec.lora_rank else model
-
-    def _wrap(self, model):
-        if not self.rec.lora_rank:
-            return model
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(r=self.rec.lora_rank, lora_alpha=self.rec.lora_alpha, lora_dropout=0.0,
-                         target_modules=lora_targets(model), task_type="CAUSAL_LM")
-        return get_peft_model(model, cfg)
-
-
-def _launched_world() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    register("hf", hf_trainer)

@@ -6,7 +6,7 @@ steps of a distillation loss on those tokens only (prompt masked), then a held-o
 student's free-running answers.  A round's weights are kept only when the check improves, so the
 model returned is never worse on it than the one given.  The optimizer loop belongs to a training
 engine reached through the ``resp_recovery_trainers`` hook (built in: transformers' Trainer,
-``resp_plugin.integrations.recovery_trainer``), so data parallel, FSDP, DeepSpeed, bf16 and
+``resp_plugin.integrations.recovery_hf``), so data parallel, FSDP, DeepSpeed, bf16 and
 gradient checkpointing come from it.  Defaults and measurements: docs/recovery.md.
 """
 

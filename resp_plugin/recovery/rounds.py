@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +35,18 @@ STATE_FILE = "recovery_state.json"  # written into each trainer checkpoint folde
 def round_seed(seed: int, r: int) -> int:
     """Sampling seed of round ``r``'s traces (never a milestone seed: those are seed + 1000 x sparsity)."""
     return seed + 100_003 * (r + 1)
+
+
+@contextmanager
+def visiting(model, device: torch.device) -> Iterator:
+    """``model`` on ``device`` inside the block, back on its own device after (the teacher's offload:
+    it takes device memory only while it writes or scores a round's traces)."""
+    home = model.get_input_embeddings().weight.device
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 def trainable(model) -> dict[str, torch.Tensor]:
@@ -82,19 +96,8 @@ class Rounds:
         return True
 
     def _teacher_on(self, model):
-        """The teacher on the student's device for a while, back on its own device after (offload)."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def placed():
-            home = self.teacher.get_input_embeddings().weight.device
-            self.teacher.to(model.get_input_embeddings().weight.device)
-            try:
-                yield self.teacher
-            finally:
-                self.teacher.to(home)
-
-        return placed()
+        """The teacher on the student's device for a while (see :func:`visiting`)."""
+        return visiting(self.teacher, model.get_input_embeddings().weight.device)
 
     # ------------------------------------------------------------------ rounds
     @property

@@ -88,10 +88,13 @@ def cmd_prune(args) -> int:
     from resp_plugin.distributed import check_fsdp
 
     check_fsdp(config)
-    if config.recovery.enabled and not args.overwrite:
+    if config.recovery.enabled:
+        from resp_plugin.recovery import plan_recovery
         from resp_plugin.recovery.folder import check_not_recovered
 
-        check_not_recovered(out)
+        if not args.overwrite:
+            check_not_recovered(out)
+        plan_recovery(config)  # the recovery's refusals (prompts, gold answers) before pruning starts
     world = _join_torchrun(config.device)
     # A sharded run reads the checkpoint into host memory; each rank then keeps its shard on its device.
     device = "cpu" if config.fsdp else _rank_device(config.device)

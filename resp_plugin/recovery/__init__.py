@@ -48,16 +48,17 @@ def trainer_for(config: RESPConfig):
 
 def recover(student, teacher, tokenizer, config: RESPConfig, workdir: str | Path | None = None, *,
             resume: bool = False, teacher_traces: list[Trace] | None = None, progress: bool = True,
-            checkpoints: bool = True) -> RecoveryResult:
+            checkpoints: bool = True, plan: RecoveryPlan | None = None) -> RecoveryResult:
     """Distil ``teacher`` into ``student`` (in place); the rounds' files and the record go to ``workdir``.
 
     ``workdir`` (e.g. ``OUT/recovery``) holds the trace sets, the trainer's checkpoints and
     ``record.json``; with ``resume=True`` an interrupted recovery continues from its last checkpoint.
     Without a ``workdir`` a temporary folder is used and nothing is kept.  ``checkpoints=False``: the
     trainer writes no checkpoint (no ``--resume``), for callers whose model must not be saved mid-way
-    (inside llm-compressor's ``oneshot``, ``save_pretrained`` is its compressing save).
+    (inside llm-compressor's ``oneshot``, ``save_pretrained`` is its compressing save).  ``plan``: the
+    :func:`plan_recovery` a caller made before loading its models (so a bad input is refused first).
     """
-    plan = plan_recovery(config, teacher_traces)  # every refusal before any work
+    plan = plan or plan_recovery(config, teacher_traces)  # every refusal before any work (callers may plan first)
     engine = trainer_for(config)
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="resp-recovery-") as tmp:

@@ -91,11 +91,12 @@ def recover_command(args):
     from resp_plugin.errors import run_folder
     from resp_plugin.io import load_model_and_tokenizer
     from resp_plugin.io.model_folder import check_model_dir
-    from resp_plugin.recovery import recover
+    from resp_plugin.recovery import plan_recovery, recover
 
     inputs = run_inputs(args.model_or_run)
     config = recovery_config(args, inputs.config)
     check_model_dir(args.teacher)
+    plan = plan_recovery(config, inputs.traces)  # prompts and gold answers checked before any model loads
     out = Path(args.out)
     with run_folder(out):
         student, tokenizer = load_model_and_tokenizer(inputs.student, "cpu", config.dtype,
@@ -103,7 +104,7 @@ def recover_command(args):
         teacher, _ = load_model_and_tokenizer(args.teacher, "cpu", config.dtype,
                                               trust_remote_code=args.trust_remote_code)
         result = recover(student, teacher, tokenizer, config, out / "recovery", resume=args.resume,
-                         teacher_traces=inputs.traces)
+                         teacher_traces=inputs.traces, plan=plan)
         del teacher
         if distributed.world().is_main:  # under torchrun every rank holds the same model; rank 0 saves it
             save_recovered(result.model, tokenizer, inputs.student, out)

@@ -96,6 +96,14 @@ def test_recovery_without_gold_answers_is_refused_before_any_work(tmp_path, stud
     with pytest.raises(ValueError, match="no gold answer"):
         recover(None, None, None, cfg, tmp_path / "rec")
     assert not (tmp_path / "rec").exists()
+    from resp_plugin.cli import main
+
+    # a bare pruned folder has no prompts: `resp recover` refuses before loading anything, leaving no folder
+    assert main(["recover", str(student_dir), "--teacher", str(organism.model_path()), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert main(["recover", str(student_dir), "--teacher", str(organism.model_path()), "--out",
+                 str(tmp_path / "out"), "--prompts", f"jsonl:{prompts}"]) == 2
+    assert not (tmp_path / "out").exists()
 
 
 def test_recipe_resp_with_recovery_then_w8a8_saves_a_recovered_quantised_model(tmp_path) -> None:

@@ -41,7 +41,7 @@ class RecoveryConfig(BaseModel):
     """Distillation of the dense model (teacher) into the pruned one (student) after pruning.
 
     Defaults come from the organism measurements in docs/recovery.md: the student's own traces
-    judged token by token by the teacher (on-policy, as in GKD), reverse KL, rounds of
+    judged token by token by the teacher (on-policy, as in GKD), forward KL, rounds of
     ``steps_per_round`` steps on a freshly generated set, each round kept only when the held-out
     check of free-running answers improves (a recovery never returns a worse model).
     """
@@ -54,8 +54,8 @@ class RecoveryConfig(BaseModel):
     data: Literal["student", "teacher", "mixed"] = Field(
         "student", description="traces trained on: student (its own, on-policy), teacher (the dense model's, "
         "off-policy; a run folder's calibration traces are reused), mixed (half each)")
-    loss: Literal["reverse_kl", "forward_kl", "jsd"] = Field(
-        "reverse_kl", description="per-token divergence to the teacher on the traces' generated tokens")
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="per-token divergence to the teacher on the traces' generated tokens")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: weight of the teacher in the mixture "
                         "(0 = forward KL, 1 = reverse KL, GKD's convention)")
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature of both distributions in the loss")

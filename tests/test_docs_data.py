@@ -287,6 +287,8 @@ def test_an_edited_number_is_caught(page: str, head: str, old: str, new: str) ->
 # ---------------------------------------------------------------------------- docs/recovery.md
 RECOVERY_RAW = {"50 %, reverse KL": "recovery_results/resp50_seed0_default.json",
                 "60 %, reverse KL": "recovery_results/resp60_seed0_default.json",
+                "50 %, forward KL": "recovery_results/resp50_seed0_forward_kl.json",
+                "50 %, forward KL, lr 1e-4 (4 rounds)": "recovery_results/resp50_seed0_forward_kl_lr1e-4.json",
                 "60 %, forward KL": "recovery_results/resp60_seed0_forward_kl.json"}
 
 

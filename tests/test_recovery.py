@@ -62,8 +62,9 @@ def test_rounds_train_on_the_teachers_judgement_and_keep_the_best(student_dir, t
     assert len(rec.rounds) >= 1 and len(rec.losses) == sum(r.steps for r in rec.rounds)
     assert all(r.steps == 3 and r.tokens > 0 and r.trace_tokens > 0 for r in rec.rounds)
     assert rec.teacher_accuracy is not None and rec.start_accuracy is not None
-    # the returned weights are the best round's (or the start's): the check on them equals the record's best
-    assert result.record.best_accuracy == rec.rounds[rec.best_round].accuracy if rec.best_round >= 0 else True
+    # the returned weights are the best round's (or the start's): the record's best is the highest check seen
+    assert rec.best_accuracy == max([rec.start_accuracy] + [r.accuracy for r in rec.rounds])
+    assert rec.best_round == max((r.round for r in rec.rounds if r.kept), default=-1)  # each kept round beat all before
     changed = any(not torch.equal(p, start[n]) for n, p in result.model.named_parameters())
     assert changed == (rec.best_round >= 0)
     files = sorted(p.name for p in (tmp_path / "rec").iterdir())
@@ -85,8 +86,7 @@ def test_lora_recovery_merges_into_the_same_checkpoint_format(student_dir, tmp_p
     reloaded = load_pruned(saved, dtype=torch.float32)
     torch.testing.assert_close(_logits(reloaded), _logits(model), atol=1e-5, rtol=1e-5)
     cfg = json.loads((saved / "config.json").read_text())
-    assert cfg == {**cfg, **json.loads((student_dir / "config.json").read_text())} or \
-        cfg["per_layer_config"] == json.loads((student_dir / "config.json").read_text())["per_layer_config"]
+    assert cfg["per_layer_config"] == json.loads((student_dir / "config.json").read_text())["per_layer_config"]
 
 
 def test_recovery_without_gold_answers_is_refused_before_any_work(tmp_path, student_dir) -> None:

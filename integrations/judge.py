@@ -151,7 +151,7 @@ class Judge:
 
     def check(self) -> None:
         """Refuse an endpoint that does not answer, before any work waits on it."""
-        from resp_plugin.errors import check_endpoint
+        from resp_plugin.checks import check_endpoint
 
         check_endpoint(self.url, "judge server",
                        fix="start the OpenAI-compatible server (e.g. `vllm serve MODEL`) or fix --judge-url")

@@ -206,7 +206,7 @@ def _tracker(output_path: str | None) -> Any:
         return None
     from lm_eval.loggers import EvaluationTracker
 
-    from resp_plugin.errors import check_out_dir
+    from resp_plugin.checks import check_out_dir
 
     path = Path(output_path)
     check_out_dir(path.parent if path.suffix == ".json" else path, flag="--output-path")

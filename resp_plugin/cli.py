@@ -9,16 +9,15 @@ from pathlib import Path
 from loguru import logger
 from tqdm import tqdm
 
+from resp_plugin.checks import check_out_dir, positive_int
 from resp_plugin.config_flags import add_config_flags, comma_floats, config_from_args
 from resp_plugin.errors import (
     DEBUG_ENV,
     UserError,
-    check_out_dir,
-    check_unlocked,
     debug_enabled,
     one_line,
-    positive_int,
 )
+from resp_plugin.run_lock import check_unlocked
 
 TRUST_HELP = ("let the model folder run its own Python code (auto_map in config.json); off by default, "
               "as in transformers and lm-eval")
@@ -120,8 +119,8 @@ def cmd_prune(args) -> int:
 
 def _recover_pruned(args, result, tokenizer, config, out: Path) -> None:
     """``--recover``: distil the dense model (the folder just pruned) into the pruned one, in this run folder."""
-    from resp_plugin.errors import run_folder
     from resp_plugin.recovery.folder import recover_after_prune
+    from resp_plugin.run_lock import run_folder
 
     with run_folder(out):  # the run folder stays locked while the recovery writes into it
         record = recover_after_prune(result.model, tokenizer, config, out, args.model, resume=args.resume,
@@ -178,7 +177,7 @@ def _lost_rank(e: Exception) -> None:
 
 def _check_prune_inputs(args, config) -> None:
     """What `resp prune` can refuse before loading the model: run folder, model files, tokenizer, prompts."""
-    from resp_plugin.errors import check_tokenizer
+    from resp_plugin.checks import check_tokenizer
     from resp_plugin.io import check_model_dir, check_remote_code, load_tokenizer
 
     check_out_dir(args.out)
@@ -315,10 +314,10 @@ def cmd_reproduce(args) -> int:
 
 def cmd_demo(args) -> int:
     from resp_plugin import organism
-    from resp_plugin.errors import run_folder
     from resp_plugin.io import check_model_dir
     from resp_plugin.organism.demo import run_demo
     from resp_plugin.organism.demo_report import console
+    from resp_plugin.run_lock import run_folder
 
     check_out_dir(args.out)
     check_unlocked(args.out)

@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 
 from resp_plugin import distributed, report, scoring
 from resp_plugin.calibration import CalibrationProvider, CalibrationSet, provider_for
+from resp_plugin.checks import check_tokenizer
 from resp_plugin.config import RESPConfig
-from resp_plugin.errors import guarded_run
+from resp_plugin.errors import ConfigError, OutputExists, UnsupportedModel
+from resp_plugin.run_lock import run_folder
 from resp_plugin.run_state import EPS, STATE_FILE, RunState, save_at_dir
 from resp_plugin.structures import DecoderAdapter, adapter_for
 
@@ -52,7 +54,7 @@ def check_not_quantized(model) -> None:
     if getattr(model.config, "quantization_config", None) is not None or any(
         hasattr(m, "quantization_scheme") for m in model.modules()
     ):
-        raise ValueError(
+        raise UnsupportedModel(
             "the model already carries quantisation; RESP must prune the unquantised model. "
             "Load the full-precision checkpoint, or put RESPPruningModifier first in the recipe"
         )
@@ -69,20 +71,20 @@ def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrit
     adapter.check(config)
     check_not_quantized(model)
     if out is not None and (out / "model").exists() and not (resume or overwrite):
-        raise FileExistsError(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
+        raise OutputExists(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
     if config.save_at and out is None:
-        raise ValueError(f"save_at {config.save_at} needs a run folder to save into: pass out= (--out)")
+        raise ConfigError(f"save_at {config.save_at} needs a run folder to save into: pass out= (--out)")
     protected = config.protected(adapter.num_layers)
     layers = [i for i in range(adapter.num_layers) if i not in protected]
     if not layers:
-        raise ValueError(
+        raise ConfigError(
             f"no prunable layer: all {adapter.num_layers} layers are protected; set protected_layers "
             "to fewer layers (e.g. --protected-layers '' for none)"
         )
     plan = Plan(adapter=adapter, protected=protected, layers=layers, total=adapter.params())
     reachable = max_prunable_params(adapter, config, layers) / plan.total
     if reachable + EPS < config.sparsity:
-        raise ValueError(
+        raise ConfigError(
             f"target sparsity {config.sparsity} is unreachable: with protected layers {sorted(protected)}, "
             f"min_heads_per_layer={config.min_heads_per_layer}, min_channels_per_layer="
             f"{config.min_channels_per_layer} and channel_multiple={config.channel_multiple} at most "
@@ -91,7 +93,6 @@ def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrit
     return plan
 
 
-@guarded_run  # tokenizer checks, then OUT/.lock held for the whole run (resp_plugin.errors)
 def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *, resume: bool = False,
           overwrite: bool = False, provider: CalibrationProvider | None = None, save: bool = True,
           progress: bool = True, on_step: Callable[[float, Any], None] | None = None) -> PruneResult:
@@ -106,8 +107,17 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
     the model: ranks share generation and scoring, remove the same structures, and rank 0 alone
     writes ``out``.
     """
+    check_tokenizer(tokenizer, config)
+    with run_folder(out):  # OUT/.lock, held for the whole run and released however it ends
+        return _run(model, tokenizer, config, Path(out) if out is not None else None, resume=resume,
+                    overwrite=overwrite, provider=provider, save=save, progress=progress, on_step=on_step)
+
+
+def _run(model, tokenizer, config: RESPConfig, out: Path | None, *, resume: bool, overwrite: bool,
+         provider: CalibrationProvider | None, save: bool, progress: bool,
+         on_step: Callable[[float, Any], None] | None) -> PruneResult:
+    """The run itself, inside the run folder's lock: validate, calibrate, the steps, the final writes."""
     t0 = time.time()
-    out = Path(out) if out is not None else None
     with distributed.together("checking the run"):
         distributed.check_fsdp(config)
         plan = validate(model, config, out, resume, overwrite)
@@ -120,7 +130,7 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
     rep = report.build(run.data, plan.adapter, config, plan.protected, time.time() - t0)
     if distributed.world().active:
         rep["distributed"] = _distributed_report(model, plan.adapter, provider, n_scored)
-    plan.adapter.write_config()
+    plan.adapter.record_sizes_in_config()
     run.finish(model, tokenizer, plan.adapter, rep, save)
     logger.info(f"pruned to sparsity {rep['sparsity']:.3f} "
                 f"({rep['params_before']:,} -> {rep['params_after']:,} decoder linear parameters)")
@@ -208,7 +218,7 @@ def _serve_milestones(model, tokenizer, provider: CalibrationProvider, cal: Cali
 def _remove(model, adapter: DecoderAdapter, layers: list[int], sel: scoring.Selection) -> tuple[int, int]:
     """Physically remove a step's selection; returns the query heads and channels removed."""
     if sel.params == 0:
-        raise RuntimeError("the guards leave nothing to remove; relax min_heads/min_channels/channel_multiple")
+        raise ConfigError("the guards leave nothing to remove; relax min_heads/min_channels/channel_multiple")
     removed_h = removed_c = 0
     for i in layers:
         heads, channels = sel.kept(adapter, i)

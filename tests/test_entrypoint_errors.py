@@ -26,8 +26,8 @@ import pytest
 
 from conftest import make_model, make_tokenizer, write_gold
 from resp_plugin import RESPConfig, load_pruned, prune
+from resp_plugin.checks import check_endpoint
 from resp_plugin.cli import main
-from resp_plugin.errors import check_endpoint
 from resp_plugin.io import load_model_and_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

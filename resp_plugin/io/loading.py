@@ -103,7 +103,8 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of a model folder; an empty one (no tokenizer files) is refused by name."""
     from transformers import AutoTokenizer
 
-    from resp_plugin.errors import UserError, check_tokenizer, one_line
+    from resp_plugin.checks import check_tokenizer
+    from resp_plugin.errors import UserError, one_line
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

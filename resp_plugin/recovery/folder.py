@@ -88,10 +88,10 @@ def recovery_config(args, run_config: RESPConfig | None) -> RESPConfig:
 
 def recover_command(args):
     """``resp recover``: load student and teacher, distil, save ``OUT/model``; returns the record."""
-    from resp_plugin.errors import run_folder
     from resp_plugin.io import load_model_and_tokenizer
     from resp_plugin.io.model_folder import check_model_dir
     from resp_plugin.recovery import plan_recovery, recover
+    from resp_plugin.run_lock import run_folder
 
     inputs = run_inputs(args.model_or_run)
     config = recovery_config(args, inputs.config)

@@ -17,6 +17,7 @@ from typing import Any
 
 from loguru import logger
 
+from resp_plugin.errors import ConfigError, InputNotFound
 from resp_plugin.io import atomic_write_json, atomic_write_text
 
 # Table 1 of arXiv 2512.02185, Qwen3-8B, RESP, accuracy (%) at 20 / 30 / 40 % sparsity.
@@ -41,14 +42,14 @@ def prompts_for(task: str, prompts: str | None) -> str:
 
         return f"gsm8k:{organism.data_path('train.jsonl')}"
     if task not in TASK_SOURCES:
-        raise ValueError(f"no default calibration prompts for task {task!r}; pass --prompts (e.g. jsonl:PATH)")
+        raise ConfigError(f"no default calibration prompts for task {task!r}; pass --prompts (e.g. jsonl:PATH)")
     source, rel = TASK_SOURCES[task]
     root = os.environ.get("RESP_DATA_DIR")
     if not root:
         return source
     path = Path(root).expanduser() / rel
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the paper calibrates on the {source} train split; put it there "
+        raise InputNotFound(f"{path} not found: the paper calibrates on the {source} train split; put it there "
                                 f"or pass --prompts {source}:PATH")
     return f"{source}:{path}"
 
@@ -68,16 +69,15 @@ def run_task(model: str, out: Path, task: str, config: dict[str, Any], levels: l
     from resp_plugin.integrations.lm_eval import evaluate
     from resp_plugin.io import load_model_and_tokenizer
 
-    cfg = RESPConfig.model_validate({**config, "sparsity": max(levels), "save_at": levels})
+    cfg = RESPConfig.from_settings({**config, "sparsity": max(levels), "save_at": levels})
     run = out / task
     net, tok = load_model_and_tokenizer(model, cfg.device, cfg.dtype,
                                         trust_remote_code=eval_kwargs.get("trust_remote_code", False))
-    report = prune(net, tok, cfg, out=run, overwrite=True).report
+    record = prune(net, tok, cfg, out=run, overwrite=True).record
     del net
-    saved = {rec["level"]: rec for rec in report["saved"]}
+    saved = {rec.level: rec for rec in record.saved}
     rows = []
-    for level, path, measured in [(0.0, model, 0.0)] + [(lv, saved[lv]["path"], saved[lv]["sparsity"])
-                                                       for lv in levels]:
+    for level, path, measured in [(0.0, model, 0.0)] + [(lv, saved[lv].path, saved[lv].sparsity) for lv in levels]:
         res = evaluate(path, [task], output_path=str(run / f"eval-{level:.2f}.json"), **eval_kwargs)
         key, value = metric_of(task, res["results"][task])
         paper = PAPER_RESP_QWEN3_8B.get(task, {}).get(level)

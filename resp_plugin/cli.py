@@ -11,12 +11,7 @@ from tqdm import tqdm
 
 from resp_plugin.checks import check_out_dir, positive_int
 from resp_plugin.config_flags import add_config_flags, comma_floats, config_from_args
-from resp_plugin.errors import (
-    DEBUG_ENV,
-    UserError,
-    debug_enabled,
-    one_line,
-)
+from resp_plugin.errors import DEBUG_ENV, OutputExists, RunAborted, UserError, debug_enabled
 from resp_plugin.run_lock import check_unlocked
 
 TRUST_HELP = ("let the model folder run its own Python code (auto_map in config.json); off by default, "
@@ -83,7 +78,7 @@ def cmd_prune(args) -> int:
     out = Path(args.out)
     _check_prune_inputs(args, config)
     if (out / "model").exists() and not (args.resume or args.overwrite):
-        raise FileExistsError(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
+        raise OutputExists(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
     from resp_plugin.distributed import check_fsdp
 
     check_fsdp(config)
@@ -111,9 +106,9 @@ def cmd_prune(args) -> int:
     from resp_plugin.report import render
 
     render(out)
-    r = result.report
-    print(f"sparsity {r['sparsity']:.4f}: {r['params_before']:,} -> {r['params_after']:,} decoder linear "
-          f"parameters in {len(r['steps'])} steps; model in {out / 'model'}, report in {out / 'report.md'}")
+    r = result.record
+    print(f"sparsity {r.sparsity:.4f}: {r.params_before:,} -> {r.params_after:,} decoder linear "
+          f"parameters in {len(r.steps)} steps; model in {out / 'model'}, report in {out / 'report.md'}")
     return 0
 
 
@@ -170,7 +165,7 @@ def _lost_rank(e: Exception) -> None:
     transport = (isinstance(e, RuntimeError) and dist.is_initialized() and dist.get_world_size() > 1
                  and any(k in str(e) for k in ("gloo", "NCCL", "Connection reset", "Connection closed")))
     if isinstance(e, getattr(dist, "DistError", ())) or transport:
-        raise RuntimeError(f"lost contact with another rank ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        raise RunAborted(f"lost contact with another rank ({type(e).__name__}: {str(e).splitlines()[0]}); "
                            "files in --out are complete up to the last step: rerun the same torchrun "
                            "command with --resume") from e
 
@@ -182,6 +177,8 @@ def _check_prune_inputs(args, config) -> None:
 
     check_out_dir(args.out)
     check_unlocked(args.out)
+    if args.resume:  # a record this version cannot resume is refused before the model loads
+        _check_resumable(Path(args.out))
     check_model_dir(args.model)
     check_remote_code(args.model, args.trust_remote_code)
     check_tokenizer(load_tokenizer(args.model, args.trust_remote_code), config, where=f"the tokenizer in {args.model}")
@@ -196,25 +193,21 @@ def _check_prune_inputs(args, config) -> None:
         load_prompts(config.prompts, config.num_prompts, config.seed, config)
 
 
+def _check_resumable(out: Path) -> None:
+    """OUT/state.json, when there is one, reads as a run record of a version this resp-plugin resumes."""
+    from resp_plugin.run_record import STATE_FILE, RunRecord
+
+    if (out / STATE_FILE).is_file():
+        RunRecord.load(out / STATE_FILE)
+
+
 def _check_report_dir(out: Path) -> None:
-    """A run folder with a readable report.json; render() then has nothing left to fail on."""
-    import json
+    """A run folder whose report.json reads as a run record; render() then has nothing left to fail on."""
+    from resp_plugin.run_record import REPORT_FILE, RunRecord
 
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not a run folder; pass the --out folder of `resp prune`")
-    path = out / "report.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `resp prune ... --out {out}` first")
-    try:
-        rep = json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); rewrite it with `resp prune ... --out {out} "
-                        "--resume`") from None
-    missing = [k for k in ("sparsity", "target", "params_before", "params_after", "steps", "layers")
-               if not isinstance(rep, dict) or k not in rep]
-    if missing:
-        raise UserError(f"{path} is not a RESP report (no {', '.join(missing)}); pass the --out folder of "
-                        "`resp prune`")
+    RunRecord.load(out / REPORT_FILE)
 
 
 def cmd_report(args) -> int:
@@ -294,13 +287,10 @@ def _add_reproduce(sub) -> None:
 
 
 def cmd_reproduce(args) -> int:
-    import yaml
-
+    from resp_plugin.config import read_settings
     from resp_plugin.integrations.reproduce import reproduce, table_markdown
 
-    config = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    if not isinstance(config, dict):
-        raise ValueError(f"--config {args.config} must hold a mapping of RESPConfig fields")
+    config = read_settings(args.config) if args.config else {}
     config.update(device=args.device, dtype=args.dtype)
     batch = int(args.batch_size) if str(args.batch_size).isdigit() else args.batch_size
     rows = reproduce(args.model, args.out, tasks=[t for t in args.tasks.split(",") if t], levels=args.levels,
@@ -331,7 +321,8 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="resp", description="RESP structured pruning for reasoning models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    parser.add_argument("--debug", action="store_true", help=f"full tracebacks of errors (or {DEBUG_ENV}=1)")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"also print the traceback of an error on stderr (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     _add_recover(sub)
@@ -378,30 +369,18 @@ def main(argv: list[str] | None = None) -> int:
         logger.remove()
         # through tqdm.write, so a log line printed while a progress bar is shown does not break the bar
         logger.add(lambda msg: tqdm.write(msg, end="", file=sys.stderr), level="INFO")
-    return _run(args)
+    return _run(args, sys.argv[1:] if argv is None else argv)
 
 
-def _run(args) -> int:
-    """Run the command: a user error is one line and exit code 2, a bug one line and 1 (tracebacks
-    with --debug, -v or RESP_DEBUG=1)."""
+def _run(args, argv: list[str]) -> int:
+    """Run the command; a failure is one line on stderr and an exit code (resp_plugin.failures):
+    2 for a user error, 1 for anything else with the traceback in OUT/error.log, 130 for Ctrl-C."""
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
-        if debug_enabled(args.verbose or args.debug):
-            raise
-        print(f"resp: error: {one_line(e)}", file=sys.stderr)
-        return UserError.exit_code
-    except KeyboardInterrupt:
-        if debug_enabled(args.verbose or args.debug):
-            raise
-        print("resp: interrupted; a `resp prune` run continues with --resume", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if debug_enabled(args.verbose or args.debug):
-            raise
-        print(f"resp: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback, "
-              "and please report it)", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as e:
+        from resp_plugin.failures import handle
+
+        return handle(e, args, argv, debug_enabled(args.verbose or args.debug))
 
 
 if __name__ == "__main__":

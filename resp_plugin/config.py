@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from resp_plugin.errors import ConfigError, InputNotFound, one_line
 
 DEFAULT_MILESTONES = (0.1, 0.2, 0.3, 0.4)
 
@@ -203,25 +205,43 @@ class RESPConfig(BaseModel):
         if self.protected_layers is not None:
             bad = [i for i in self.protected_layers if i >= num_layers]
             if bad:
-                raise ValueError(f"protected_layers {bad} do not exist: the model has {num_layers} layers")
+                raise ConfigError(f"protected_layers {bad} do not exist: the model has {num_layers} layers")
             return set(self.protected_layers)
         lo, hi = int(0.1 * num_layers), num_layers - 1
         return {i for i in range(num_layers) if not lo <= i < hi}
 
     # ---------------------------------------------------------------- files
     @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> RESPConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
+    def from_settings(cls, data: dict, where: str = "") -> RESPConfig:
+        """Validate settings a user gave (flags, a config file, a recipe): a bad one is a ConfigError.
+
+        Why not ``model_validate``: pydantic's ValidationError is also what a bug in the code's own
+        records raises, so the command line can only tell the user's mistake by this type.
+        """
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {p} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {p} must hold a mapping of RESPConfig fields")
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{where}{one_line(e)}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> RESPConfig:
+        data = read_settings(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(data)
+        return cls.from_settings(data, where=f"config file {path}: ")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def read_settings(path: str | Path) -> dict:
+    """The mapping of RESPConfig fields in a YAML file, not yet validated (a caller may add fields)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFound(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {one_line(e)}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of RESPConfig fields")
+    return data

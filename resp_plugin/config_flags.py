@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from resp_plugin.config import GenerationConfig, RecoveryConfig, RESPConfig
+from resp_plugin.errors import ConfigError
 
 NESTED = "generation"  # the RESPConfig field holding GenerationConfig (flattened)
 PREFIXED = "recovery"  # the RESPConfig field holding RecoveryConfig (--recovery-NAME)
@@ -102,10 +103,10 @@ def config_from_args(args: argparse.Namespace, config_file: str | None = None) -
     given = config_overrides(args)
     if config_file is None:
         if "sparsity" not in given:
-            raise ValueError("--sparsity is required (or give it in --config)")
-        return RESPConfig.model_validate(given)
+            raise ConfigError("--sparsity is required (or give it in --config)")
+        return RESPConfig.from_settings(given)
     base = RESPConfig.from_file(config_file).model_dump()
     for nested in SUBMODELS:
         base[nested].update(given.pop(nested, {}))
     base.update(given)
-    return RESPConfig.model_validate(base)
+    return RESPConfig.from_settings(base)

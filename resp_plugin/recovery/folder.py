@@ -18,6 +18,7 @@ from loguru import logger
 from resp_plugin import distributed
 from resp_plugin.calibration import read_traces, traces_path
 from resp_plugin.config import RESPConfig
+from resp_plugin.errors import InputNotFound, OutputExists
 from resp_plugin.io.checkpoint import KEPT_FILE, save_pruned
 
 __all__ = ["RunInputs", "run_inputs", "save_recovered", "PRUNED_DIR"]
@@ -42,7 +43,7 @@ def run_inputs(model_or_run: str | Path) -> RunInputs:
         return RunInputs(path / "model", config, traces)
     if (path / "config.json").is_file():
         return RunInputs(path, None, None)
-    raise FileNotFoundError(f"{path} is neither a model folder (config.json) nor a `resp prune` run folder "
+    raise InputNotFound(f"{path} is neither a model folder (config.json) nor a `resp prune` run folder "
                             "(config.yaml and model/); pass one of them")
 
 
@@ -83,7 +84,7 @@ def recovery_config(args, run_config: RESPConfig | None) -> RESPConfig:
         base[nested].update(given.pop(nested, {}))
     base.update(given)
     base["recovery"]["enabled"] = True
-    return RESPConfig.model_validate(base)
+    return RESPConfig.from_settings(base)
 
 
 def recover_command(args):
@@ -134,5 +135,5 @@ def check_not_recovered(out: Path) -> None:
 
     record = out / "recovery" / RECORD_FILE
     if record.is_file() and RecoveryRecord.load(record).finished:
-        raise ValueError(f"{out} holds a finished recovery (its model/ is the recovered model); pass a new --out, "
+        raise OutputExists(f"{out} holds a finished recovery (its model/ is the recovered model); pass a new --out, "
                          "or --overwrite to prune again from the start")

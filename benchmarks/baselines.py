@@ -436,7 +436,7 @@ def compensate(linear: nn.Linear, removed: list[int], mean_input: torch.Tensor) 
 
 
 def _finish(ad: DecoderAdapter, dense: int, **info: Any) -> dict[str, Any]:
-    ad.write_config()
+    ad.record_sizes_in_config()
     sparsity = 1 - ad.params() / dense
     logger.info(f"baseline pruned to sparsity {sparsity:.4f} ({info})")
     return {"sparsity": round(sparsity, 4), **{k: (round(v, 4) if isinstance(v, float) else v)

@@ -102,7 +102,7 @@ def prune_copy(dense: Qwen3ForCausalLM, sparsity: float, layout: str) -> Variant
         uneven = getattr(ad.attn(i), "resp_kv_index", None) is not None
         if uneven != (layout == "uneven"):
             raise AssertionError(f"layer {i}: expected a {layout} KV layout")
-    ad.write_config()
+    ad.record_sizes_in_config()
     return Variant(f"{sparsity:.0%} {layout}", sparsity, layout, model, ad)
 
 

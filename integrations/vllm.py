@@ -4,19 +4,28 @@ Installed as the ``vllm.general_plugins`` entry point ``resp``, so vLLM calls :f
 in every process it starts (``vllm serve``, ``LLM(...)``, lm-eval's vLLM backend, its
 workers).  A pruned checkpoint names ``RESP<Arch>`` (e.g. ``RESPQwen3ForCausalLM``) in its
 ``config.json`` ``architectures``, so vLLM picks the RESP model class with no flag; dense
-checkpoints keep vLLM's stock classes.  The classes live in
-:mod:`resp_plugin.integrations.vllm_models` and are imported lazily, only when a pruned
-checkpoint is loaded.
+checkpoints keep vLLM's stock classes.
+
+The architectures come from resp-plugin's architecture registry (hook ``resp_architectures``),
+the dense ones: Mixture-of-Experts checkpoints are not served yet (docs/moe.md).  The classes live
+in :mod:`resp_plugin.integrations.vllm_models` and are imported lazily, only when a pruned
+checkpoint is loaded; an architecture it has no per-layer class for fails there, naming it.
 """
 
 from __future__ import annotations
 
 from loguru import logger
 
+from resp_plugin.structures import supported_architectures
 from resp_plugin.structures.layout import pruned_architecture_name
 
 MODELS_MODULE = "resp_plugin.integrations.vllm_models"
-SERVED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def served_architectures() -> dict[str, str]:
+    """``RESP<Arch>`` -> the ``module:Class`` vLLM loads it from, for every dense registered architecture."""
+    return {pruned_architecture_name(name): f"{MODELS_MODULE}:{pruned_architecture_name(name)}"
+            for name, spec in sorted(supported_architectures().items()) if spec.moe is None}
 
 
 def register() -> None:
@@ -24,8 +33,8 @@ def register() -> None:
     from vllm import ModelRegistry
 
     known = set(ModelRegistry.get_supported_archs())
-    for stock in SERVED_ARCHITECTURES:
-        name = pruned_architecture_name(stock)
+    served = served_architectures()
+    for name, where in served.items():
         if name not in known:
-            ModelRegistry.register_model(name, f"{MODELS_MODULE}:{name}")
-    logger.debug("resp: registered vLLM model classes for pruned {}", ", ".join(SERVED_ARCHITECTURES))
+            ModelRegistry.register_model(name, where)
+    logger.debug("resp: registered vLLM model classes {}", ", ".join(served))

@@ -1,4 +1,4 @@
-"""vLLM model classes for RESP-pruned Llama, Mistral, Qwen2 and Qwen3 checkpoints.
+"""vLLM model classes for RESP-pruned checkpoints, built on vLLM's Llama, Mistral, Qwen2 and Qwen3.
 
 Each class is vLLM's own model class with two changes, so attention kernels, quantisation
 methods, tensor/pipeline parallelism, torch.compile and weight loading stay vLLM's:
@@ -32,6 +32,7 @@ from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.models import llama, mistral, qwen3
 
+from resp_plugin.errors import UnsupportedModel
 from resp_plugin.integrations.vllm_slots import project_real_heads
 from resp_plugin.structures import DecoderSpec, supported_architectures
 from resp_plugin.structures.layout import (
@@ -59,7 +60,7 @@ def layer_plan(config: Any, index: int, tp_size: int) -> HeadPlan:
     sizes = layer_sizes(config, index)
     plan = plan_heads(sizes.kv_index, tp_size, slots_in_weights(tp_size))
     if plan is None or sizes.intermediate_size % tp_size:
-        raise ValueError(
+        raise UnsupportedModel(
             f"layer {index} of this RESP checkpoint keeps {sizes.num_heads} query heads over "
             f"{sizes.num_kv_heads} KV heads and {sizes.intermediate_size} MLP channels, which "
             f"tensor_parallel_size={tp_size} cannot split evenly. Serve it with a tensor-parallel size "
@@ -117,9 +118,9 @@ def _remap_rows(name: str, tensor: torch.Tensor, units: tuple[int, ...], n_units
         return _gather(tensor, units, width, 0)
     if tensor.numel() == 1:
         return tensor
-    raise ValueError(f"{name}: cannot lay out a tensor of shape {tuple(tensor.shape)} per head for tensor "
-                     "parallelism; this quantisation format packs heads together. Serve with "
-                     "tensor_parallel_size=1, or prune with --attention-unit kv_group")
+    raise UnsupportedModel(f"{name}: cannot lay out a tensor of shape {tuple(tensor.shape)} per head for tensor "
+                           "parallelism; this quantisation format packs heads together. Serve with "
+                           "tensor_parallel_size=1, or prune with --attention-unit kv_group")
 
 
 def _remap_o(name: str, tensor: torch.Tensor, plan: HeadPlan, n_heads: int, width: int) -> torch.Tensor:
@@ -132,9 +133,9 @@ def _remap_o(name: str, tensor: torch.Tensor, plan: HeadPlan, n_heads: int, widt
         return out
     if tensor.dim() <= 1 or tensor.shape[1] == 1:  # bias, per-output-channel scales
         return tensor
-    raise ValueError(f"{name}: cannot pad a tensor of shape {tuple(tensor.shape)} by head for tensor "
-                     "parallelism; this quantisation format groups input columns. Serve with "
-                     "tensor_parallel_size=1, or prune with --attention-unit kv_group")
+    raise UnsupportedModel(f"{name}: cannot pad a tensor of shape {tuple(tensor.shape)} by head for tensor "
+                           "parallelism; this quantisation format groups input columns. Serve with "
+                           "tensor_parallel_size=1, or prune with --attention-unit kv_group")
 
 
 def remap_weights(weights: Iterable[tuple[str, torch.Tensor]], config: Any, spec: DecoderSpec,
@@ -221,3 +222,13 @@ class RESPQwen3ForCausalLM(_PerLayerWeights, qwen3.Qwen3ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         with _module_class(qwen3, "Qwen3Model", RESPQwen3Model):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+
+def __getattr__(name: str) -> type:
+    """A registered architecture (:func:`resp_plugin.integrations.vllm.served_architectures`) this
+    module has no per-layer class for: say so by name, instead of vLLM's generic import error."""
+    if name.startswith("RESP") and name.endswith("ForCausalLM"):
+        raise AttributeError(f"resp-plugin's vLLM plugin has no per-layer model class for pruned "
+                             f"{dense_architecture_name(name)} checkpoints (it adapts vLLM's Llama, Mistral, "
+                             "Qwen2 and Qwen3 classes); load it with transformers (resp_plugin.load_pruned)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,7 @@ def test_save_reload_both_loaders(arch, unit, tokenizer, gold_file, tmp_path):
     assert "per_layer_config" in conf and "auto_map" in conf
     assert conf["architectures"] == [f"RESP{type(model).__name__}"]  # the vLLM plugin's class
     assert (path / "modeling_resp.py").is_file() and (path / "resp_pruning.json").is_file()
-    assert (path / "layout.py").is_file()  # imported by modeling_resp.py under trust_remote_code
+    assert (path / "layout.py").is_file() and (path / "kv_attention.py").is_file()  # imported by modeling_resp.py
     heads = [v["resp_num_attention_heads"] for v in conf["per_layer_config"].values()]
     channels = [v["resp_intermediate_size"] for v in conf["per_layer_config"].values()]
     assert heads[0] == 8 and channels[0] == 96  # protected layer 0 is whole
@@ -94,10 +94,32 @@ def _renamed(module):
         vocab_size=88, pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)).eval()
 
 
-@pytest.mark.parametrize("name,build", [("resp_olmo_example", lambda m: _olmo()),
-                                        ("resp_renamed_example", _renamed)])
-def test_plugin_architecture_prunes_and_reloads(name, build, plugin, tokenizer, gold_file, tmp_path):
-    """An architecture added by a plugin reloads through its registered spec, with equal logits."""
+def test_plugin_architecture_from_transformers_gets_the_bundled_loader(plugin, tokenizer, gold_file, tmp_path):
+    """OLMo, added by a plugin alone: its checkpoint names the bundled loader, which rebuilds it from the
+    module names recorded in config.json (trust_remote_code, no registry needed), with equal logits."""
+    from transformers import AutoModelForCausalLM
+
+    plugin("resp_olmo_example")
+    model = _olmo()
+    cfg = RESPConfig(sparsity=0.3, step=0.15, calibration="gold", prompts=f"jsonl:{gold_file}",
+                     protected_layers=[0], attention_unit="query_head")
+    prune(model, tokenizer, cfg, out=tmp_path / "run", progress=False)
+    path = tmp_path / "run" / "model"
+    conf = json.loads((path / "config.json").read_text())
+    assert conf["auto_map"] == {"AutoModelForCausalLM": "modeling_resp.RESPOlmoForCausalLM"}
+    assert conf["resp_spec"]["attn"] == "self_attn" and conf["resp_spec"]["moe"] is None
+    x = torch.randint(8, 80, (2, 10))
+    remote = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    assert type(remote).__name__ == "RESPOlmoForCausalLM"
+    assert type(remote).__module__ != "resp_plugin.structures.modeling_resp"  # the folder's copy, not the installed one
+    assert (remote(x).logits - model(x).logits).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("name,build,bundled", [("resp_olmo_example", lambda m: _olmo(), True),
+                                                ("resp_renamed_example", _renamed, False)])
+def test_plugin_architecture_prunes_and_reloads(name, build, bundled, plugin, tokenizer, gold_file, tmp_path):
+    """An architecture added by a plugin reloads through its registered spec, with equal logits; the
+    bundled loader comes with it when transformers ships its class (OLMo), not otherwise."""
     model = build(plugin(name))
     cfg = RESPConfig(sparsity=0.3, step=0.15, calibration="gold", prompts=f"jsonl:{gold_file}",
                      protected_layers=[0], attention_unit="query_head")
@@ -105,9 +127,10 @@ def test_plugin_architecture_prunes_and_reloads(name, build, plugin, tokenizer, 
     assert res.report["sparsity"] >= 0.3
     path = tmp_path / "run" / "model"
     conf = json.loads((path / "config.json").read_text())
-    assert conf["architectures"] == [f"RESP{type(model).__name__}"] and "auto_map" not in conf
+    assert conf["architectures"] == [f"RESP{type(model).__name__}"] and ("auto_map" in conf) is bundled
+    assert (path / "modeling_resp.py").is_file() is bundled
     card = (path / "README.md").read_text()
-    assert f'load_pruned("{path}"' in card and "no bundled modeling file" in card and "vllm serve" not in card
+    assert f'load_pruned("{path}"' in card and ("no bundled modeling file" in card) is not bundled
     again = load_pruned(path).eval()
     assert type(again).__name__ == f"RESP{type(model).__name__}" and isinstance(again, type(model))
     x = torch.randint(8, 80, (2, 10))

@@ -11,6 +11,7 @@ from conftest import make_model
 from resp_plugin import RESPConfig, prune
 from resp_plugin.calibration import Completion, PromptRecord
 from resp_plugin.hookspecs import hookimpl
+from resp_plugin.integrations.vllm import MODELS_MODULE, served_architectures
 from resp_plugin.plugins import collect, pm
 from resp_plugin.structures import supported_architectures
 
@@ -38,6 +39,8 @@ def test_entry_point_plugin_adds_architecture(tmp_path, tokenizer, gold_file, mo
     pm.load_setuptools_entrypoints("resp")
     try:
         assert "OlmoForCausalLM" in supported_architectures()
+        # vLLM registration derives from the same registry (vLLM itself need not be installed to list it)
+        assert served_architectures()["RESPOlmoForCausalLM"] == f"{MODELS_MODULE}:RESPOlmoForCausalLM"
         torch.manual_seed(0)
         model = OlmoForCausalLM(OlmoConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                            num_attention_heads=8, num_key_value_heads=4, vocab_size=88,
@@ -52,6 +55,15 @@ def test_entry_point_plugin_adds_architecture(tmp_path, tokenizer, gold_file, mo
         for p in set(pm.get_plugins()) - before:
             pm.unregister(p)
         sys.modules.pop("resp_olmo_example", None)
+    assert "RESPOlmoForCausalLM" not in served_architectures()
+
+
+def test_vllm_registers_the_dense_architectures_of_the_registry():
+    """The vLLM plugin's list is the registry's dense architectures: no list of its own to keep in step."""
+    served = served_architectures()
+    dense = {f"RESP{name}" for name, spec in supported_architectures().items() if spec.moe is None}
+    assert set(served) == dense and {"RESPQwen3ForCausalLM", "RESPLlamaForCausalLM"} <= dense
+    assert "RESPMixtralForCausalLM" not in served  # MoE checkpoints are not served by the vLLM plugin yet
 
 
 class _EchoPlugin:

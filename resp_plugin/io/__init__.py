@@ -16,7 +16,7 @@ from typing import Any
 
 _HOMES = {
     "atomic_write_text": "files", "atomic_write_json": "files", "atomic_folder": "files",
-    "MODELING_FILE": "checkpoint", "LAYOUT_FILE": "checkpoint", "KEPT_FILE": "checkpoint",
+    "MODELING_FILE": "checkpoint", "BUNDLED_MODULES": "checkpoint", "KEPT_FILE": "checkpoint",
     "auto_map_for": "checkpoint", "pruned_config_fields": "checkpoint", "finalize_checkpoint": "checkpoint",
     "save_pruned": "checkpoint",
     "WEIGHT_FILES": "model_folder", "check_model_dir": "model_folder",

@@ -6,9 +6,12 @@ A pruned checkpoint is an ordinary transformers checkpoint plus:
   :mod:`resp_plugin.structures.layout`, the format's one reader);
 - ``RESP<Arch>`` in ``architectures``: the name under which runtimes pick a class that builds
   uneven layers (the RESP vLLM plugin, docs/serving.md), never a class assuming uniform ones;
-- for the built-in architectures, ``modeling_resp.py`` (+ the ``layout.py`` it imports) named
-  in ``auto_map``, so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``
-  rebuilds the smaller layers without resp-plugin installed;
+- ``resp_spec`` in ``config.json``: the architecture's module names (its registered
+  :class:`~resp_plugin.structures.DecoderSpec`);
+- when transformers ships the dense class, ``modeling_resp.py`` (+ the ``layout.py`` and
+  ``kv_attention.py`` it imports) named in ``auto_map``, so
+  ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` rebuilds the smaller
+  layers without resp-plugin installed;
 - ``resp_pruning.json``: the kept heads and channels in the dense model's numbering;
 - ``README.md``: the model card (:mod:`resp_plugin.model_card`).
 
@@ -24,21 +27,27 @@ from typing import Any
 
 from loguru import logger
 
+from resp_plugin.errors import OutputExists
 from resp_plugin.io.files import atomic_folder, atomic_write_json
-from resp_plugin.structures import layout, modeling_resp
-from resp_plugin.structures.layout import pruned_architecture_name
+from resp_plugin.structures import kv_attention, layout, modeling_resp
+from resp_plugin.structures.layout import dense_architecture_name, pruned_architecture_name
 
 MODELING_FILE = "modeling_resp.py"
-LAYOUT_FILE = "layout.py"  # imported by MODELING_FILE as ``.layout``
+# The files copied into a checkpoint: the loader, and what it imports (``.layout``, ``.kv_attention``).
+BUNDLED_MODULES = (modeling_resp, layout, kv_attention)
 KEPT_FILE = "resp_pruning.json"
 
 
-def auto_map_for(model_type: str) -> dict[str, str] | None:
-    """``auto_map`` of a pruned checkpoint whose class the bundled modeling file defines, else None."""
-    cls = modeling_resp.RESP_CLASSES.get(model_type)
-    if cls is None:
+def auto_map_for(model) -> dict[str, str] | None:
+    """``auto_map`` naming the bundled loader's ``RESP<Dense>``, when transformers ships ``Dense``
+    (the bundled loader builds its class from it); None for a class defined elsewhere."""
+    import transformers
+
+    dense_name = dense_architecture_name(type(model).__name__)
+    dense = getattr(transformers, dense_name, None)
+    if not (isinstance(dense, type) and dense in type(model).__mro__):
         return None
-    return {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
+    return {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{pruned_architecture_name(dense_name)}"}
 
 
 def pruned_config_fields(model) -> dict[str, Any]:
@@ -48,7 +57,9 @@ def pruned_config_fields(model) -> dict[str, Any]:
         return {}
     fields: dict[str, Any] = {"per_layer_config": cfg["per_layer_config"],
                               "architectures": [pruned_architecture_name(type(model).__name__)]}
-    amap = auto_map_for(model.config.model_type)
+    if "resp_spec" in cfg:
+        fields["resp_spec"] = cfg["resp_spec"]
+    amap = auto_map_for(model)
     if amap:
         fields["auto_map"] = amap
     return fields
@@ -68,8 +79,8 @@ def finalize_checkpoint(path: str | Path, model, kept: list[dict] | None = None)
     cfg.update(fields)
     atomic_write_json(cfg_path, cfg)
     if "auto_map" in fields:
-        shutil.copyfile(modeling_resp.__file__, path / MODELING_FILE)
-        shutil.copyfile(layout.__file__, path / LAYOUT_FILE)
+        for module in BUNDLED_MODULES:
+            shutil.copyfile(module.__file__, path / Path(module.__file__).name)
     if kept is not None:
         atomic_write_json(path / KEPT_FILE, {"layers": kept})
 
@@ -80,13 +91,12 @@ def save_pruned(model, tokenizer, path: str | Path, adapter=None, overwrite: boo
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite (or --resume) to replace it")
+        raise OutputExists(f"{path} already exists; pass --overwrite (or --resume) to replace it")
     if adapter is not None:
-        adapter.write_config()
-    if auto_map_for(model.config.model_type) is None:
-        logger.info(f"model type {model.config.model_type!r} has no bundled modeling file: the checkpoint "
-                    "reloads with resp_plugin.load_pruned (its architecture plugin installed), not with "
-                    "trust_remote_code alone")
+        adapter.record_sizes_in_config()
+    if auto_map_for(model) is None:
+        logger.info(f"{type(model).__name__} is not a transformers class: the checkpoint reloads with "
+                    "resp_plugin.load_pruned (its architecture plugin installed), not with trust_remote_code alone")
     with atomic_folder(path) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

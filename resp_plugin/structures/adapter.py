@@ -16,8 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from resp_plugin.structures import modeling_resp, moe
-from resp_plugin.structures.layout import DecoderSpec, head_dim_of
+from resp_plugin.errors import ConfigError
+from resp_plugin.structures import moe
+from resp_plugin.structures.kv_attention import use_resp_attention
+from resp_plugin.structures.layout import (
+    KV_INDEX_ATTR,
+    DecoderSpec,
+    head_dim_of,
+    layer_linears,
+    moe_block,
+    set_kv_layout,
+)
 
 __all__ = ["DecoderAdapter", "DecoderSpec", "LayerState"]
 
@@ -50,7 +59,8 @@ class LayerState:
 
 
 class DecoderAdapter:
-    """Finds, scores-in-place and physically removes heads and channels of a decoder model."""
+    """Finds, counts and physically removes heads, channels and experts of a decoder model
+    (scoring reads their weights through :meth:`linears` / :meth:`moe_weights`; it lives in scoring.py)."""
 
     def __init__(self, model: nn.Module, spec: DecoderSpec | None = None) -> None:
         self.model = model
@@ -60,7 +70,7 @@ class DecoderAdapter:
         self.num_layers: int = cfg.num_hidden_layers
         self.head_dim: int = head_dim_of(cfg)
         self.layers = list(model.get_decoder().layers)
-        self.blocks = [modeling_resp.moe_block(layer, self.spec) for layer in self.layers]  # None: dense
+        self.blocks = [moe_block(layer, self.spec) for layer in self.layers]  # None: dense
         for i, block in enumerate(self.blocks):
             if block is not None:
                 moe.check_layout(block[0], self.spec.moe, f"layer {i} of {type(model).__name__}")
@@ -80,7 +90,7 @@ class DecoderAdapter:
 
     def linears(self, i: int) -> dict[str, nn.Linear]:
         """The prunable linears of layer ``i`` by role (q, k, v, o, and gate, up, down in a dense layer)."""
-        return modeling_resp.layer_linears(self.layers[i], self.spec)
+        return layer_linears(self.layers[i], self.spec)
 
     @property
     def is_moe_model(self) -> bool:
@@ -117,18 +127,18 @@ class DecoderAdapter:
         if not self.is_moe_model:
             return
         if config.fsdp:
-            raise ValueError("--fsdp does not shard Mixture-of-Experts models yet; run without --fsdp "
-                             "(data parallel under torchrun works) or see docs/moe.md")
+            raise ConfigError("--fsdp does not shard Mixture-of-Experts models yet; run without --fsdp "
+                              "(data parallel under torchrun works) or see docs/moe.md")
         if config.schedule == "official":
-            raise ValueError("schedule 'official' counts query heads and MLP channels only and has no step size "
-                             "for experts; use --schedule params with a Mixture-of-Experts model")
+            raise ConfigError("schedule 'official' counts query heads and MLP channels only and has no step size "
+                              "for experts; use --schedule params with a Mixture-of-Experts model")
 
     def _read_state(self, i: int) -> LayerState:
         lin = self.linears(i)
         n_q = lin["q"].out_features // self.head_dim
         n_kv = lin["k"].out_features // self.head_dim
         attn = self.attn(i)
-        index = getattr(attn, "resp_kv_index", None)
+        index = getattr(attn, KV_INDEX_ATTR, None)
         if index is None:
             groups = max(1, n_q // max(n_kv, 1))
             index = [h // groups for h in range(n_q)]
@@ -230,7 +240,7 @@ class DecoderAdapter:
                 mlp.intermediate_size = len(channels)
         if channels is not None:
             state.kept_channels = [state.kept_channels[c] for c in channels]
-        modeling_resp.use_resp_attention(self.model)
+        use_resp_attention(self.model)
 
     def _keep_heads(self, i: int, heads: list[int]) -> None:
         state, lin, hd = self.states[i], self.linears(i), self.head_dim
@@ -244,7 +254,7 @@ class DecoderAdapter:
         _select(lin["v"], kv_rows, dim=0)
         state.kept_heads = [state.kept_heads[h] for h in heads]
         state.kept_kv_heads = [state.kept_kv_heads[j] for j in kv_keep]
-        modeling_resp.set_kv_layout(self.attn(i), state.kv_index())
+        set_kv_layout(self.attn(i), state.kv_index())
 
     def apply_kept(self, layers: list[dict[str, Any]]) -> None:
         """Re-apply a kept map (original numbering, as in report.json) to the dense model."""
@@ -260,11 +270,13 @@ class DecoderAdapter:
             self.keep(i, heads=[pos_h[h] for h in entry["kept_heads"]],
                       channels=[pos_c[c] for c in entry["kept_channels"]], experts=experts)
 
-    def write_config(self) -> None:
-        """Record per-layer sizes in ``config.per_layer_config`` so the checkpoint reloads.
+    def record_sizes_in_config(self) -> None:
+        """Set the kept sizes in ``model.config`` (in memory), so that a save of the model reloads.
 
-        A MoE model records ``resp_num_experts`` on every layer (null on its dense layers):
-        transformers wants a per-layer field on all layers or in the global config.
+        ``per_layer_config`` holds each layer's sizes; ``resp_spec`` the module names, read by the
+        checkpoint's own loader when no architecture registry is installed.  A MoE model records
+        ``resp_num_experts`` on every layer (null on its dense layers): transformers wants a
+        per-layer field on all layers or in the global config.
         """
         per_layer = {}
         for i, st in enumerate(self.states):
@@ -277,6 +289,7 @@ class DecoderAdapter:
             if self.is_moe_model:
                 per_layer[i]["resp_num_experts"] = None if st.kept_experts is None else len(st.kept_experts)
         self.model.config.per_layer_config = per_layer
+        self.model.config.resp_spec = self.spec.to_dict()
 
     def kept_map(self) -> list[dict[str, Any]]:
         return [st.to_json(i) for i, st in enumerate(self.states)]

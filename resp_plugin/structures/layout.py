@@ -29,13 +29,19 @@ The cheapest ``group`` is chosen, by what a slot costs the runtime:
 Layers whose groups are already even (all ``kv_group`` checkpoints) get the identity plan:
 no pads, no duplicates, no overhead.
 
+It also finds a layer's modules by its :class:`DecoderSpec` and sets the per-layer attributes
+a pruned layer runs with (:func:`set_kv_layout`, :func:`set_moe_sizes`): the engine's cuts and
+the checkpoint loader both need them, and both must agree.
+
 This file imports only the standard library: it is copied beside ``modeling_resp.py`` into
-every pruned checkpoint (which imports it as ``.layout``) and imported by vLLM processes.
+every pruned checkpoint (which imports it as ``.layout``) and imported by vLLM processes.  It is
+part of the checkpoint format: change it only in ways every saved checkpoint still loads with.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -83,6 +89,19 @@ class DecoderSpec:
     up_proj: str = "up_proj"
     down_proj: str = "down_proj"
     moe: MoESpec | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON (``resp_spec`` in a pruned checkpoint's config.json)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecoderSpec:
+        """The spec written by :meth:`to_dict`; keys this version does not know are ignored."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "moe"}
+        moe = data.get("moe")
+        if moe is not None:
+            moe = MoESpec(**{k: v for k, v in moe.items() if k in MoESpec.__dataclass_fields__})
+        return cls(**known, moe=moe)
 
 
 @dataclass(frozen=True)
@@ -216,3 +235,57 @@ def pruned_architecture_name(architecture: str) -> str:
 def dense_architecture_name(architecture: str) -> str:
     """The dense class name behind a pruned checkpoint's ``architectures`` entry."""
     return architecture.removeprefix(PRUNED_ARCH_PREFIX)
+
+
+# ----------------------------------------------------------------------------- modules of a layer
+
+
+def moe_block(layer: Any, spec: DecoderSpec) -> tuple[Any, Any] | None:
+    """``(experts, router)`` of a layer whose MLP is a sparse MoE block, else None (a dense layer)."""
+    if spec.moe is None:
+        return None
+    mlp = getattr(layer, spec.mlp)
+    experts = getattr(mlp, spec.moe.experts, None)
+    return None if experts is None else (experts, getattr(mlp, spec.moe.router))
+
+
+def layer_linears(layer: Any, spec: DecoderSpec) -> dict[str, Any]:
+    """The prunable linears of a decoder layer by role: q, k, v, o, and gate, up, down unless the
+    layer's MLP is a MoE block (whose experts are fused 3-D parameters, see :func:`moe_block`)."""
+    attn = getattr(layer, spec.attn)
+    lin = {"q": getattr(attn, spec.q_proj), "k": getattr(attn, spec.k_proj), "v": getattr(attn, spec.v_proj),
+           "o": getattr(attn, spec.o_proj)}
+    if moe_block(layer, spec) is None:
+        mlp = getattr(layer, spec.mlp)
+        lin.update(gate=getattr(mlp, spec.gate_proj), up=getattr(mlp, spec.up_proj), down=getattr(mlp, spec.down_proj))
+    return lin
+
+
+KV_INDEX_ATTR = "resp_kv_index"  # read by the RESP attention (kv_attention.py)
+KV_INDEX_CACHE_ATTR = "_resp_kv_index_by_device"
+
+
+def set_kv_layout(attn: Any, kv_index: Sequence[int]) -> None:
+    """Set the query->KV mapping of one attention module (positions among its kept KV heads).
+
+    Even contiguous groups run on the stock ``repeat_kv`` path (``num_key_value_groups``); any
+    other mapping is stored for the RESP attention, which expands K/V by it.
+    """
+    kv_index = [int(i) for i in kv_index]
+    n_kv = max(kv_index) + 1 if kv_index else 0
+    counts = [kv_index.count(j) for j in range(n_kv)]
+    contiguous = kv_index == sorted(kv_index)
+    attn.__dict__.pop(KV_INDEX_CACHE_ATTR, None)
+    if n_kv and contiguous and len(set(counts)) == 1:
+        attn.num_key_value_groups = counts[0]
+        setattr(attn, KV_INDEX_ATTR, None)
+    else:
+        attn.num_key_value_groups = 1
+        setattr(attn, KV_INDEX_ATTR, kv_index)
+
+
+def set_moe_sizes(experts: Any, router: Any, moe: MoESpec, num_experts: int, width: int) -> None:
+    """The size attributes the experts' kernels and the router read (one-hot classes, histogram bins)."""
+    setattr(experts, moe.num_experts, num_experts)
+    setattr(router, moe.num_experts, num_experts)
+    setattr(experts, moe.width, width)

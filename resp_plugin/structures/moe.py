@@ -13,7 +13,8 @@ Two units live in a MoE layer (transformers stores its routed experts as fused 3
 The scoring pass sees neither: :func:`unit_saliency` turns per-weight saliency into an
 ``(experts, channels)`` grid plus one value per router row, and :class:`ExpertMasks` gives the
 same grid from mask gradients (``vector`` saliency).  Everything that names a MoE parameter is
-in this file and in :mod:`.modeling_resp` (which rebuilds a pruned checkpoint).
+in this file, in :mod:`.layout` (the size attributes) and in :mod:`.modeling_resp` (which rebuilds
+a pruned checkpoint).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from resp_plugin.structures.layout import MoESpec
-from resp_plugin.structures.modeling_resp import set_moe_sizes
+from resp_plugin.errors import UnsupportedModel
+from resp_plugin.structures.layout import MoESpec, set_moe_sizes
 
 __all__ = ["ExpertMasks", "check_layout", "keep_units", "moe_params", "unit_saliency"]
 
@@ -34,19 +35,19 @@ def check_layout(experts: nn.Module, moe: MoESpec, where: str) -> None:
     """Refuse expert layouts the cuts below do not handle (they would be cut wrongly, silently)."""
     fused = getattr(experts, moe.gate_up_proj, None)
     if not (isinstance(fused, torch.Tensor) and fused.dim() == 3):
-        raise ValueError(f"{where}: its experts ({type(experts).__name__}) are not fused 3-D parameters "
-                         f"{moe.gate_up_proj!r} / {moe.down_proj!r}. llm-compressor's oneshot turns MoE experts into "
-                         "per-expert Linear modules before any modifier runs, so RESPPruningModifier cannot prune "
-                         "MoE models yet: prune with `resp prune` (docs/moe.md)")
+        raise UnsupportedModel(f"{where}: its experts ({type(experts).__name__}) are not fused 3-D parameters "
+                               f"{moe.gate_up_proj!r} / {moe.down_proj!r}. llm-compressor's oneshot turns MoE experts into "
+                               "per-expert Linear modules before any modifier runs, so RESPPruningModifier cannot prune "
+                               "MoE models yet: prune with `resp prune` (docs/moe.md)")
     bad = [name for name, ok in (("interleaved gate/up rows", getattr(experts, "is_concatenated", True)),
                                  ("transposed expert weights", not getattr(experts, "is_transposed", False)),
                                  ("expert biases", not getattr(experts, "has_bias", False)),
                                  ("experts without a gate projection", getattr(experts, "has_gate", True)))
            if not ok]
     if bad:
-        raise ValueError(f"{where}: resp-plugin prunes fused experts stored as gate_up (E, 2I, H) and down "
-                         f"(E, H, I) without biases; this model has {', '.join(bad)}. Register a MoESpec for a "
-                         "layout it supports, or prune attention only (docs/moe.md)")
+        raise UnsupportedModel(f"{where}: resp-plugin prunes fused experts stored as gate_up (E, 2I, H) and down "
+                               f"(E, H, I) without biases; this model has {', '.join(bad)}. Register a MoESpec for a "
+                               "layout it supports, or prune attention only (docs/moe.md)")
 
 
 def moe_params(experts: nn.Module, router: nn.Module, moe: MoESpec) -> dict[str, nn.Parameter]:

@@ -36,6 +36,8 @@ from typing import Any
 from loguru import logger
 from tqdm.auto import tqdm
 
+from resp_plugin.errors import ConfigError
+
 # The two task kinds of the official judge; same decisions, our wording.
 FORMAT = "Reply in exactly this format:\nANSWER: true/false\nREASON: [your reasoning]\n\n"
 INSTRUCTIONS = {
@@ -141,9 +143,9 @@ class Judge:
                  retries: int = 3, timeout: float = 120.0, backoff: float = 1.0,
                  cache: str | os.PathLike[str] | None = DEFAULT_CACHE) -> None:
         if concurrency < 1 or retries < 1:
-            raise ValueError(f"judge concurrency and retries must be >= 1, got {concurrency} and {retries}")
+            raise ConfigError(f"judge concurrency and retries must be >= 1, got {concurrency} and {retries}")
         if not model:
-            raise ValueError("the judge needs a model name (--judge-model), as the server knows it")
+            raise ConfigError("the judge needs a model name (--judge-model), as the server knows it")
         self.url, self.model = url.rstrip("/"), model
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY", "EMPTY")
         self.concurrency, self.retries, self.timeout, self.backoff = concurrency, retries, timeout, backoff

@@ -34,7 +34,7 @@ from pydantic import Field, PrivateAttr, create_model, model_validator
 
 from resp_plugin.calibration import CalibrationSample, CalibrationSet, Trace, provider_for
 from resp_plugin.config import RESPConfig
-from resp_plugin.errors import UserError
+from resp_plugin.errors import InputNotFound, UserError
 from resp_plugin.hookspecs import hookimpl
 from resp_plugin.integrations import llmcompressor_compat as compat
 from resp_plugin.integrations.llmcompressor_data import Recorder, calibration_dataloader, set_latest
@@ -266,7 +266,7 @@ def recipe_path(name: str) -> str:
     shipped = RECIPES / (name if name.endswith(".yaml") else f"{name}.yaml")
     if not shipped.is_file():
         known = ", ".join(sorted(x.stem for x in RECIPES.glob("*.yaml")))
-        raise FileNotFoundError(f"recipe {name!r} is neither a file nor a shipped recipe ({known})")
+        raise InputNotFound(f"recipe {name!r} is neither a file nor a shipped recipe ({known})")
     return str(shipped)
 
 

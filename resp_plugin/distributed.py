@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
+from resp_plugin.errors import ConfigError, RunAborted, UnsupportedModel
 from resp_plugin.fsdp_compat import forget_fsdp_units
 
 T = TypeVar("T")
@@ -72,7 +73,7 @@ def timeout_s() -> int:
     except ValueError:
         value = -1
     if value <= 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+        raise ConfigError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
     return value
 
 
@@ -87,12 +88,12 @@ def rank_device(device: str) -> str:
         return device
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda:"):
-        raise ValueError(f"--device {device} under torchrun: every rank uses its own GPU (cuda:LOCAL_RANK); "
-                         "pass --device auto (or cuda), or --device cpu")
+        raise ConfigError(f"--device {device} under torchrun: every rank uses its own GPU (cuda:LOCAL_RANK); "
+                          "pass --device auto (or cuda), or --device cpu")
     if device in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{local}"
     if device == "cuda":
-        raise RuntimeError("--device cuda asked for a GPU but torch sees none; use --device cpu")
+        raise ConfigError("--device cuda asked for a GPU but torch sees none; use --device cpu")
     return "cpu"
 
 
@@ -118,7 +119,7 @@ def refuse_under_torchrun(what: str) -> None:
     on its own calibration data and save its own checkpoint into the same folder.
     """
     if launched():
-        raise ValueError(
+        raise ConfigError(
             f"{what} cannot run under torchrun (WORLD_SIZE={os.environ.get('WORLD_SIZE')}): every rank would "
             "prune and save its own copy. Prune data-parallel with `resp prune` under torchrun "
             "(torchrun --nproc-per-node N -m resp_plugin.cli prune MODEL --out OUT ...), then run oneshot on "
@@ -193,7 +194,7 @@ def agree(error: BaseException | None, what: str) -> None:
     failed = [(r, m) for r, m in enumerate(messages) if m]
     if failed:
         rank, msg = failed[0]
-        raise RuntimeError(f"rank {rank} failed while {what} ({msg}); all {w.world_size} ranks stopped")
+        raise RunAborted(f"rank {rank} failed while {what} ({msg}); all {w.world_size} ranks stopped")
 
 
 @contextmanager
@@ -244,14 +245,14 @@ def check_fsdp(config) -> None:
     if not getattr(config, "fsdp", False):
         return
     if not launched():
-        raise ValueError("fsdp shards the model over the ranks of torchrun: launch with "
-                         "torchrun --nproc-per-node N -m resp_plugin.cli prune ... (N >= 2), or drop --fsdp")
+        raise ConfigError("fsdp shards the model over the ranks of torchrun: launch with "
+                          "torchrun --nproc-per-node N -m resp_plugin.cli prune ... (N >= 2), or drop --fsdp")
     if config.saliency == "vector":
-        raise ValueError("--saliency vector does not combine with --fsdp yet (its mask hooks do not see the sharded "
-                         "linears' outputs); use the default sum_abs, whose gradient sums fsdp shards")
+        raise ConfigError("--saliency vector does not combine with --fsdp yet (its mask hooks do not see the sharded "
+                          "linears' outputs); use the default sum_abs, whose gradient sums fsdp shards")
     if getattr(config, "save_at", None):
-        raise ValueError("save_at does not combine with fsdp yet (each level would gather the whole model "
-                         "on rank 0 mid-run); drop --save-at, or run without --fsdp")
+        raise ConfigError("save_at does not combine with fsdp yet (each level would gather the whole model "
+                          "on rank 0 mid-run); drop --save-at, or run without --fsdp")
 
 
 def shard_model(model, adapter, device: str | torch.device) -> None:
@@ -388,7 +389,7 @@ def _gather_layer(model, adapter, i: int, keep: bool, device: torch.device | Non
     new = copy.deepcopy(sh.skeletons[i])  # on the meta device: the gathered tensors become its weights
     new.load_state_dict({k: v.to(device=dev, dtype=sh.compute_dtype) for k, v in full.items()}, assign=True)
     if any(t.is_meta for t in [*new.parameters(), *new.buffers()]):
-        raise RuntimeError(f"layer {i} holds state outside its state_dict; it cannot be rebuilt under fsdp")
+        raise UnsupportedModel(f"layer {i} holds state outside its state_dict; it cannot be rebuilt under fsdp")
     for p in new.parameters():
         p.requires_grad_(False)
     model.get_decoder().layers[i] = new

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from resp_plugin import distributed
 from resp_plugin.calibration import CalibrationSample, pad_batch
+from resp_plugin.errors import InputDataError, NumericsError
 from resp_plugin.structures import DecoderAdapter
 
 CE_CHUNK = 2048  # target tokens per lm_head chunk: logits never exist for the whole batch
@@ -161,7 +162,7 @@ def _scorable(samples: list[CalibrationSample], mode: str) -> list[int]:
     """Indices of the samples with a token to score, shortest first (batches then pad little)."""
     usable = [i for i, s in enumerate(samples) if _targets(s, mode) > 0]
     if not usable:
-        raise ValueError(
+        raise InputDataError(
             "no calibration sample has a token to score: every completion is empty or truncated "
             "(check max_seq_len, the prompts, and the traces under OUT/calibration)"
         )
@@ -233,7 +234,7 @@ def _check_finite(scores: Scores) -> None:
         for name in UNIT_NAMES:
             t = getattr(ls, name)
             if t is not None and not torch.isfinite(t).all():
-                raise FloatingPointError(f"non-finite {name} saliency in layer {i}; nothing was pruned")
+                raise NumericsError(f"non-finite {name} saliency in layer {i}; nothing was pruned")
 
 
 def _backward_batches(model: nn.Module, pass_: _Pass, batches: list[list[int]], desc: str) -> float:
@@ -243,7 +244,7 @@ def _backward_batches(model: nn.Module, pass_: _Pass, batches: list[list[int]], 
         loss, per_sample = pass_.loss(model, batch)
         if not torch.isfinite(loss):
             bad = [batch[j] for j, v in enumerate(per_sample.tolist()) if not math.isfinite(v)]
-            raise FloatingPointError(
+            raise NumericsError(
                 f"non-finite loss on calibration sample(s) {bad or batch}: the model or its dtype "
                 "overflows on them; nothing was pruned in this step (try --dtype float32)"
             )

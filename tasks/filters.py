@@ -21,6 +21,7 @@ from lm_eval.api.filter import Filter
 from lm_eval.api.registry import register_filter
 
 from resp_plugin.answers import extract_choice, extract_number, extract_number_strict
+from resp_plugin.errors import ConfigError
 
 EXTRACTORS: dict[str, Callable[[str], str]] = {
     "number_strict": extract_number_strict,
@@ -40,7 +41,7 @@ class ReasoningAnswerFilter(Filter):
 
     def __init__(self, extract: str = "number") -> None:
         if extract not in EXTRACTORS:
-            raise ValueError(f"resp_answer: unknown extract {extract!r}; use one of {', '.join(EXTRACTORS)}")
+            raise ConfigError(f"resp_answer: unknown extract {extract!r}; use one of {', '.join(EXTRACTORS)}")
         self.extract = EXTRACTORS[extract]
 
     def apply(self, resps: Iterable[Sequence[str]], docs: Sequence[dict[str, Any]]) -> list[list[str]]:

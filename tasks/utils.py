@@ -24,6 +24,7 @@ from loguru import logger
 
 from resp_plugin.answers import normalize_number
 from resp_plugin.calibration.jsonl import read_jsonl
+from resp_plugin.errors import InputNotFound, UserError
 from resp_plugin.tasks import filters  # noqa: F401  (registers the resp_answer filter with lm-eval)
 
 DATA_ENV = "RESP_DATA_DIR"
@@ -61,7 +62,7 @@ def _local_splits(root: Path, files: dict[str, str], required: Sequence[str], or
         path = root / rel
         if not path.is_file():
             if split in required:
-                raise FileNotFoundError(
+                raise InputNotFound(
                     f"{path} not found: {origin} is {root}, which must hold "
                     + ", ".join(files[s] for s in required)
                 )
@@ -82,7 +83,7 @@ def _hub_splits(sources: Sequence[tuple[str, str | None]], local_hint: str) -> A
             return datasets.load_dataset(path, name)
         except Exception as exc:  # noqa: BLE001 - any hub/cache failure means "try the next one"
             errors.append(f"{path}: {type(exc).__name__}: {exc}")
-    raise RuntimeError(
+    raise UserError(
         "could not load " + " or ".join(p for p, _ in sources) + " from the Hugging Face Hub or its "
         f"cache ({'; '.join(errors)}). To run offline, set {DATA_ENV} to a folder holding "
         f'{local_hint} (or pass --metadata \'{{"data_dir": "..."}}\' to lm_eval).'

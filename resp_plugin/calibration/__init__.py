@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from resp_plugin.calibration.jsonl import read_jsonl, write_jsonl
+from resp_plugin.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -126,7 +127,7 @@ def provider_for(config) -> CalibrationProvider:
 
     kinds = collect("resp_calibration_kinds")
     if config.calibration not in kinds:
-        raise ValueError(
+        raise ConfigError(
             f"unknown calibration kind {config.calibration!r}; available: {', '.join(sorted(kinds))}"
         )
     return kinds[config.calibration](config)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from resp_plugin.errors import InputDataError
+
 T = TypeVar("T")
 
 
@@ -29,13 +31,13 @@ def read_jsonl(path: str | Path, make: Callable[[dict[str, Any]], T] | None = No
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not {what} ({e.msg}); {fix}") from e
+                raise InputDataError(f"{path}:{n} is not {what} ({e.msg}); {fix}") from e
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n} must be a JSON object, got {type(row).__name__}; {fix}")
+                raise InputDataError(f"{path}:{n} must be a JSON object, got {type(row).__name__}; {fix}")
             try:
                 rows.append(make(row) if make is not None else row)
             except TypeError as e:
-                raise ValueError(f"{path}:{n} is not {what} ({e}); {fix}") from e
+                raise InputDataError(f"{path}:{n} is not {what} ({e}); {fix}") from e
     return rows
 
 

@@ -21,6 +21,7 @@ from resp_plugin.calibration import (
     write_traces,
 )
 from resp_plugin.calibration.sources import load_prompts
+from resp_plugin.errors import ConfigError, InputDataError, InputNotFound
 
 BATCH_SEED_STRIDE = 7919  # > 1000: batch seeds never meet the per-milestone seeds (seed + 1000 * sparsity)
 
@@ -62,7 +63,7 @@ def batch_seed(seed: int, b: int) -> int:
 def _task_prompts(config, missing: str) -> list[PromptRecord]:
     """The run's ``num_prompts`` task prompts (``--prompts``); ``missing`` is the error without them."""
     if not config.prompts:
-        raise ValueError(missing)
+        raise ConfigError(missing)
     return load_prompts(config.prompts, config.num_prompts, config.seed, config)
 
 
@@ -102,7 +103,7 @@ class GoldProvider(_Base):
                                              "--prompts jsonl:PATH or gsm8k:PATH")
         missing = [i for i, r in enumerate(self.records) if not r.completion]
         if missing:
-            raise ValueError(
+            raise InputDataError(
                 f"gold calibration needs a completion for every prompt; {len(missing)} of {len(self.records)} "
                 f"have none (first at index {missing[0]}). Use --calibration self, or add 'completion' fields"
             )
@@ -123,10 +124,11 @@ class GenericProvider(_Base):
     def __init__(self, config) -> None:
         super().__init__(config)
         if not config.generic_text:
-            raise ValueError("generic calibration needs a text file: --generic-text PATH (.txt lines or .jsonl 'text')")
+            raise ConfigError("generic calibration needs a text file: --generic-text PATH "
+                              "(.txt lines or .jsonl 'text')")
         p = Path(config.generic_text).expanduser()
         if not p.is_file() or p.stat().st_size == 0:
-            raise FileNotFoundError(f"generic text file {p} does not exist or is empty")
+            raise InputNotFound(f"generic text file {p} does not exist or is empty")
         if p.suffix == ".jsonl":
             lines = [row["text"] for row in read_jsonl(p)]
         else:
@@ -156,13 +158,13 @@ class SelfProvider(_Base):
         backends = collect("resp_generation_backends")
         name = config.generation.backend
         if name not in backends:
-            raise ValueError(f"unknown generation backend {name!r}; available: {', '.join(sorted(backends))}")
+            raise ConfigError(f"unknown generation backend {name!r}; available: {', '.join(sorted(backends))}")
         self.backend = backends[name](config)  # fails now, before any work, if e.g. vllm is missing
         # A backend that must see the whole set at once (vLLM exports the model per call) is called once.
         self.per_batch = getattr(self.backend, "per_batch_calls", True)
         if distributed.launched() and not self.per_batch:
-            raise ValueError(f"generation backend {name!r} cannot be sharded under torchrun (it starts its own "
-                             "workers); use --backend hf with torchrun, or run vLLM in a single process")
+            raise ConfigError(f"generation backend {name!r} cannot be sharded under torchrun (it starts its own "
+                              "workers); use --backend hf with torchrun, or run vLLM in a single process")
         self.n_generated = 0  # traces this rank wrote (all milestones), for the report under torchrun
 
     def _generate(self, model, tokenizer, idx: list[int], sparsity: float) -> list[Trace]:

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 from resp_plugin.calibration import PromptRecord, read_jsonl
+from resp_plugin.errors import ConfigError, InputDataError, InputNotFound, MissingDependency, UserError
 
 # Hugging Face copies of MathQA tried in order (the script-based allenai/math_qa does not load
 # under datasets>=4; regisss/math_qa is lm-eval's parquet copy, same rows and fields).
@@ -22,16 +23,16 @@ MATHQA_HF = ("regisss/math_qa", "allenai/math_qa")
 def _need_file(path: str, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"{what} file {p} does not exist; check the path given to --prompts")
+        raise InputNotFound(f"{what} file {p} does not exist; check the path given to --prompts")
     if p.stat().st_size == 0:
-        raise ValueError(f"{what} file {p} is empty; it must hold at least one prompt")
+        raise InputDataError(f"{what} file {p} is empty; it must hold at least one prompt")
     return p
 
 
 def _read_jsonl(p: Path) -> list[dict]:
     rows = read_jsonl(p)
     if not rows:
-        raise ValueError(f"{p} holds no JSON lines; it must hold at least one prompt")
+        raise InputDataError(f"{p} holds no JSON lines; it must hold at least one prompt")
     return rows
 
 
@@ -39,14 +40,14 @@ def _hf_dataset(name: str, config: str | None, split: str) -> list[dict]:
     try:
         import datasets
     except ImportError as e:
-        raise RuntimeError(
+        raise MissingDependency(
             f"loading {name} from the Hugging Face hub needs `pip install datasets`; "
             f"or give a local file, e.g. --prompts gsm8k:/path/train.jsonl"
         ) from e
     try:
         return list(datasets.load_dataset(name, config, split=split))
     except Exception as e:  # offline, hub error, missing dataset
-        raise RuntimeError(
+        raise UserError(
             f"could not load {name} from the Hugging Face hub ({type(e).__name__}: {e}); offline, give a "
             f"local copy instead, e.g. --prompts gsm8k:PATH/train.jsonl or mathqa:PATH/dev.json"
         ) from e
@@ -58,7 +59,7 @@ def gsm8k_prompts(arg: str | None, config=None) -> list[PromptRecord]:
     out = []
     for n, r in enumerate(rows, 1):
         if "question" not in r:
-            raise ValueError(f"GSM8K row {n} has no 'question' field (fields: {sorted(r)})")
+            raise InputDataError(f"GSM8K row {n} has no 'question' field (fields: {sorted(r)})")
         out.append(PromptRecord(prompt=r["question"], completion=r.get("answer"),
                                 meta={"answer": r.get("answer")}))
     return out
@@ -80,15 +81,15 @@ def mathqa_prompts(arg: str | None, config=None) -> list[PromptRecord]:
         try:
             rows = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"MathQA file {p} is not valid JSON ({e.msg} at line {e.lineno})") from e
+            raise InputDataError(f"MathQA file {p} is not valid JSON ({e.msg} at line {e.lineno})") from e
         if not isinstance(rows, list) or not rows:
-            raise ValueError(f"MathQA file {p} must hold a non-empty JSON array of problems")
+            raise InputDataError(f"MathQA file {p} must hold a non-empty JSON array of problems")
     else:
         rows = _hf_first(MATHQA_HF, "train")
     out = []
     for n, r in enumerate(rows, 1):
         if "Problem" not in r or "options" not in r:
-            raise ValueError(f"MathQA row {n} lacks 'Problem' or 'options' (fields: {sorted(r)})")
+            raise InputDataError(f"MathQA row {n} lacks 'Problem' or 'options' (fields: {sorted(r)})")
         # gold = the Rationale exactly as the official gold-calibration code uses it
         out.append(PromptRecord(prompt=mathqa_prompt(r["Problem"], r["options"]), completion=r.get("Rationale"),
                                 meta={"correct": r.get("correct")}))
@@ -108,11 +109,11 @@ def _hf_first(names: tuple[str, ...], split: str) -> list[dict]:
 def jsonl_prompts(arg: str | None, config=None) -> list[PromptRecord]:
     """Any JSONL with ``prompt`` and optional ``completion``."""
     if not arg:
-        raise ValueError("jsonl prompts need a path: --prompts jsonl:PATH")
+        raise ConfigError("jsonl prompts need a path: --prompts jsonl:PATH")
     out = []
     for n, r in enumerate(_read_jsonl(_need_file(arg, "prompts JSONL")), 1):
         if not isinstance(r.get("prompt"), str) or not r["prompt"]:
-            raise ValueError(f"{arg}: line {n} needs a non-empty string field 'prompt' (fields: {sorted(r)})")
+            raise InputDataError(f"{arg}: line {n} needs a non-empty string field 'prompt' (fields: {sorted(r)})")
         out.append(PromptRecord(prompt=r["prompt"], completion=r.get("completion")))
     return out
 
@@ -127,7 +128,7 @@ def select_prompts(n_rows: int, num: int, seed: int, how: str = "shuffle") -> li
     if how == "sample":
         return list(range(n_rows)) if n_rows <= num else sorted(random.Random(seed).sample(range(n_rows), num))
     if how != "shuffle":
-        raise ValueError(f"unknown prompt selection {how!r}; use 'shuffle' (official) or 'sample'")
+        raise ConfigError(f"unknown prompt selection {how!r}; use 'shuffle' (official) or 'sample'")
     order = list(range(n_rows))
     random.Random(seed).shuffle(order)
     return order[:num]
@@ -143,7 +144,7 @@ def load_prompts(spec: str, num: int, seed: int, config=None) -> list[PromptReco
         if Path(spec).suffix == ".jsonl" and Path(spec).exists():
             name, arg = "jsonl", spec
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown prompt source {name!r} in --prompts {spec!r}; available: "
                 f"{', '.join(sorted(sources))} (e.g. gsm8k:PATH, jsonl:PATH)"
             )

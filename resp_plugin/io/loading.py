@@ -15,6 +15,7 @@ from typing import Any
 
 from loguru import logger
 
+from resp_plugin.errors import ConfigError
 from resp_plugin.io.model_folder import check_model_dir
 
 
@@ -85,13 +86,13 @@ def resolve_device(device: str, dtype: str) -> tuple[dict[str, Any], Any]:
 
     dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(dtypes)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(dtypes)}")
     has_cuda = torch.cuda.is_available()
     if device.startswith("cuda") and not has_cuda:
-        raise RuntimeError(f"--device {device} asked for a GPU but torch sees none; use --device cpu")
+        raise ConfigError(f"--device {device} asked for a GPU but torch sees none; use --device cpu")
     on_cpu = device == "cpu" or (device == "auto" and not has_cuda)
     if on_cpu and dtype == "float16":
-        raise ValueError("float16 is not supported for scoring on the CPU; use --dtype float32 or bfloat16")
+        raise ConfigError("float16 is not supported for scoring on the CPU; use --dtype float32 or bfloat16")
     if device == "auto":
         placement: dict[str, Any] = {"device_map": "auto"} if has_cuda else {"device_map": "cpu"}
     else:

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from resp_plugin.errors import InputNotFound, UserError
+
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -44,8 +46,8 @@ def _check_weights(p: Path) -> None:
     """The weight files exist and, for safetensors, are whole; shards of an index included."""
     found = [p / name for name in WEIGHT_FILES if (p / name).is_file()]
     if not found:
-        raise FileNotFoundError(f"{p} holds config.json but no weights ({', '.join(WEIGHT_FILES[::2])}); "
-                                "copy the weight files into it")
+        raise InputNotFound(f"{p} holds config.json but no weights ({', '.join(WEIGHT_FILES[::2])}); "
+                            "copy the weight files into it")
     for f in found:
         if f.name.endswith(".index.json"):
             try:
@@ -54,8 +56,8 @@ def _check_weights(p: Path) -> None:
                 raise _damaged(f, f"not a weight index: {e}") from None
             missing = [s for s in shards if not (p / s).is_file()]
             if missing:
-                raise FileNotFoundError(f"{f} names {len(missing)} missing shard(s), first {missing[0]}; "
-                                        "copy every shard into the model folder")
+                raise InputNotFound(f"{f} names {len(missing)} missing shard(s), first {missing[0]}; "
+                                    "copy every shard into the model folder")
             files = [p / s for s in shards]
         else:
             files = [f]
@@ -73,13 +75,13 @@ def check_model_dir(path: str | Path) -> Path:
     p = Path(path)
     hint = "resp works offline on local checkpoints: download the model first or pass its local path"
     if not p.exists():
-        raise FileNotFoundError(f"model folder {p} does not exist; {hint}")
+        raise InputNotFound(f"model folder {p} does not exist; {hint}")
     if not p.is_dir():
-        raise NotADirectoryError(f"{p} is a file, not a model folder; pass the folder that holds config.json")
+        raise UserError(f"{p} is a file, not a model folder; pass the folder that holds config.json")
     if not os.access(p, os.R_OK | os.X_OK):
-        raise PermissionError(f"model folder {p} is not readable; fix its permissions (chmod +rx)")
+        raise UserError(f"model folder {p} is not readable; fix its permissions (chmod +rx)")
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p} is not a model folder (no config.json); {hint}")
+        raise InputNotFound(f"{p} is not a model folder (no config.json); {hint}")
     try:
         json.loads((p / "config.json").read_text())
     except (ValueError, OSError) as e:

@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from resp_plugin.errors import ConfigError, InputNotFound
 from resp_plugin.organism import demo_report
 from resp_plugin.organism.demo_speed import compare_decode
 
@@ -49,7 +50,7 @@ def demo_config(kind: str = "resp", quick: bool = False, seed: int = 0, sparsity
         return RESPConfig(calibration="generic", generic_text=str(organism.data_path("generic.txt")), loss="full",
                           **common)
     if kind != "resp":
-        raise ValueError(f"unknown demo calibration {kind!r}; use 'resp' or 'generic'")
+        raise ConfigError(f"unknown demo calibration {kind!r}; use 'resp' or 'generic'")
     return RESPConfig(calibration="self", prompts=f"gsm8k:{organism.data_path('train.jsonl')}",
                       generation={"max_new_tokens": 40, "batch_size": 64}, **(PINNED if pinned else {}), **common)
 
@@ -165,8 +166,8 @@ def run_demo(out: str | Path = "resp-demo", quick: bool = False, model_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = Path(model_dir or organism.model_path())
     if not (model_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no organism checkpoint in {model_dir}; train one with "
-                                "`python -m resp_plugin.organism.train`")
+        raise InputNotFound(f"no organism checkpoint in {model_dir}; train one with "
+                            "`python -m resp_plugin.organism.train`")
     problems = held_out_problems(limit if limit is not None else (50 if quick else 500))
     dense_model, tokenizer = _load(model_dir)
     with tqdm(total=len(problems), desc="dense: evaluating", unit="problem") as bar:

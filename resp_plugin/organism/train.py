@@ -32,6 +32,7 @@ from loguru import logger
 from tqdm import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from resp_plugin.errors import ConfigError
 from resp_plugin.organism import model_path
 from resp_plugin.organism.evaluate import accuracy
 from resp_plugin.organism.tasks import export, generic_line, held_out_problems, problems
@@ -68,8 +69,8 @@ class TrainArgs:
     def __post_init__(self) -> None:
         fracs = (self.chat_frac, self.gold_frac, self.drill_frac)
         if min(fracs) < 0 or sum(fracs) > 1:
-            raise ValueError(f"--chat-frac, --gold-frac and --drill-frac must be >= 0 and sum to <= 1 (the rest "
-                             f"is generic text); got {fracs[0]}, {fracs[1]}, {fracs[2]}")
+            raise ConfigError(f"--chat-frac, --gold-frac and --drill-frac must be >= 0 and sum to <= 1 (the rest "
+                              f"is generic text); got {fracs[0]}, {fracs[1]}, {fracs[2]}")
 
 
 MICRO = dict(steps=5, rows=2, row_len=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

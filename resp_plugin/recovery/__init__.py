@@ -19,6 +19,7 @@ from typing import Any
 
 from resp_plugin.calibration import Trace
 from resp_plugin.config import RESPConfig
+from resp_plugin.errors import ConfigError, UserError
 from resp_plugin.recovery.plan import RecoveryPlan, plan_recovery
 from resp_plugin.recovery.record import RecoveryRecord
 from resp_plugin.recovery.rounds import Rounds, resumed_state
@@ -41,8 +42,8 @@ def trainer_for(config: RESPConfig):
     engines = collect("resp_recovery_trainers")
     name = config.recovery.trainer
     if name not in engines:
-        raise ValueError(f"unknown recovery trainer {name!r}; available: {', '.join(sorted(engines)) or 'none'} "
-                         "(the built-in 'hf' comes with `pip install resp-plugin`)")
+        raise ConfigError(f"unknown recovery trainer {name!r}; available: {', '.join(sorted(engines)) or 'none'} "
+                          "(the built-in 'hf' comes with `pip install resp-plugin`)")
     return engines[name](config)
 
 
@@ -71,7 +72,7 @@ def _run(student, teacher, tokenizer, config: RESPConfig, plan: RecoveryPlan, en
     workdir.mkdir(parents=True, exist_ok=True)
     record_file = workdir / RECORD_FILE
     if resume and record_file.is_file() and RecoveryRecord.load(record_file).finished:
-        raise ValueError(f"the recovery in {workdir} has finished; its model is saved: nothing to resume")
+        raise UserError(f"the recovery in {workdir} has finished; its model is saved: nothing to resume")
     checkpoint, state = resumed_state(workdir / "trainer") if resume else (None, None)
     rounds = Rounds(student, teacher, tokenizer, config, plan, workdir, progress, resumed=state)
     model = engine.train(student, rounds, workdir / "trainer", checkpoint, checkpoints=checkpoints)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from resp_plugin.calibration import CalibrationSample, pad_batch
+from resp_plugin.errors import InputDataError
 from resp_plugin.recovery.losses import teacher_topk
 
 __all__ = ["DistillSample", "RoundData", "score_with_teacher", "collate", "save_round", "load_round"]
@@ -47,7 +48,7 @@ class RoundData(torch.utils.data.Dataset):
 
     def load(self, samples: list[DistillSample]) -> None:
         if not samples:
-            raise ValueError("a recovery round has no usable trace; check the prompts and max_new_tokens")
+            raise InputDataError("a recovery round has no usable trace; check the prompts and max_new_tokens")
         self.samples = samples
 
     def __len__(self) -> int:

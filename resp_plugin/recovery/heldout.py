@@ -15,6 +15,7 @@ from resp_plugin.answers import INVALID, extract_choice, extract_number_strict
 from resp_plugin.calibration import PromptRecord, prompt_ids
 from resp_plugin.calibration.generation import completion, eos_ids, generate_batched
 from resp_plugin.config import GenerationConfig
+from resp_plugin.errors import InputDataError
 
 __all__ = ["Grader", "grader_for", "HeldOutCheck"]
 
@@ -52,9 +53,9 @@ class HeldOutCheck:
         graders = [grader_for(r) for r in records]
         missing = sum(g is None for g in graders)
         if missing:
-            raise ValueError(f"{missing} of {len(records)} held-out prompts have no gold answer (GSM8K '#### N' or "
-                             "MathQA 'correct'); recovery needs a prompt source with answers (--prompts "
-                             "gsm8k:PATH, mathqa:PATH, or jsonl:PATH with a 'completion' ending in '#### N')")
+            raise InputDataError(f"{missing} of {len(records)} held-out prompts have no gold answer (GSM8K '#### N' or "
+                                 "MathQA 'correct'); recovery needs a prompt source with answers (--prompts "
+                                 "gsm8k:PATH, mathqa:PATH, or jsonl:PATH with a 'completion' ending in '#### N')")
         return cls([r.prompt for r in records], graders, max_new_tokens, batch_size, thinking)
 
     def accuracy(self, model, tokenizer, progress: bool = False) -> float:

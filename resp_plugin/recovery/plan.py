@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from resp_plugin.calibration import Trace
 from resp_plugin.config import RESPConfig
+from resp_plugin.errors import ConfigError
 from resp_plugin.recovery.heldout import HeldOutCheck
 
 __all__ = ["RecoveryPlan", "plan_recovery", "MIN_HELDOUT"]
@@ -50,17 +51,17 @@ def plan_recovery(config: RESPConfig, teacher_traces: list[Trace] | None = None)
 
     rec = config.recovery
     if not config.prompts:
-        raise ValueError("recovery needs task prompts with answers: --prompts gsm8k:PATH, mathqa:PATH or "
-                         "jsonl:PATH (the held-out check grades the student's answers)")
+        raise ConfigError("recovery needs task prompts with answers: --prompts gsm8k:PATH, mathqa:PATH or "
+                          "jsonl:PATH (the held-out check grades the student's answers)")
     seen = {t.prompt for t in teacher_traces or []}
     provider = SelfProvider(_provider_config(config, len(seen)))
     free = [i for i, r in enumerate(provider.records) if r.prompt not in seen]
     heldout = free[:rec.heldout_prompts]
     train = [i for i in range(len(provider.records)) if i not in set(heldout)][:rec.num_prompts]
     if len(heldout) < MIN_HELDOUT or not train:
-        raise ValueError(f"{config.prompts} gives {len(heldout)} held-out and {len(train)} training prompts; "
-                         f"recovery needs at least {MIN_HELDOUT} and 1: use a larger prompt file or lower "
-                         "--recovery-heldout-prompts")
+        raise ConfigError(f"{config.prompts} gives {len(heldout)} held-out and {len(train)} training prompts; "
+                          f"recovery needs at least {MIN_HELDOUT} and 1: use a larger prompt file or lower "
+                          "--recovery-heldout-prompts")
     max_new = rec.check_max_new_tokens or rec.max_new_tokens or config.generation.max_new_tokens
     check = HeldOutCheck.of([provider.records[i] for i in heldout], max_new, config.generation.batch_size,
                             config.generation.thinking)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from resp_plugin.errors import InputDataError
 from resp_plugin.io.files import atomic_write_text
 
 __all__ = ["SCHEMA_VERSION", "RECORD_IN_MODEL", "RoundRecord", "RecoveryRecord"]
@@ -73,7 +74,7 @@ class RecoveryRecord(BaseModel):
         data = json.loads(path.read_text())
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(f"{path} is a recovery record of schema_version {version}, this resp-plugin reads "
-                             f"{SCHEMA_VERSION}; rerun the recovery without --resume (or with the version that "
-                             "wrote it)")
+            raise InputDataError(f"{path} is a recovery record of schema_version {version}, this resp-plugin reads "
+                                 f"{SCHEMA_VERSION}; rerun the recovery without --resume (or with the version that "
+                                 "wrote it)")
         return cls.model_validate(data)

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from resp_plugin.errors import UnsupportedModel
 from resp_plugin.structures.adapter import DecoderAdapter, DecoderSpec, LayerState
 from resp_plugin.structures.layout import MoESpec
 
@@ -29,7 +30,7 @@ def spec_for(cls: type) -> DecoderSpec:
     for base in cls.__mro__:
         if base.__name__ in specs:
             return specs[base.__name__]
-    raise ValueError(unsupported_message(cls.__name__, specs))
+    raise UnsupportedModel(unsupported_message(cls.__name__, specs))
 
 
 def adapter_for(model: nn.Module) -> DecoderAdapter:
@@ -48,9 +49,9 @@ def pruned_model_class(config: Any) -> type:
     try:
         dense = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
-        raise ValueError(f"no transformers causal-LM class for {type(config).__name__} (model type "
-                         f"{getattr(config, 'model_type', None)!r}): install the package that defines it, or "
-                         "register it with AutoModelForCausalLM.register") from None
+        raise UnsupportedModel(f"no transformers causal-LM class for {type(config).__name__} (model type "
+                               f"{getattr(config, 'model_type', None)!r}): install the package that defines it, or "
+                               "register it with AutoModelForCausalLM.register") from None
     return modeling_resp.pruned_class(dense, spec_for(dense))
 
 

@@ -35,10 +35,11 @@ def check_layout(experts: nn.Module, moe: MoESpec, where: str) -> None:
     """Refuse expert layouts the cuts below do not handle (they would be cut wrongly, silently)."""
     fused = getattr(experts, moe.gate_up_proj, None)
     if not (isinstance(fused, torch.Tensor) and fused.dim() == 3):
-        raise UnsupportedModel(f"{where}: its experts ({type(experts).__name__}) are not fused 3-D parameters "
-                               f"{moe.gate_up_proj!r} / {moe.down_proj!r}. llm-compressor's oneshot turns MoE experts into "
-                               "per-expert Linear modules before any modifier runs, so RESPPruningModifier cannot prune "
-                               "MoE models yet: prune with `resp prune` (docs/moe.md)")
+        raise UnsupportedModel(
+            f"{where}: its experts ({type(experts).__name__}) are not fused 3-D parameters {moe.gate_up_proj!r} / "
+            f"{moe.down_proj!r}. llm-compressor's oneshot turns MoE experts into per-expert Linear modules before "
+            "any modifier runs, so RESPPruningModifier cannot prune MoE models yet: prune with `resp prune` "
+            "(docs/moe.md)")
     bad = [name for name, ok in (("interleaved gate/up rows", getattr(experts, "is_concatenated", True)),
                                  ("transposed expert weights", not getattr(experts, "is_transposed", False)),
                                  ("expert biases", not getattr(experts, "has_bias", False)),

@@ -124,3 +124,53 @@ def test_checkpoint_of_the_previous_format_still_loads(tmp_path, tokenizer, gold
     assert (load_pruned(old).eval()(x).logits - ref).abs().max().item() == 0.0
     remote = AutoModelForCausalLM.from_pretrained(old, trust_remote_code=True).eval()  # the old file itself
     assert (remote(x).logits - ref).abs().max().item() == 0.0
+
+
+def _as_saved_by_v1(path: Path, dest: Path) -> Path:
+    """``path`` as the release before the loader split wrote it: its own explicit-class modeling_resp.py
+    and layout.py, no kv_attention.py, no ``resp_spec`` in config.json."""
+    shutil.copytree(path, dest)
+    (dest / "kv_attention.py").unlink()
+    for name in ("modeling_resp.py", "layout.py"):
+        shutil.copyfile(FIXTURES / "checkpoint_v1" / name, dest / name)
+    conf = json.loads((dest / "config.json").read_text())
+    del conf["resp_spec"]
+    (dest / "config.json").write_text(json.dumps(conf))
+    return dest
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_checkpoint_of_the_release_before_the_loader_split_still_loads(arch, tmp_path, tokenizer, gold_file):
+    """Its auto_map names ``modeling_resp.RESP<Arch>ForCausalLM``: the installed loader (through the
+    registry's spec; a MoE model needs it, as the config records none) and its own file both rebuild it."""
+    from test_moe import make_moe
+    from transformers import AutoModelForCausalLM
+
+    model = make_moe(arch) if arch == "qwen3_moe" else make_model(arch)
+    cfg = RESPConfig(sparsity=0.3, step=0.15, calibration="gold", prompts=f"jsonl:{gold_file}",
+                     protected_layers=[0])
+    prune(model, tokenizer, cfg, out=tmp_path / "run", progress=False)
+    old = _as_saved_by_v1(tmp_path / "run" / "model", tmp_path / f"v1-{arch}-{tmp_path.name}")
+    cls = type(model).__name__
+    assert json.loads((old / "config.json").read_text())["auto_map"] == {
+        "AutoModelForCausalLM": f"modeling_resp.RESP{cls}"}
+    x = torch.randint(8, 80, (2, 9))
+    ref = model(x).logits
+    assert (load_pruned(old).eval()(x).logits - ref).abs().max().item() == 0.0
+    remote = AutoModelForCausalLM.from_pretrained(old, trust_remote_code=True).eval()  # the v1 file itself
+    assert (remote(x).logits - ref).abs().max().item() == 0.0
+
+
+def test_the_installed_loader_keeps_the_class_paths_checkpoints_name():
+    """``resp_plugin.structures.modeling_resp.RESP<Arch>`` (the path saved checkpoints' auto_map and pickles
+    name) stays importable, one class per name."""
+    from transformers import LlamaForCausalLM, Qwen3MoeForCausalLM
+
+    from resp_plugin.structures import modeling_resp
+    from resp_plugin.structures.modeling_resp import RESPLlamaForCausalLM
+
+    assert issubclass(RESPLlamaForCausalLM, LlamaForCausalLM)
+    assert modeling_resp.RESPLlamaForCausalLM is RESPLlamaForCausalLM
+    assert issubclass(modeling_resp.RESPQwen3MoeForCausalLM, Qwen3MoeForCausalLM)
+    with pytest.raises(AttributeError):
+        assert modeling_resp.RESPNoSuchModelForCausalLM is None  # never reached: the access raises

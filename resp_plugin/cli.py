@@ -318,7 +318,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``resp`` parser with every subcommand (the memory hints are checked against it)."""
     parser = _Parser(prog="resp", description="RESP structured pruning for reasoning models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--debug", action="store_true",
@@ -361,8 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", default="resp-demo")
     d.add_argument("--quick", action="store_true", help="fewer prompts and test problems (smoke run)")
     d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``resp``; returns the exit code: 0, 2 for a user error, 1 for any other failure, 130 for Ctrl-C."""
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a one-line usage error (2), returned like any other result
         return e.code if isinstance(e.code, int) else 2
     if not args.verbose:

@@ -8,9 +8,11 @@ the same files, and rewriting it later (e.g. with evaluation results) is always 
 
 - ``config.json``: architecture, dense sizes, ``per_layer_config`` (kept sizes per layer),
   ``quantization_config`` when the folder was quantised;
-- the run folder (the folder's parent when it holds a RESP ``config.yaml``): the RESP settings,
-  and the measured sparsity from ``state.json`` / ``report.json`` (a ``save_at`` folder's is
-  recorded after it is saved: :func:`write_run_cards` adds it when the run ends);
+- the run folder (the folder's parent when it holds a ``state.json``): its run record
+  (:class:`resp_plugin.run_record.RunRecord`) gives the RESP settings, the measured sparsity and
+  the parameter counts (a ``save_at`` folder's are recorded after it is saved:
+  :func:`write_run_cards` adds them when the run ends).  The card counts nothing itself: a folder
+  away from its run shows its layer sizes only;
 - evaluation results: given, or ``eval.json`` in the folder, or the run folder's
   ``eval-<level>.json`` beside a ``model-<level>`` folder (what ``resp reproduce`` writes).
 """
@@ -22,16 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from loguru import logger
+from pydantic import BaseModel
 
+from resp_plugin.config import RESPConfig
+from resp_plugin.errors import UserError
 from resp_plugin.io.files import atomic_write_text
+from resp_plugin.run_record import REPORT_FILE, STATE_FILE, RunRecord
 from resp_plugin.structures.layout import dense_architecture_name, head_dim_of, is_pruned_config, layer_sizes
 
 CARD_FILE = "README.md"
 PAPER = "https://arxiv.org/abs/2512.02185"
-SETTINGS = ("sparsity", "step", "schedule", "milestones", "regenerate", "calibration", "prompts", "num_prompts",
-            "loss", "saliency", "normalization", "attention_unit", "protected_layers", "channel_multiple",
-            "head_multiple", "seed")
-GENERATION_SETTINGS = ("backend", "temperature", "top_p", "top_k", "max_new_tokens", "thinking")
 
 
 class _Config:
@@ -55,12 +58,12 @@ def write_model_card(model_dir: str | Path, *, base_model: str | None = None,
     """
     model_dir = Path(model_dir)
     config = _Config(json.loads((model_dir / "config.json").read_text()))
-    run = _run_record(model_dir)
+    run = _run_of(model_dir)
     evaluation = evaluation if evaluation is not None else _found_evaluation(model_dir)
     sections = [
         _front_matter(base_model),
         _summary(model_dir, config, run, base_model),
-        _settings(run.get("config")),
+        _settings(run.config if run is not None else None),
         _layer_table(config),
         _quantisation(config, model_dir),
         _recovery(model_dir),
@@ -76,35 +79,41 @@ def write_run_cards(out: str | Path, base_model: str | None = None) -> list[Path
     """Rewrite the cards of a finished run's folders (``model/`` and every ``save_at`` level) once
     ``report.json`` exists, so each states the sparsity the run measured for it."""
     out = Path(out)
-    report = json.loads((out / "report.json").read_text())
-    folders = [out / "model", *(out / Path(rec["path"]).name for rec in report.get("saved", []))]
+    record = RunRecord.load(out / REPORT_FILE)
+    folders = [out / "model", *(out / Path(level.path).name for level in record.saved)]
     return [write_model_card(f, base_model=base_model) for f in folders if (f / "config.json").is_file()]
 
 
 # ----------------------------------------------------------------------------- what the folder holds
-def _run_record(model_dir: Path) -> dict[str, Any]:
-    """Settings and measured sparsity from the run folder around ``model_dir``, when there is one."""
-    run = model_dir.resolve().parent
-    if not (run / "config.yaml").is_file():
-        return {}
+def _run_of(model_dir: Path) -> RunRecord | None:
+    """The record of the run folder around ``model_dir`` (its parent's ``state.json``), when there is one.
+
+    A folder saved next to a file of that name that is not a RESP record (another tool's) gets a card
+    without run numbers, with a warning, rather than no card."""
+    path = model_dir.resolve().parent / STATE_FILE
+    if not path.is_file():
+        return None
     try:
-        record: dict[str, Any] = {"config": yaml.safe_load((run / "config.yaml").read_text())}
-        report = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else {}
-        state = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else {}
-    except (ValueError, OSError, yaml.YAMLError):
-        return {}
-    if not isinstance(record["config"], dict) or not {"sparsity", "calibration"} <= set(record["config"]):
-        return {}  # not the config.yaml of a RESP run
-    for rec in list(report.get("saved", [])) + list(state.get("saved", [])):
-        if Path(rec.get("path", "")).name == model_dir.name:
-            record["measured"] = rec.get("sparsity")
-    # The final model is saved after state.json and before report.json: the state's steps are its own.
-    steps = state.get("steps") or report.get("steps") or []
-    if model_dir.name == "model" and steps:
-        record.update(measured=steps[-1]["sparsity"], steps=len(steps))
-        if report.get("steps") == steps and report.get("params_before"):  # the report of this very run
-            record.update(params_before=report["params_before"], params_after=report["params_after"])
-    return record
+        return RunRecord.load(path)
+    except UserError as e:
+        logger.warning(f"the model card of {model_dir} leaves out the run's numbers: {e}")
+        return None
+
+
+def _run_rows(model_dir: Path, run: RunRecord) -> list[tuple[str, str]]:
+    """Measured sparsity and parameter counts of this folder, as its run recorded them: a ``save_at``
+    level's entry, or the finished run's own numbers for ``model/``."""
+    level = run.saved_as(model_dir)
+    if level is not None:
+        rows = [("sparsity (measured)", f"{level.sparsity:.4f} of decoder linear parameters (save_at level "
+                 f"{level.level} of a run to {run.target})")]
+        if level.params is not None:
+            rows.append(("decoder linear parameters", f"{run.params_before:,} -> {level.params:,}"))
+        return rows
+    if model_dir.name != "model" or not run.finished:
+        return []
+    return [("sparsity (measured)", f"{run.sparsity:.4f} of decoder linear parameters (target {run.target})"),
+            ("decoder linear parameters", f"{run.params_before:,} -> {run.params_after:,} in {len(run.steps)} steps")]
 
 
 def _recovery(model_dir: Path) -> str:
@@ -143,24 +152,6 @@ def _found_evaluation(model_dir: Path) -> dict | None:
     return None
 
 
-def _linear_params(config: _Config, heads: int, kv_heads: int, channels: int) -> int:
-    """Decoder linear weights of one layer of these sizes (biases, a rounding error, not counted)."""
-    hd, hidden = head_dim_of(config), config.hidden_size
-    return 2 * heads * hd * hidden + 2 * kv_heads * hd * hidden + 3 * channels * hidden
-
-
-def _computed_sparsity(config: _Config) -> tuple[int, int] | None:
-    if not is_pruned_config(config):
-        return None
-    n = len(config.per_layer_config)
-    dense = n * _linear_params(config, config.num_attention_heads,
-                               getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                               config.intermediate_size)
-    kept = sum(_linear_params(config, s.num_heads, s.num_kv_heads, s.intermediate_size)
-               for s in (layer_sizes(config, i) for i in range(n)))
-    return dense, kept
-
-
 # ----------------------------------------------------------------------------- sections
 def _front_matter(base_model: str | None) -> str:
     meta: dict[str, Any] = {"library_name": "transformers", "tags": ["resp", "structured-pruning", "pruned"]}
@@ -169,25 +160,16 @@ def _front_matter(base_model: str | None) -> str:
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n"
 
 
-def _summary(model_dir: Path, config: _Config, run: dict[str, Any], base_model: str | None) -> str:
+def _summary(model_dir: Path, config: _Config, run: RunRecord | None, base_model: str | None) -> str:
     arch = (getattr(config, "architectures", None) or ["?"])[0]
     rows = [("base model", f"`{base_model}`" if base_model else "not recorded"),
             ("architecture", f"`{arch}` (dense: `{dense_architecture_name(arch)}`)")]
-    counts = _computed_sparsity(config)
-    if run.get("measured") is not None:
-        target = (run.get("config") or {}).get("sparsity")
-        rows.append(("sparsity (measured)", f"{run['measured']:.4f} of decoder linear parameters"
-                     + (f" (target {target})" if target is not None else "")))
-    if run.get("params_before"):
-        rows.append(("decoder linear parameters", f"{run['params_before']:,} -> {run['params_after']:,} "
-                                                  f"in {run['steps']} steps"))
-    if counts:
-        dense, kept = counts
-        rows.append(("sparsity (from the layer sizes)", f"{1 - kept / dense:.4f} ({dense:,} -> {kept:,} weights)"))
+    if run is not None:
+        rows += _run_rows(model_dir, run)
     quant = getattr(config, "quantization_config", None)
     rows.append(("quantised", _quant_scheme(quant) if quant else "no"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    title = f"{model_dir.resolve().parent.name}/{model_dir.name}" if run else model_dir.name
+    title = f"{model_dir.resolve().parent.name}/{model_dir.name}" if run is not None else model_dir.name
     return (f"# {title}: RESP-pruned `{dense_architecture_name(arch)}`\n\n"
             f"Structurally pruned with RESP (Self-Reflective Structured Pruning, [arXiv 2512.02185]({PAPER})) "
             "using resp-plugin: attention heads and MLP channels were physically removed, so the model is "
@@ -195,16 +177,29 @@ def _summary(model_dir: Path, config: _Config, run: dict[str, Any], base_model: 
             "(`per_layer_config`).\n\n| | |\n|---|---|\n" + table + "\n")
 
 
-def _settings(cfg: dict[str, Any] | None) -> str:
-    if not cfg:
+def _settings(config: RESPConfig | None) -> str:
+    """The settings of the run that differ from RESPConfig's defaults, then the whole configuration."""
+    if config is None:
         return ""
-    gen = cfg.get("generation") or {}
-    rows = [(k, cfg.get(k)) for k in SETTINGS if k in cfg] + [(f"generation.{k}", gen[k])
-                                                              for k in GENERATION_SETTINGS if k in gen]
-    table = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in rows)
-    return ("## RESP settings\n\n| setting | value |\n|---|---|\n" + table + "\n\n<details><summary>full "
-            "configuration (config.yaml of the run)</summary>\n\n```yaml\n"
-            + yaml.safe_dump(cfg, sort_keys=False) + "```\n\n</details>\n")
+    table = "\n".join(f"| `{name}` | `{json.dumps(value)}` | {default} |" for name, value, default in _changed(config))
+    return ("## RESP settings\n\nThe settings that differ from the defaults.\n\n| setting | value | default |\n"
+            "|---|---|---|\n" + table + "\n\n<details><summary>full configuration (config.yaml of the run)"
+            "</summary>\n\n```yaml\n" + config.to_yaml() + "```\n\n</details>\n")
+
+
+def _changed(config: BaseModel, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(name, value, default) of every field of a pydantic config away from its default (required ones
+    always), nested configs as ``generation.temperature``: the names come from the config model."""
+    rows: list[tuple[str, Any, str]] = []
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name)
+        if isinstance(value, BaseModel):
+            rows += _changed(value, f"{prefix}{name}.")
+        elif field.is_required():
+            rows.append((prefix + name, value, "required"))
+        elif value != (default := field.get_default(call_default_factory=True)):
+            rows.append((prefix + name, value, f"`{json.dumps(default)}`"))
+    return rows
 
 
 def _layer_table(config: _Config) -> str:

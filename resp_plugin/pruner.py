@@ -4,7 +4,7 @@ The model is kept physically pruned at every step, so every later scoring pass a
 regeneration runs on the smaller model, and "what is pruned" has one representation: the
 model itself plus the kept-index map (original numbering).  What the run folder records
 (``state.json``, resume, ``save_at`` models, the final writes) lives in
-:mod:`resp_plugin.run_state`; the report record in :mod:`resp_plugin.report`.
+:mod:`resp_plugin.run_state`, its schema in :mod:`resp_plugin.run_record`.
 """
 
 from __future__ import annotations
@@ -18,25 +18,32 @@ from typing import Any
 from loguru import logger
 from tqdm.auto import tqdm
 
-from resp_plugin import distributed, report, scoring
+from resp_plugin import distributed, scoring
 from resp_plugin.calibration import CalibrationProvider, CalibrationSet, provider_for
 from resp_plugin.checks import check_tokenizer
-from resp_plugin.config import RESPConfig
+from resp_plugin.config import SPARSITY_TOLERANCE, RESPConfig
 from resp_plugin.errors import ConfigError, OutputExists, UnsupportedModel
 from resp_plugin.run_lock import run_folder
-from resp_plugin.run_state import EPS, STATE_FILE, RunState, save_at_dir
+from resp_plugin.run_record import DistributedRecord, RunRecord
+from resp_plugin.run_state import RunState
 from resp_plugin.structures import DecoderAdapter, adapter_for
 
-__all__ = ["PruneResult", "Plan", "prune", "validate", "check_not_quantized", "official_step_structures",
-           "save_at_dir", "STATE_FILE"]
+__all__ = ["PruneResult", "Plan", "prune", "validate", "check_not_quantized", "official_step_structures"]
 
 
 @dataclass
 class PruneResult:
+    """What :func:`prune` returns: the pruned model, its adapter, the run's final record, the run folder."""
+
     model: Any
     adapter: DecoderAdapter
-    report: dict[str, Any]
+    record: RunRecord
     out: Path | None
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """The record as JSON, as ``OUT/report.json`` holds it (for callers that index it by key)."""
+        return self.record.to_json()
 
 
 @dataclass
@@ -83,7 +90,7 @@ def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrit
         )
     plan = Plan(adapter=adapter, protected=protected, layers=layers, total=adapter.params())
     reachable = max_prunable_params(adapter, config, layers) / plan.total
-    if reachable + EPS < config.sparsity:
+    if reachable + SPARSITY_TOLERANCE < config.sparsity:
         raise ConfigError(
             f"target sparsity {config.sparsity} is unreachable: with protected layers {sorted(protected)}, "
             f"min_heads_per_layer={config.min_heads_per_layer}, min_channels_per_layer="
@@ -122,19 +129,18 @@ def _run(model, tokenizer, config: RESPConfig, out: Path | None, *, resume: bool
         distributed.check_fsdp(config)
         plan = validate(model, config, out, resume, overwrite)
     provider = provider or provider_for(config)
-    run = RunState.open(out, config, plan.adapter, plan.total, resume)
+    run = RunState.open(out, config, plan.adapter, plan.total, plan.protected, resume)
     _place(model, plan.adapter, config)
     cal = _calibration(model, tokenizer, provider, run)
     n_scored = _prune_steps(model, tokenizer, config, plan, provider, cal, run,
                             progress and distributed.world().is_main, on_step)
-    rep = report.build(run.data, plan.adapter, config, plan.protected, time.time() - t0)
-    if distributed.world().active:
-        rep["distributed"] = _distributed_report(model, plan.adapter, provider, n_scored)
+    seconds = time.time() - t0
+    ranks = _distributed_report(model, plan.adapter, provider, n_scored) if distributed.world().active else None
     plan.adapter.record_sizes_in_config()
-    run.finish(model, tokenizer, plan.adapter, rep, save)
-    logger.info(f"pruned to sparsity {rep['sparsity']:.3f} "
-                f"({rep['params_before']:,} -> {rep['params_after']:,} decoder linear parameters)")
-    return PruneResult(model=model, adapter=plan.adapter, report=rep, out=out)
+    rec = run.finish(model, tokenizer, plan.adapter, seconds, ranks, save)
+    logger.info(f"pruned to sparsity {rec.sparsity:.3f} "
+                f"({rec.params_before:,} -> {rec.params_after:,} decoder linear parameters)")
+    return PruneResult(model=model, adapter=plan.adapter, record=rec, out=out)
 
 
 def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: CalibrationProvider,
@@ -154,12 +160,12 @@ def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: Cal
     while True:
         # Milestones crossed but not yet served (also after a crash between step and regeneration).
         crossed = [m for m in config.effective_milestones()
-                   if m <= sparsity() + EPS and m not in run.served_milestones()]
+                   if m <= sparsity() + SPARSITY_TOLERANCE and m not in run.served_milestones()]
         if crossed:
             cal = _serve_milestones(model, tokenizer, provider, cal, crossed, config, run,
-                                    done=sparsity() >= config.sparsity - EPS)
-            run.checkpoint(adapter)
-        if sparsity() >= config.sparsity - EPS:
+                                    done=sparsity() >= config.sparsity - SPARSITY_TOLERANCE)
+            run.save_state(adapter)
+        if sparsity() >= config.sparsity - SPARSITY_TOLERANCE:
             break
         started = time.time()
         cap = (next_stop(config, sparsity()) - sparsity()) * total  # never step past the target or a save level
@@ -171,7 +177,7 @@ def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: Cal
         run.record_step(sparsity(), raw.loss, removed, started)
         bar.show(sparsity(), raw.loss)
         run.save_levels(model, tokenizer, adapter, config, sparsity())
-        run.checkpoint(adapter)
+        run.save_state(adapter)
         if on_step is not None:
             on_step(sparsity(), model)
     bar.close()
@@ -250,15 +256,14 @@ class _Progress:
         self.bar.close()
 
 
-def _distributed_report(model, adapter: DecoderAdapter, provider, n_scored: int) -> dict[str, Any]:
+def _distributed_report(model, adapter: DecoderAdapter, provider, n_scored: int) -> DistributedRecord:
     """The torchrun record (ranks, samples and peak memory per rank); then a sharded model is
     gathered whole onto rank 0, which alone saves it."""
     sharded = distributed.is_sharded(model)
-    rec = {"world_size": distributed.world().world_size,
-           "samples_per_rank": distributed.gather({"generated": getattr(provider, "n_generated", 0),
-                                                   "scored": n_scored}),
-           "fsdp": sharded,
-           "memory_per_rank": distributed.gather(distributed.peak_memory_mib())}
+    rec = DistributedRecord(world_size=distributed.world().world_size,
+                            samples_per_rank=distributed.gather({"generated": getattr(provider, "n_generated", 0),
+                                                                 "scored": n_scored}),
+                            fsdp=sharded, memory_per_rank=distributed.gather(distributed.peak_memory_mib()))
     if sharded:
         distributed.unshard_model(model, adapter)
     return rec
@@ -281,7 +286,7 @@ def official_step_structures(adapter: DecoderAdapter) -> int:
 
 def next_stop(config: RESPConfig, s: float) -> float:
     """The sparsity a step must not overshoot: the next ``save_at`` level above ``s``, else the target."""
-    return min([x for x in config.save_at or [] if x > s + EPS] + [config.sparsity])
+    return min([x for x in config.save_at or [] if x > s + SPARSITY_TOLERANCE] + [config.sparsity])
 
 
 def _removed(sel: scoring.Selection, adapter: DecoderAdapter) -> int:

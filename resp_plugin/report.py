@@ -1,48 +1,26 @@
-"""The run report: built at the end of ``prune`` (OUT/report.json), rendered by ``resp report``.
+"""``resp report``: OUT/report.md with two PNG plots (kept structures per layer, loss per step).
 
-:func:`build` is the record; :func:`render` writes OUT/report.md with two PNG plots (kept
-structures per layer, loss per step).  Rendering imports matplotlib only when called.
+The numbers come from the run's final record, ``OUT/report.json``, read through
+:meth:`resp_plugin.run_record.RunRecord.load` (written by :mod:`resp_plugin.run_state` when a run
+ends).  Rendering imports matplotlib only when called.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from resp_plugin.io import atomic_write_text
-
-
-def build(state: dict[str, Any], adapter, config, protected: set[int], seconds: float) -> dict[str, Any]:
-    """The report.json record of a finished run: the result, then the history from ``state.json``."""
-    total = state["params_before"]
-    return {
-        "sparsity": round(1.0 - adapter.params() / total, 6),
-        "target": config.sparsity,
-        "params_before": total,
-        "params_after": adapter.params(),
-        "protected_layers": sorted(protected),
-        "steps": state["steps"],
-        "milestones": state["milestones"],
-        "calibration": state.get("calibration", []),
-        "saved": state.get("saved", []),
-        "layers": adapter.kept_map(),
-        "config": config.model_dump(mode="json"),
-        "seconds": round(seconds, 3),
-    }
+from resp_plugin.run_record import REPORT_FILE, LayerKept, MilestoneRecord, RunRecord, StepRecord
 
 
 def render(out: str | Path) -> Path:
     """Write OUT/report.md (and its plots) from OUT/report.json; returns the path of report.md."""
     out = Path(out)
-    path = out / "report.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `resp prune ... --out {out}` first")
-    rep = json.loads(path.read_text())
-    _plot_kept_per_layer(rep["layers"], out / "kept_per_layer.png")
-    _plot_loss_per_step(rep["steps"], rep.get("milestones", []), out / "loss_per_step.png")
+    rec = RunRecord.load(out / REPORT_FILE)
+    _plot_kept_per_layer(rec.layers, out / "kept_per_layer.png")
+    _plot_loss_per_step(rec.steps, rec.milestones, out / "loss_per_step.png")
     md = out / "report.md"
-    atomic_write_text(md, "\n".join(_markdown(rep) + _recovery_section(out)) + "\n")
+    atomic_write_text(md, "\n".join(_markdown(rec) + _recovery_section(out)) + "\n")
     return md
 
 
@@ -91,29 +69,29 @@ def _pyplot():
     return plt
 
 
-def _plot_kept_per_layer(layers: list[dict[str, Any]], png: Path) -> None:
+def _plot_kept_per_layer(layers: list[LayerKept], png: Path) -> None:
     plt = _pyplot()
-    idx = [entry["index"] for entry in layers]
+    idx = [entry.index for entry in layers]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    axes[0].bar(idx, [len(entry["kept_heads"]) for entry in layers], color="tab:blue", label="query heads")
-    axes[0].plot(idx, [len(entry["kept_kv_heads"]) for entry in layers], "o-", color="tab:orange",
+    axes[0].bar(idx, [len(entry.kept_heads) for entry in layers], color="tab:blue", label="query heads")
+    axes[0].plot(idx, [len(entry.kept_kv_heads) for entry in layers], "o-", color="tab:orange",
                  label="KV heads")
     axes[0].set(xlabel="layer", ylabel="kept", title="attention heads per layer")
     axes[0].legend()
-    axes[1].bar(idx, [len(entry["kept_channels"]) for entry in layers], color="tab:green")
+    axes[1].bar(idx, [len(entry.kept_channels) for entry in layers], color="tab:green")
     axes[1].set(xlabel="layer", ylabel="kept", title="MLP channels per layer")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
 
-def _plot_loss_per_step(steps: list[dict[str, Any]], milestones: list[dict[str, Any]], png: Path) -> None:
+def _plot_loss_per_step(steps: list[StepRecord], milestones: list[MilestoneRecord], png: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     if steps:
-        ax.plot([s["sparsity"] for s in steps], [s["loss"] for s in steps], "o-")
+        ax.plot([s.sparsity for s in steps], [s.loss for s in steps], "o-")
         for m in milestones:
-            ax.axvline(m["milestone"], color="grey", ls=":", lw=1)
+            ax.axvline(m.milestone, color="grey", ls=":", lw=1)
     ax.set(xlabel="sparsity after step", ylabel="calibration loss (before step)",
            title="loss per step (dotted: milestones)")
     fig.tight_layout()
@@ -121,14 +99,14 @@ def _plot_loss_per_step(steps: list[dict[str, Any]], milestones: list[dict[str, 
     plt.close(fig)
 
 
-def _markdown(rep: dict[str, Any]) -> list[str]:
+def _markdown(rec: RunRecord) -> list[str]:
     lines = [
         "# RESP pruning report",
         "",
-        f"- sparsity: **{rep['sparsity']:.4f}** (target {rep['target']})",
-        f"- decoder linear parameters: {rep['params_before']:,} -> {rep['params_after']:,}",
-        f"- protected layers: {rep.get('protected_layers')}",
-        f"- steps: {len(rep['steps'])}, time: {rep.get('seconds', 0):.1f} s",
+        f"- sparsity: **{rec.sparsity:.4f}** (target {rec.target})",
+        f"- decoder linear parameters: {rec.params_before:,} -> {rec.params_after:,}",
+        f"- protected layers: {rec.protected_layers}",
+        f"- steps: {len(rec.steps)}, time: {rec.seconds or 0:.1f} s",
         "",
         "![kept per layer](kept_per_layer.png)",
         "",
@@ -139,12 +117,12 @@ def _markdown(rep: dict[str, Any]) -> list[str]:
         "| milestone | sparsity | regenerated | usable | kept previous |",
         "|---|---|---|---|---|",
     ]
-    for m in rep.get("milestones", []):
-        usable = m.get("usable_fraction")
-        lines.append(f"| {m['milestone']} | {m.get('sparsity', '')} | {m.get('regenerated')} | "
-                     f"{'' if usable is None else f'{usable:.2f}'} | {m.get('kept_previous', '')} |")
+    for m in rec.milestones:
+        usable = "" if m.usable_fraction is None else f"{m.usable_fraction:.2f}"
+        kept_previous = "" if m.kept_previous is None else m.kept_previous
+        lines.append(f"| {m.milestone} | {m.sparsity} | {m.regenerated} | {usable} | {kept_previous} |")
     lines += ["", "## Layers", "", "| layer | heads | KV heads | channels |", "|---|---|---|---|"]
-    for entry in rep["layers"]:
-        lines.append(f"| {entry['index']} | {len(entry['kept_heads'])} | {len(entry['kept_kv_heads'])} | "
-                     f"{len(entry['kept_channels'])} |")
+    for entry in rec.layers:
+        lines.append(f"| {entry.index} | {len(entry.kept_heads)} | {len(entry.kept_kv_heads)} | "
+                     f"{len(entry.kept_channels)} |")
     return lines

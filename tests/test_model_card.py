@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -55,9 +54,9 @@ def test_cards_of_resp_prune_and_save_at(tmp_path, tokenizer, gold_file):
     assert f"{report['params_before']:,} -> {report['params_after']:,} in {len(report['steps'])} steps" in final
     for rec in report["saved"]:
         card = _check_card(Path(rec["path"]), str(dense))
-        assert f"| sparsity (measured) | {rec['sparsity']:.4f} " in card
-        computed = float(re.search(r"\| sparsity \(from the layer sizes\) \| ([0-9.]+) ", card).group(1))
-        assert computed == pytest.approx(rec["sparsity"], abs=2e-3)  # biases are not in the layer-size count
+        assert f"| sparsity (measured) | {rec['sparsity']:.4f} of decoder linear parameters (save_at level " in card
+        assert f"| decoder linear parameters | {report['params_before']:,} -> {rec['params']:,} |" in card
+        assert rec["sparsity"] == pytest.approx(1 - rec["params"] / report["params_before"], abs=1e-6)
     # the card of a folder comes from the files alone: rewriting it gives the same text
     assert len(write_run_cards(out, base_model=str(dense))) == 3
     assert (out / "model" / "README.md").read_text() == final
@@ -101,5 +100,5 @@ def test_card_without_run_folder(tmp_path, tokenizer, gold_file):
     path.rename(moved)
     card = write_model_card(moved).read_text()
     assert "## RESP settings" not in card and "sparsity (measured)" not in card
-    assert "| sparsity (from the layer sizes) |" in card and "## Layer sizes" in card
+    assert "decoder linear parameters" not in card and "## Layer sizes" in card
     assert card.startswith("---") and "# pruned: RESP-pruned `LlamaForCausalLM`" in card

@@ -18,7 +18,8 @@ from conftest import make_model
 from resp_plugin import RESPConfig, load_pruned, prune
 from resp_plugin.calibration.sources import load_prompts
 from resp_plugin.cli import _add_prune, _Parser, build_config
-from resp_plugin.pruner import official_step_structures, save_at_dir
+from resp_plugin.pruner import official_step_structures
+from resp_plugin.run_state import save_at_dir
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 

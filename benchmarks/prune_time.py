@@ -41,7 +41,7 @@ from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from resp_plugin import RESPConfig, organism, prune, scoring
 from resp_plugin.calibration import provider_for
-from resp_plugin.calibration.providers import batch_seed, generation_batches
+from resp_plugin.calibration.providers import batch_seed, generation_batches, milestone_seed
 from resp_plugin.structures import adapter_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,7 +148,7 @@ class MaskedTwin:
     def generate(self, model, kept: list[dict], tokenizer, backend, prompts: list[str], sparsity: float) -> None:
         """The regeneration at this milestone, on both models: same prompts, batches and seeds."""
         self.mask(kept)
-        seed = self.config.seed + int(round(sparsity * 1000))
+        seed = milestone_seed(self.config.seed, sparsity)
         batches = generation_batches(tokenizer, prompts, self.config.generation)
 
         def run(m):

@@ -33,7 +33,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, create_model, model_validator
 
 from resp_plugin.calibration import CalibrationSample, CalibrationSet, Trace, provider_for
-from resp_plugin.config import RESPConfig
+from resp_plugin.config import SPARSITY_TOLERANCE, RESPConfig
 from resp_plugin.errors import InputNotFound, UserError
 from resp_plugin.hookspecs import hookimpl
 from resp_plugin.integrations import llmcompressor_compat as compat
@@ -151,7 +151,8 @@ class RESPPruningModifier(_RESPConfigFields):
                            progress=self.progress)
             cal = recorder.last
             recovered = config.recovery.enabled and recover_in_recipe(model, tokenizer, config, result.out, source)
-            if wants_final and cal.kind == "self" and (recovered or cal.sparsity + 1e-9 < config.sparsity):
+            short = cal.sparsity + SPARSITY_TOLERANCE < config.sparsity  # the last traces are not the final model's
+            if wants_final and cal.kind == "self" and (recovered or short):
                 logger.info("regenerating the calibration traces with the final model (for the next modifier)")
                 cal = recorder.refresh(model, tokenizer, config.sparsity, cal, result.out)
         self._calibration, self._report = cal, result.report

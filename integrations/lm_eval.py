@@ -17,10 +17,9 @@ from typing import Any
 
 from loguru import logger
 
+from resp_plugin.answers import THINK_CLOSE, THINK_OPEN
 from resp_plugin.errors import ConfigError, InputDataError
 from resp_plugin.hookspecs import hookimpl
-
-THINK_START, THINK_END = "<think>", "</think>"
 
 
 def tasks_path() -> str:
@@ -289,7 +288,7 @@ def thinking_args(thinking: bool, keep_reasoning: bool) -> dict[str, Any]:
     """
     if keep_reasoning:
         return {"chat_template_args": {"enable_thinking": thinking}}
-    return {"enable_thinking": thinking, "think_end_token": THINK_END}
+    return {"enable_thinking": thinking, "think_end_token": THINK_CLOSE}
 
 
 def hidden_think_tags(tokenizer: Any) -> set[int] | None:
@@ -300,7 +299,7 @@ def hidden_think_tags(tokenizer: Any) -> set[int] | None:
     special would lose them, and with them the line between reasoning and answer.
     """
     vocab = tokenizer.get_vocab()
-    tags = {vocab[t] for t in (THINK_START, THINK_END) if t in vocab}
+    tags = {vocab[t] for t in (THINK_OPEN, THINK_CLOSE) if t in vocab}
     special = set(tokenizer.all_special_ids)
     special |= {i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special}
     return special - tags if tags & special else None

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 
 INVALID = "[invalid]"
+# The think tags, defined once: the extractor, lm-eval's think_end_token, the organism's tokenizer
+# and its traces all use these.
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 

@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from resp_plugin.errors import ConfigError, InputNotFound, one_line
 
 DEFAULT_MILESTONES = (0.1, 0.2, 0.3, 0.4)
+# Two sparsities this close are the same level (a measured 0.3 may be 0.29999999999999993): the one
+# tolerance every comparison of a sparsity with a target, milestone or save_at level uses.
+SPARSITY_TOLERANCE = 1e-9
 
 
 def _check_levels(name: str, what: str, levels: list[float], sparsity: float, example: str = "") -> None:
@@ -198,7 +201,7 @@ class RESPConfig(BaseModel):
         """Milestones in force: the given ones, or the defaults capped at the target."""
         if self.milestones is not None:
             return list(self.milestones)
-        return [m for m in DEFAULT_MILESTONES if m <= self.sparsity + 1e-12]
+        return [m for m in DEFAULT_MILESTONES if m <= self.sparsity + SPARSITY_TOLERANCE]
 
     def protected(self, num_layers: int) -> set[int]:
         """Layers never pruned: the reference keeps those outside range(int(0.1 L), L - 1)."""

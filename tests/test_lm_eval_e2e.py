@@ -19,8 +19,8 @@ pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
 from resp_plugin import answers  # noqa: E402
+from resp_plugin.answers import THINK_CLOSE as THINK_END  # noqa: E402
 from resp_plugin.integrations.lm_eval import (  # noqa: E402
-    THINK_END,
     evaluate,
     lm_eval_prompts,
     resp_lm_eval_include_paths,

@@ -23,7 +23,8 @@ from resp_plugin.calibration import (
 from resp_plugin.calibration.sources import load_prompts
 from resp_plugin.errors import ConfigError, InputDataError, InputNotFound
 
-BATCH_SEED_STRIDE = 7919  # > 1000: batch seeds never meet the per-milestone seeds (seed + 1000 * sparsity)
+MILESTONE_SEED_STRIDE = 1000  # seed + 1000 x sparsity: 0.1 % apart, milestones never share a seed
+BATCH_SEED_STRIDE = 7919  # > MILESTONE_SEED_STRIDE: batch seeds never meet the per-milestone seeds
 
 
 def _load_or_make(out: Path | None, sparsity: float, make) -> tuple[list[Trace], bool]:
@@ -53,6 +54,11 @@ def generation_batches(tokenizer, prompts: list[str], gen_config) -> list[list[i
     lengths = [len(prompt_ids(tokenizer, p, gen_config.thinking)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     return [order[i:i + gen_config.batch_size] for i in range(0, len(order), gen_config.batch_size)]
+
+
+def milestone_seed(seed: int, sparsity: float) -> int:
+    """Sampling seed of the traces regenerated at ``sparsity`` (the initial ones: ``seed`` itself)."""
+    return seed + int(round(sparsity * MILESTONE_SEED_STRIDE))
 
 
 def batch_seed(seed: int, b: int) -> int:
@@ -168,8 +174,8 @@ class SelfProvider(_Base):
         self.n_generated = 0  # traces this rank wrote (all milestones), for the report under torchrun
 
     def _generate(self, model, tokenizer, idx: list[int], sparsity: float) -> list[Trace]:
-        """Traces of the milestone at ``sparsity`` (its seed: the run's seed + 1000 x sparsity)."""
-        return self.generate_traces(model, tokenizer, idx, self.config.seed + int(round(sparsity * 1000)), sparsity)
+        """Traces of the milestone at ``sparsity`` (its seed: :func:`milestone_seed`)."""
+        return self.generate_traces(model, tokenizer, idx, milestone_seed(self.config.seed, sparsity), sparsity)
 
     def generate_traces(self, model, tokenizer, idx: list[int], seed: int, sparsity: float = 0.0) -> list[Trace]:
         """Generate traces for records ``idx``, batch by batch with a seed per batch; batches dealt over ranks.

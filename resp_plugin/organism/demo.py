@@ -21,13 +21,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from resp_plugin.config import SPARSITY_TOLERANCE
 from resp_plugin.errors import ConfigError, InputNotFound
 from resp_plugin.organism import demo_report
 from resp_plugin.organism.demo_speed import compare_decode
 
 LEVELS = (0.2, 0.3, 0.4, 0.5)
 EVAL_BATCH = 128
-EPS = 1e-9
 
 
 PINNED = {"prompt_selection": "sample", "usable_gate": True}
@@ -110,7 +110,7 @@ def _prune_and_measure(kind: str, model_dir: Path, out: Path, problems, levels: 
 
     def on_step(sparsity: float, pruned) -> None:
         for level in levels:
-            if sparsity >= level - EPS and str(level) not in got["accuracy"]:
+            if sparsity >= level - SPARSITY_TOLERANCE and str(level) not in got["accuracy"]:
                 acc, completions = _evaluate(pruned, tokenizer, problems)
                 got["accuracy"][str(level)], got["sparsity"][str(level)] = acc, round(sparsity, 4)
                 last[:] = completions

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from resp_plugin.answers import THINK_CLOSE, THINK_OPEN
+
 MAX_NUMBER = 200
 TEST_FRACTION_MOD = 10  # a question is in the test split iff sha256(question) % 10 == 0
 TEST_SEED = 20240
@@ -134,7 +136,7 @@ def make_problem(rng: random.Random, steps: int | None = None) -> Problem:
     start_q, start_g = rng.choice(STARTS)
     q_parts = [start_q.format(name=name, n=a, obj=obj)]
     g_parts = [start_g.format(name=name, n=a, obj=obj)]
-    t_parts = ["<think>"]
+    t_parts = [THINK_OPEN]
     for _ in range(steps):
         op = rng.choice(_feasible_ops(a))
         if op == "add":
@@ -152,7 +154,7 @@ def make_problem(rng: random.Random, steps: int | None = None) -> Problem:
         a = r
     q_parts.append(rng.choice(QUESTIONS).format(name=name, obj=obj))
     g_parts.append(rng.choice(ENDINGS).format(name=name, r=a, obj=obj))
-    t_parts.append(f"</think> {a}")
+    t_parts.append(f"{THINK_CLOSE} {a}")
     gold = " ".join(g_parts) + f"\n#### {a}"
     return Problem(" ".join(q_parts), gold, " ".join(t_parts), a, steps)
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from resp_plugin.answers import THINK_CLOSE, THINK_OPEN
 from resp_plugin.organism.tasks import MAX_NUMBER, vocabulary_texts
 
 IM_START, IM_END, PAD, UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "[UNK]"
-THINK, END_THINK = "<think>", "</think>"
+THINK, END_THINK = THINK_OPEN, THINK_CLOSE
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, IM_START, IM_END, THINK, END_THINK, UNK)
 # Added but not *special*, as in Qwen3: decoding with skip_special_tokens=True (lm-eval's HF backend)
 # keeps them, so the reasoning can be told from the answer in the decoded text.

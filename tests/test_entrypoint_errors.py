@@ -28,6 +28,7 @@ from conftest import make_model, make_tokenizer, write_gold
 from resp_plugin import RESPConfig, load_pruned, prune
 from resp_plugin.checks import check_endpoint
 from resp_plugin.cli import main
+from resp_plugin.errors import UserError
 from resp_plugin.io import load_model_and_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -252,7 +253,7 @@ def test_entrypoint_refuses_bad_input(case: Case, models, tmp_path, monkeypatch,
         case.setup(c)
     before = _snapshot(tmp_path)
     if case.entry == "api":
-        with pytest.raises((ValueError, OSError)) as info:  # UserError is a ValueError
+        with pytest.raises(UserError) as info:
             case.call(c)
         message = str(info.value)
         assert "\n" not in message
@@ -281,14 +282,16 @@ def test_enough_cases_over_every_entry_point():
 
 # ----------------------------------------------------------------------------- debug, lock, endpoint
 @pytest.mark.parametrize("how", ["--debug", "-v", "RESP_DEBUG=1"])
-def test_traceback_only_when_asked(how, models, monkeypatch):
+def test_traceback_only_when_asked(how, models, monkeypatch, capsys):
     argv = ["eval", str(models["missing"])]
     if how.startswith("RESP_DEBUG"):
         monkeypatch.setenv("RESP_DEBUG", "1")
     else:
         argv = [how, *argv]
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(argv)
+    assert main(argv) == 2  # still a user error: the traceback comes on top of the one line
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "InputNotFound: model folder" in err
+    assert re.search(r"^resp: error: model folder .*nope does not exist", err, re.M), err
 
 
 def test_lock_is_released_and_removed_after_a_run(models, tmp_path):

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from conftest import make_model
 from resp_plugin import RESPConfig, prune
 from resp_plugin.cli import main
+from resp_plugin.errors import ConfigError, InputDataError, InputNotFound, OutputExists, UnsupportedModel
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -35,27 +36,27 @@ def _cfg(gold_file, **kw):
 
 def test_missing_and_empty_prompts_file(tokenizer, tmp_path):
     model = make_model()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputNotFound, match="does not exist"):
         prune(model, tokenizer, _cfg(tmp_path / "nope.jsonl"), out=tmp_path / "run")
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="is empty"):
+    with pytest.raises(InputDataError, match="is empty"):
         prune(model, tokenizer, _cfg(tmp_path / "empty.jsonl"), out=tmp_path / "run")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"\n')
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(InputDataError, match="not valid JSON"):
         prune(model, tokenizer, _cfg(tmp_path / "bad.jsonl"), out=tmp_path / "run")
     assert not (tmp_path / "run" / "model").exists()
 
 
 def test_gold_without_completions(tokenizer, tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "w1 w2"}\n')
-    with pytest.raises(ValueError, match="needs a completion"):
+    with pytest.raises(InputDataError, match="needs a completion"):
         prune(make_model(), tokenizer, _cfg(tmp_path / "p.jsonl"), out=tmp_path / "run")
 
 
 def test_unreachable_target(tokenizer, gold_file, tmp_path):
-    with pytest.raises(ValueError, match="unreachable"):
+    with pytest.raises(ConfigError, match="unreachable"):
         prune(make_model(), tokenizer, _cfg(gold_file, sparsity=0.6, protected_layers=[0, 1, 3]), out=tmp_path / "r")
-    with pytest.raises(ValueError, match="no prunable layer"):
+    with pytest.raises(ConfigError, match="no prunable layer"):
         prune(make_model(), tokenizer, _cfg(gold_file, protected_layers=[0, 1, 2, 3]), out=tmp_path / "r")
     assert not (tmp_path / "r" / "model").exists()
 
@@ -63,20 +64,20 @@ def test_unreachable_target(tokenizer, gold_file, tmp_path):
 def test_quantized_model_refused(tokenizer, gold_file, tmp_path):
     model = make_model()
     model.model.layers[1].self_attn.q_proj.quantization_scheme = object()
-    with pytest.raises(ValueError, match="already carries quantisation"):
+    with pytest.raises(UnsupportedModel, match="already carries quantisation"):
         prune(model, tokenizer, _cfg(gold_file), out=tmp_path / "run")
 
 
 def test_existing_out_model_needs_resume_or_overwrite(tokenizer, gold_file, tmp_path):
     (tmp_path / "run" / "model").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(OutputExists, match="--resume"):
         prune(make_model(), tokenizer, _cfg(gold_file), out=tmp_path / "run")
 
 
 def test_unknown_calibration_and_source(tokenizer, gold_file, tmp_path):
-    with pytest.raises(ValueError, match="unknown calibration kind 'nope'.*gold"):
+    with pytest.raises(ConfigError, match="unknown calibration kind 'nope'.*gold"):
         prune(make_model(), tokenizer, _cfg(gold_file, calibration="nope"), out=tmp_path / "r")
-    with pytest.raises(ValueError, match="unknown prompt source 'foo'"):
+    with pytest.raises(ConfigError, match="unknown prompt source 'foo'"):
         prune(make_model(), tokenizer, _cfg(gold_file, prompts="foo:bar"), out=tmp_path / "r")
 
 

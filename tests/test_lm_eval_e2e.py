@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from resp_plugin import answers  # noqa: E402
 from resp_plugin.answers import THINK_CLOSE as THINK_END  # noqa: E402
+from resp_plugin.errors import InputNotFound, UserError  # noqa: E402
 from resp_plugin.integrations.lm_eval import (  # noqa: E402
     evaluate,
     lm_eval_prompts,
@@ -199,7 +200,7 @@ def test_lm_eval_prompts_renders_task_documents() -> None:
 
 def test_missing_data_names_the_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RESP_DATA_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="RESP_DATA_DIR"):
+    with pytest.raises(InputNotFound, match="RESP_DATA_DIR"):
         utils.load_gsm8k()
     # Without RESP_DATA_DIR the Hub is tried; make it unreachable whatever the machine's network
     # and cache (the env vars were read when datasets was imported, hence the config flags).
@@ -210,7 +211,7 @@ def test_missing_data_names_the_env_var(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(utils, "MATHQA_HF", (("resp-plugin-tests/no-such-dataset", None),))
-    with pytest.raises(RuntimeError, match="RESP_DATA_DIR"):
+    with pytest.raises(UserError, match="RESP_DATA_DIR"):
         utils.load_mathqa()
 
 

@@ -15,6 +15,7 @@ import torch
 from conftest import kept_record, make_model, wait_for_steps, write_gold
 from resp_plugin import RESPConfig, prune
 from resp_plugin.cli import main
+from resp_plugin.errors import InputDataError, NumericsError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,7 +66,7 @@ def test_nan_loss_aborts_naming_samples_and_prunes_nothing(tmp_path, tokenizer, 
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     before = model.model.layers[1].mlp.down_proj.weight.shape
-    with pytest.raises(FloatingPointError, match="non-finite loss on calibration sample"):
+    with pytest.raises(NumericsError, match="non-finite loss on calibration sample"):
         prune(model, tokenizer, _cfg(gold_file), out=tmp_path / "run")
     assert model.model.layers[1].mlp.down_proj.weight.shape == before
     assert not (tmp_path / "run" / "model").exists()
@@ -126,13 +127,13 @@ def test_torn_trace_file_is_reported_on_resume(tmp_path, tokenizer, gold_file):
     prune(make_model(), tokenizer, _cfg(gold_file), out=tmp_path / "run")
     f = tmp_path / "run" / "calibration" / "traces-0.000.jsonl"
     f.write_text(f.read_text()[:-30])
-    with pytest.raises(ValueError, match="not a valid trace line.*delete the file"):
+    with pytest.raises(InputDataError, match="not a valid trace line.*delete the file"):
         prune(make_model(), tokenizer, _cfg(gold_file), out=tmp_path / "run", resume=True)
 
 
 def test_resume_with_another_model_is_refused(tmp_path, tokenizer, gold_file):
     prune(make_model(), tokenizer, _cfg(gold_file), out=tmp_path / "run")
-    with pytest.raises(ValueError, match="written for another model"):
+    with pytest.raises(InputDataError, match="written for another model"):
         prune(make_model(inter=64), tokenizer, _cfg(gold_file), out=tmp_path / "run", resume=True)
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import VLLM_SKIP, has_vllm, make_model
 from resp_plugin import RESPConfig, prune
+from resp_plugin.errors import MissingDependency
 
 HAS_VLLM = has_vllm()  # under RESP_REQUIRE_VLLM=1 (CI's vLLM stage) a missing vLLM fails the module
 
@@ -14,7 +15,7 @@ HAS_VLLM = has_vllm()  # under RESP_REQUIRE_VLLM=1 (CI's vLLM stage) a missing v
 def test_vllm_backend_missing_is_a_clear_error_before_work(tokenizer, gold_file, tmp_path):
     cfg = RESPConfig(sparsity=0.2, step=0.1, prompts=f"jsonl:{gold_file}", protected_layers=[0],
                      generation={"backend": "vllm"})
-    with pytest.raises(RuntimeError, match="pip install vllm"):
+    with pytest.raises(MissingDependency, match="pip install vllm"):
         prune(make_model(), tokenizer, cfg, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

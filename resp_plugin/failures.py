@@ -44,7 +44,7 @@ def handle(exc: BaseException, args: Any, argv: list[str], debug: bool) -> int:
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, KeyboardInterrupt):
-        _say("interrupted; a `resp prune` run continues with --resume")
+        _say("interrupted; a resp prune run continues with --resume")
         return EXIT_INTERRUPTED
     if isinstance(exc, UserError):
         _say(f"error: {one_line(exc)}")

@@ -11,9 +11,6 @@ Nothing heavy is imported here: the command line runs these checks before torch 
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +83,10 @@ def check_endpoint(url: str, what: str, *, timeout: float = 5.0, fix: str | None
     Any HTTP answer counts, an error status included (``/v1`` of an OpenAI-compatible server
     answers 404): only a server that cannot be reached is refused, before any work waits on it.
     """
+    import urllib.error  # here: urllib.request pulls in ssl and http, which no other check needs
+    import urllib.parse
+    import urllib.request
+
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{what} URL {url!r} is not an http(s) URL; give it as http://HOST:PORT/PATH")

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from resp_plugin.checks import check_out_dir, positive_int
 from resp_plugin.config_flags import add_config_flags, comma_floats, config_from_args
-from resp_plugin.errors import DEBUG_ENV, OutputExists, RunAborted, UserError, debug_enabled
+from resp_plugin.errors import DEBUG_ENV, ConfigError, OutputExists, RunAborted, UserError, debug_enabled
 from resp_plugin.run_lock import check_unlocked
 
 TRUST_HELP = ("let the model folder run its own Python code (auto_map in config.json); off by default, "
@@ -249,7 +249,7 @@ def _check_eval_inputs(args) -> None:
     from resp_plugin.io import check_model_dir, check_remote_code, load_tokenizer
 
     if args.log_samples and args.output_path is None:
-        raise UserError("--log-samples writes the samples beside the results: give --output-path too")
+        raise ConfigError("--log-samples writes the samples beside the results: give --output-path too")
     check_model_dir(args.model)
     check_remote_code(args.model, args.trust_remote_code)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)

@@ -10,16 +10,14 @@ import json
 import os
 from pathlib import Path
 
-from resp_plugin.errors import InputNotFound, UserError
+from resp_plugin.errors import InputDataError, InputNotFound, UserError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
 
 def _damaged(path: Path, why: str) -> Exception:
-    from resp_plugin.errors import UserError
-
-    return UserError(f"{path} is damaged ({why}); copy or download the checkpoint again")
+    return InputDataError(f"{path} is damaged ({why}); copy or download the checkpoint again")
 
 
 def _check_safetensors(path: Path) -> None:

@@ -34,6 +34,7 @@ from pydantic import Field, PrivateAttr, create_model, model_validator
 
 from resp_plugin.calibration import CalibrationSample, CalibrationSet, Trace, provider_for
 from resp_plugin.config import SPARSITY_TOLERANCE, RESPConfig
+from resp_plugin.devices import compute_device
 from resp_plugin.errors import InputNotFound, UserError
 from resp_plugin.hookspecs import hookimpl
 from resp_plugin.integrations import llmcompressor_compat as compat
@@ -219,13 +220,8 @@ def placed(model, device: str, saliency: str) -> Iterator[None]:
             "gradient, which offloaded weights never receive. Set `saliency: vector` (scores from structure "
             "multipliers, runs on offloaded weights), or load the model without offloading")
     src = next(model.parameters()).device
-    if compat.is_dispatched(model):  # placed by compressed-tensors: compute where it onloads
-        target = src
-    elif device == "auto":
-        accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-        target = accel if accel is not None and src.type == "cpu" else src
-    else:
-        target = torch.device(device)
+    # placed by compressed-tensors: compute where it onloads
+    target = src if compat.is_dispatched(model) else compute_device(device, src)
     if target == src or (target.type == src.type and (target.index or 0) == (src.index or 0)):
         yield
         return

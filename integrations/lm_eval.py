@@ -1,8 +1,10 @@
 """lm-eval integration: the RESP task folder, a thinking-aware ``evaluate()`` and task prompts.
 
-The task YAMLs (``resp_gsm8k``, ``resp_gsm8k_cot``, ``resp_mathqa``, ``resp_organism``) are plain
-lm-eval tasks: any lm-eval backend runs them with ``--include_path $(resp-tasks-path)``.  This
-module only adds conveniences for the HF backend and for calibration; importing it is cheap
+The task YAMLs of ``resp_plugin.tasks`` (``resp_gsm8k``, ``resp_gsm8k_cot``, ``resp_gsm8k_paper``,
+``resp_math``, ``resp_mathqa``, ``resp_mathqa_paper``, ``resp_organism``) are plain lm-eval tasks:
+any lm-eval backend runs them with ``--include_path "$(resp tasks-path)"``.  This module adds
+``evaluate()`` (``resp eval``) on lm-eval's own HF and vLLM backends with thinking handled alike,
+the optional LLM judge, and the ``lmeval:TASK`` calibration prompt source; importing it is cheap
 (lm-eval, torch and transformers are imported when a function needs them).
 """
 
@@ -35,47 +37,35 @@ def resp_lm_eval_include_paths() -> list[str]:
 
 def include_paths() -> list[str]:
     """Every task folder contributed through ``resp_lm_eval_include_paths``, ours first."""
-    paths = [tasks_path()]
-    try:
-        from resp_plugin.plugins import load_plugins
+    from resp_plugin.plugins import load_plugins
 
-        for found in load_plugins().hook.resp_lm_eval_include_paths():
-            paths += [str(p) for p in found or []]
-    except ImportError as exc:  # the plugin layer is optional for evaluation
-        logger.debug("plugin task folders unavailable ({}); using {}", exc, paths[0])
+    paths = [tasks_path()]
+    for found in load_plugins().hook.resp_lm_eval_include_paths():
+        paths += [str(p) for p in found or []]
     return list(dict.fromkeys(paths))
 
 
-def task_manager(tasks: list[str], metadata: dict[str, Any] | None = None) -> Any:
-    """A TaskManager that knows ``tasks``; lm-eval's own index (slow to build) only if needed."""
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=include_paths(), include_defaults=False, metadata=metadata)
-    if all(name in manager.all_tasks for name in tasks):
-        return manager
-    return TaskManager(include_path=include_paths(), include_defaults=True, metadata=metadata)
-
-
 @functools.lru_cache(maxsize=4)
-def _full_task_manager(paths: tuple[str, ...]) -> Any:
+def _full_task_manager(paths: tuple[str, ...], metadata: tuple[tuple[str, Any], ...]) -> Any:
     """lm-eval's full index plus ``paths``: seconds to build, so built once per process."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(paths), include_defaults=True)
+    return TaskManager(include_path=list(paths), include_defaults=True, metadata=dict(metadata) or None)
 
 
-def checked_task_manager(tasks: list[str]) -> Any:
-    """A TaskManager that knows every name in ``tasks``; unknown names are refused with the closest ones."""
+def task_manager(tasks: list[str], metadata: dict[str, Any] | None = None) -> Any:
+    """A TaskManager that knows every name in ``tasks``: the task folders alone when they hold them all,
+    else lm-eval's whole index too (slow to build); unknown names are refused with the closest ones."""
     from lm_eval.tasks import TaskManager
 
     from resp_plugin.errors import UserError, did_you_mean
 
     if not tasks:
         raise UserError("no lm-eval task given; name one or more, e.g. --tasks resp_gsm8k,resp_mathqa")
-    ours = TaskManager(include_path=include_paths(), include_defaults=False)
+    ours = TaskManager(include_path=include_paths(), include_defaults=False, metadata=metadata)
     if all(name in ours.all_tasks for name in tasks):
         return ours
-    full = _full_task_manager(tuple(include_paths()))
+    full = _full_task_manager(tuple(include_paths()), tuple(sorted((metadata or {}).items())))
     for name in tasks:
         if name not in full.all_tasks:
             raise UserError(f"unknown lm-eval task, group or tag {name!r}{did_you_mean(name, full.all_tasks)}; "
@@ -91,36 +81,13 @@ def load_tasks(tasks: list[str]) -> dict[str, Any]:
     """
     from resp_plugin.errors import UserError, one_line
 
-    manager = checked_task_manager(tasks)
+    manager = task_manager(tasks)
     try:
         return manager.load(tasks)["tasks"]
     except Exception as e:  # any loader failure: a dataset script, the Hub, a local file
         raise UserError(f"the data of {', '.join(tasks)} cannot be loaded ({one_line(e)}); offline, point "
                         "RESP_DATA_DIR at a local copy for the resp_* tasks (docs/lm-eval.md) or fill the "
                         "datasets cache for lm-eval's own tasks") from e
-
-
-def _load_model(path: str, device: str, dtype: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Model and tokenizer; ``resp_plugin.load_pruned`` when available (it also reads pruned sizes).
-
-    The folder's own code (``auto_map``) runs only with ``trust_remote_code`` (``--trust-remote-code``)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    load_pruned = getattr(importlib.import_module("resp_plugin"), "load_pruned", None)
-    tokenizer = None
-    if load_pruned is not None:
-        loaded = load_pruned(path, trust_remote_code=trust_remote_code, device_map=device, dtype=torch_dtype)
-        model, tokenizer = loaded if isinstance(loaded, tuple) else (loaded, None)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch_dtype)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    # HFLM uses a preloaded model where it is: place it unless accelerate already spread it.
-    if not getattr(model, "hf_device_map", None) and device != "auto":
-        model = model.to(device)
-    return model.eval(), tokenizer
 
 
 def results_name(model: Any) -> str:
@@ -336,7 +303,10 @@ def _hf_lm(model: Any, tokenizer: Any, *, device: str, dtype: str, batch_size: i
            think: dict[str, Any], trust_remote_code: bool = False) -> Any:
     """lm-eval's HF backend on a checkpoint folder or an in-memory model (with its ``tokenizer``)."""
     if isinstance(model, (str, os.PathLike)):
-        model, tokenizer = _load_model(str(model), device, dtype, trust_remote_code)
+        from resp_plugin.io import load_model_and_tokenizer
+
+        # placed on ``device`` by the loader (HFLM uses a preloaded model where it is)
+        model, tokenizer = load_model_and_tokenizer(model, device, dtype, trust_remote_code=trust_remote_code)
     elif tokenizer is None:
         raise ConfigError("evaluate(model_object, ...) needs tokenizer=...")
     if hidden_think_tags(tokenizer) is not None:

@@ -11,12 +11,12 @@ the paper's, with the paper's Qwen3-8B RESP numbers beside ours, in ``OUT/table.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
+from resp_plugin.benchmark_data import GSM8K, MATHQA, data_dir
 from resp_plugin.errors import ConfigError, InputNotFound
 from resp_plugin.io import atomic_write_json, atomic_write_text
 
@@ -25,9 +25,8 @@ PAPER_RESP_QWEN3_8B = {
     "resp_gsm8k_paper": {0.2: 95.8, 0.3: 92.4, 0.4: 81.3},
     "resp_mathqa_paper": {0.2: 87.9, 0.3: 80.2, 0.4: 59.6},
 }
-_GSM8K, _MATHQA = ("gsm8k", "gsm8k/train.jsonl"), ("mathqa", "mathqa/train.json")
-TASK_SOURCES = {"resp_gsm8k_paper": _GSM8K, "resp_gsm8k": _GSM8K, "resp_gsm8k_cot": _GSM8K,
-                "resp_mathqa_paper": _MATHQA, "resp_mathqa": _MATHQA}
+TASK_SOURCES = {"resp_gsm8k_paper": GSM8K, "resp_gsm8k": GSM8K, "resp_gsm8k_cot": GSM8K,
+                "resp_mathqa_paper": MATHQA, "resp_mathqa": MATHQA}
 
 
 def prompts_for(task: str, prompts: str | None) -> str:
@@ -43,15 +42,15 @@ def prompts_for(task: str, prompts: str | None) -> str:
         return f"gsm8k:{organism.data_path('train.jsonl')}"
     if task not in TASK_SOURCES:
         raise ConfigError(f"no default calibration prompts for task {task!r}; pass --prompts (e.g. jsonl:PATH)")
-    source, rel = TASK_SOURCES[task]
-    root = os.environ.get("RESP_DATA_DIR")
-    if not root:
-        return source
-    path = Path(root).expanduser() / rel
+    data = TASK_SOURCES[task]
+    root = data_dir()
+    if root is None:
+        return data.name
+    path = data.local_file("train", root)
     if not path.is_file():
-        raise InputNotFound(f"{path} not found: the paper calibrates on the {source} train split; put it there "
-                                f"or pass --prompts {source}:PATH")
-    return f"{source}:{path}"
+        raise InputNotFound(f"{path} not found: the paper calibrates on the {data.name} train split; put it there "
+                            f"or pass --prompts {data.name}:PATH")
+    return f"{data.name}:{path}"
 
 
 def metric_of(task: str, row: dict[str, Any]) -> tuple[str, float]:

@@ -245,6 +245,7 @@ def cmd_eval(args) -> int:
 
 def _check_eval_inputs(args) -> None:
     """What `resp eval` can refuse before loading the model: paths, model files, tokenizer, tasks, data."""
+    from resp_plugin.devices import require_visible_gpu
     from resp_plugin.integrations.lm_eval import load_tasks
     from resp_plugin.io import check_model_dir, check_remote_code, load_tokenizer
 
@@ -256,11 +257,7 @@ def _check_eval_inputs(args) -> None:
     if args.thinking and not getattr(tokenizer, "chat_template", None):
         raise UserError(f"the tokenizer in {args.model} has no chat template, so thinking cannot be switched on; "
                         "use a chat/reasoning model's tokenizer, or pass --no-thinking")
-    if str(args.device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {args.device} asked for a GPU but torch sees none; use --device cpu")
+    require_visible_gpu(args.device)
     load_tasks([t for t in args.tasks.split(",") if t.strip()])
 
 

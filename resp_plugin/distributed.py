@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
+from resp_plugin.devices import require_visible_gpu
 from resp_plugin.errors import ConfigError, RunAborted, UnsupportedModel
 from resp_plugin.fsdp_compat import forget_fsdp_units
 
@@ -90,10 +91,9 @@ def rank_device(device: str) -> str:
     if device.startswith("cuda:"):
         raise ConfigError(f"--device {device} under torchrun: every rank uses its own GPU (cuda:LOCAL_RANK); "
                           "pass --device auto (or cuda), or --device cpu")
+    require_visible_gpu(device)
     if device in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{local}"
-    if device == "cuda":
-        raise ConfigError("--device cuda asked for a GPU but torch sees none; use --device cpu")
     return "cpu"
 
 

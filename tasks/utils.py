@@ -4,17 +4,16 @@ lm-eval loads this file by its path from ``--include_path``.  The task folder is
 ``resp_plugin`` (installed as ``resp_plugin.tasks``), so wherever the YAMLs are, ``resp_plugin`` is
 importable, and the helpers here build on the engine rather than copy it: answers are read by
 :mod:`resp_plugin.answers` (through the ``resp_answer`` filter of :mod:`resp_plugin.tasks.filters`,
-registered by importing it here), JSON-lines files by :func:`resp_plugin.calibration.jsonl.read_jsonl`
-and the organism's data found by :func:`resp_plugin.organism.data_path`.  The dependency goes one
-way: the engine never imports the tasks.  Nothing here depends on the model backend: the same
-tasks run under HF, vLLM and multi-GPU launchers.
+registered by importing it here), GSM8K and MathQA (Hub copies, the ``$RESP_DATA_DIR`` layout) by
+:mod:`resp_plugin.benchmark_data` and the organism's data found by
+:func:`resp_plugin.organism.data_path`.  The dependency goes one way: the engine never imports
+the tasks.  Nothing here depends on the model backend: the same tasks run under HF, vLLM and
+multi-GPU launchers.
 """
 
 from __future__ import annotations
 
 import ast
-import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,35 +21,13 @@ from typing import Any
 
 from loguru import logger
 
+from resp_plugin import benchmark_data
 from resp_plugin.answers import normalize_number
-from resp_plugin.calibration.jsonl import read_jsonl
-from resp_plugin.errors import InputNotFound, UserError
+from resp_plugin.benchmark_data import BenchmarkData, read_rows
+from resp_plugin.errors import InputNotFound
 from resp_plugin.tasks import filters  # noqa: F401  (registers the resp_answer filter with lm-eval)
 
-DATA_ENV = "RESP_DATA_DIR"
-
-# Hugging Face sources tried in order.  lm-eval's own mathqa task reads regisss/math_qa (a
-# parquet copy of allenai/math_qa, same fields), which loads under datasets>=4 where the
-# script-based allenai/math_qa does not.
-GSM8K_HF: tuple[tuple[str, str | None], ...] = (("openai/gsm8k", "main"),)
-MATHQA_HF: tuple[tuple[str, str | None], ...] = (("regisss/math_qa", None), ("allenai/math_qa", None))
-
-
 # ----------------------------------------------------------------------------- data
-
-
-def _read_json_array(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _data_dir(data_dir: str | None) -> Path | None:
-    """The local data folder: the task metadata ``data_dir`` first, then ``$RESP_DATA_DIR``."""
-    value = data_dir or os.environ.get(DATA_ENV)
-    return Path(value).expanduser() if value else None
-
-
-_LAYOUT = "gsm8k/train.jsonl, gsm8k/test.jsonl, mathqa/dev.json, mathqa/test.json"
 
 
 def _local_splits(root: Path, files: dict[str, str], required: Sequence[str], origin: str) -> Any:
@@ -67,53 +44,32 @@ def _local_splits(root: Path, files: dict[str, str], required: Sequence[str], or
                     + ", ".join(files[s] for s in required)
                 )
             continue
-        rows = read_jsonl(path) if path.suffix == ".jsonl" else _read_json_array(path)
-        splits[split] = datasets.Dataset.from_list(rows)
+        splits[split] = datasets.Dataset.from_list(read_rows(path))
     logger.info("loaded {} from {}", {k: len(v) for k, v in splits.items()}, root)
     return datasets.DatasetDict(splits)
 
 
-def _hub_splits(sources: Sequence[tuple[str, str | None]], local_hint: str) -> Any:
-    """Load the first reachable Hugging Face dataset, else explain how to run offline."""
-    import datasets
-
-    errors = []
-    for path, name in sources:
-        try:
-            return datasets.load_dataset(path, name)
-        except Exception as exc:  # noqa: BLE001 - any hub/cache failure means "try the next one"
-            errors.append(f"{path}: {type(exc).__name__}: {exc}")
-    raise UserError(
-        "could not load " + " or ".join(p for p, _ in sources) + " from the Hugging Face Hub or its "
-        f"cache ({'; '.join(errors)}). To run offline, set {DATA_ENV} to a folder holding "
-        f'{local_hint} (or pass --metadata \'{{"data_dir": "..."}}\' to lm_eval).'
-    )
+def _load(data: BenchmarkData, data_dir: str | None) -> Any:
+    """``data``'s splits: from the offline folder when one is set, else from its Hub copies."""
+    root = benchmark_data.data_dir(data_dir)
+    if root is None:
+        return benchmark_data.load_hub(data)
+    origin = f"{benchmark_data.DATA_ENV} (or --metadata data_dir; layout {benchmark_data.LAYOUT})"
+    return _local_splits(root, data.files, data.required, origin)
 
 
 def load_gsm8k(data_dir: str | None = None, **_: Any) -> Any:
-    """GSM8K (``train``, ``test``): ``$RESP_DATA_DIR/gsm8k/*.jsonl`` when set, else openai/gsm8k.
+    """GSM8K (``train``, ``test``): ``$RESP_DATA_DIR/gsm8k/*.jsonl`` when set, else the Hub.
 
     lm-eval calls this as ``custom_dataset(**metadata, **dataset_kwargs)``; the metadata also
     carries the model arguments, hence the catch-all keyword arguments.
     """
-    root = _data_dir(data_dir)
-    if root is not None:
-        files = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
-        return _local_splits(
-            root, files, ("train", "test"), f"{DATA_ENV} (or --metadata data_dir; layout {_LAYOUT})"
-        )
-    return _hub_splits(GSM8K_HF, "gsm8k/train.jsonl and gsm8k/test.jsonl")
+    return _load(benchmark_data.GSM8K, data_dir)
 
 
 def load_mathqa(data_dir: str | None = None, **_: Any) -> Any:
     """MathQA (``validation``, ``test``, ``train`` if present): local JSON arrays, else the Hub."""
-    root = _data_dir(data_dir)
-    if root is not None:
-        files = {"train": "mathqa/train.json", "validation": "mathqa/dev.json", "test": "mathqa/test.json"}
-        return _local_splits(
-            root, files, ("validation", "test"), f"{DATA_ENV} (or --metadata data_dir; layout {_LAYOUT})"
-        )
-    return _hub_splits(MATHQA_HF, "mathqa/dev.json and mathqa/test.json")
+    return _load(benchmark_data.MATHQA, data_dir)
 
 
 def load_organism(organism_dir: str | None = None, **_: Any) -> Any:

@@ -6,6 +6,7 @@ project's full offline copies), so the tests run from a clean clone with no netw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
-from resp_plugin import answers  # noqa: E402
+from resp_plugin import answers, benchmark_data  # noqa: E402
 from resp_plugin.answers import THINK_CLOSE as THINK_END  # noqa: E402
 from resp_plugin.errors import InputNotFound, UserError  # noqa: E402
 from resp_plugin.integrations.lm_eval import (  # noqa: E402
@@ -210,7 +211,8 @@ def test_missing_data_names_the_env_var(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.delenv("RESP_DATA_DIR")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(utils, "MATHQA_HF", (("resp-plugin-tests/no-such-dataset", None),))
+    monkeypatch.setattr(benchmark_data, "MATHQA", dataclasses.replace(
+        benchmark_data.MATHQA, hub=(("resp-plugin-tests/no-such-dataset", None),)))
     with pytest.raises(UserError, match="RESP_DATA_DIR"):
         utils.load_mathqa()
 

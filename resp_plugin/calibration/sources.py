@@ -12,12 +12,9 @@ import json
 import random
 from pathlib import Path
 
+from resp_plugin.benchmark_data import GSM8K, MATHQA, load_hub
 from resp_plugin.calibration import PromptRecord, read_jsonl
-from resp_plugin.errors import ConfigError, InputDataError, InputNotFound, MissingDependency, UserError
-
-# Hugging Face copies of MathQA tried in order (the script-based allenai/math_qa does not load
-# under datasets>=4; regisss/math_qa is lm-eval's parquet copy, same rows and fields).
-MATHQA_HF = ("regisss/math_qa", "allenai/math_qa")
+from resp_plugin.errors import ConfigError, InputDataError, InputNotFound
 
 
 def _need_file(path: str, what: str) -> Path:
@@ -36,26 +33,9 @@ def _read_jsonl(p: Path) -> list[dict]:
     return rows
 
 
-def _hf_dataset(name: str, config: str | None, split: str) -> list[dict]:
-    try:
-        import datasets
-    except ImportError as e:
-        raise MissingDependency(
-            f"loading {name} from the Hugging Face hub needs `pip install datasets`; "
-            f"or give a local file, e.g. --prompts gsm8k:/path/train.jsonl"
-        ) from e
-    try:
-        return list(datasets.load_dataset(name, config, split=split))
-    except Exception as e:  # offline, hub error, missing dataset
-        raise UserError(
-            f"could not load {name} from the Hugging Face hub ({type(e).__name__}: {e}); offline, give a "
-            f"local copy instead, e.g. --prompts gsm8k:PATH/train.jsonl or mathqa:PATH/dev.json"
-        ) from e
-
-
 def gsm8k_prompts(arg: str | None, config=None) -> list[PromptRecord]:
     """GSM8K JSONL (``question``, ``answer`` ending in ``#### N``); gold = ``answer``."""
-    rows = _read_jsonl(_need_file(arg, "GSM8K")) if arg else _hf_dataset("openai/gsm8k", "main", "train")
+    rows = _read_jsonl(_need_file(arg, "GSM8K")) if arg else list(load_hub(GSM8K, "train"))
     out = []
     for n, r in enumerate(rows, 1):
         if "question" not in r:
@@ -85,7 +65,7 @@ def mathqa_prompts(arg: str | None, config=None) -> list[PromptRecord]:
         if not isinstance(rows, list) or not rows:
             raise InputDataError(f"MathQA file {p} must hold a non-empty JSON array of problems")
     else:
-        rows = _hf_first(MATHQA_HF, "train")
+        rows = list(load_hub(MATHQA, "train"))
     out = []
     for n, r in enumerate(rows, 1):
         if "Problem" not in r or "options" not in r:
@@ -94,16 +74,6 @@ def mathqa_prompts(arg: str | None, config=None) -> list[PromptRecord]:
         out.append(PromptRecord(prompt=mathqa_prompt(r["Problem"], r["options"]), completion=r.get("Rationale"),
                                 meta={"correct": r.get("correct")}))
     return out
-
-
-def _hf_first(names: tuple[str, ...], split: str) -> list[dict]:
-    """The first of ``names`` that loads; the last error when none does."""
-    for name in names[:-1]:
-        try:
-            return _hf_dataset(name, None, split)
-        except RuntimeError:
-            continue
-    return _hf_dataset(names[-1], None, split)
 
 
 def jsonl_prompts(arg: str | None, config=None) -> list[PromptRecord]:

@@ -21,7 +21,7 @@ _HOMES = {
     "save_pruned": "checkpoint",
     "WEIGHT_FILES": "model_folder", "check_model_dir": "model_folder",
     "load_pruned": "loading", "load_tokenizer": "loading", "load_model_and_tokenizer": "loading",
-    "resolve_device": "loading", "remote_code_of": "loading", "check_remote_code": "loading",
+    "remote_code_of": "loading", "check_remote_code": "loading",
 }
 __all__ = sorted(_HOMES)
 

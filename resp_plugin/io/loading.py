@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
-from resp_plugin.errors import ConfigError
 from resp_plugin.io.model_folder import check_model_dir
 
 
@@ -76,30 +74,6 @@ def load_pruned(path: str | Path, *, trust_remote_code: bool = False, **kwargs):
     return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, **kwargs)
 
 
-def resolve_device(device: str, dtype: str) -> tuple[dict[str, Any], Any]:
-    """``from_pretrained`` placement kwargs and torch dtype for ``--device`` / ``--dtype``.
-
-    ``auto`` spreads the model over every visible GPU with accelerate (``device_map="auto"``),
-    which is how 32B-70B models fit; without a GPU it means the CPU.
-    """
-    import torch
-
-    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(dtypes)}")
-    has_cuda = torch.cuda.is_available()
-    if device.startswith("cuda") and not has_cuda:
-        raise ConfigError(f"--device {device} asked for a GPU but torch sees none; use --device cpu")
-    on_cpu = device == "cpu" or (device == "auto" and not has_cuda)
-    if on_cpu and dtype == "float16":
-        raise ConfigError("float16 is not supported for scoring on the CPU; use --dtype float32 or bfloat16")
-    if device == "auto":
-        placement: dict[str, Any] = {"device_map": "auto"} if has_cuda else {"device_map": "cpu"}
-    else:
-        placement = {"device_map": device}
-    return placement, dtypes[dtype]
-
-
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of a model folder; an empty one (no tokenizer files) is refused by name."""
     from transformers import AutoTokenizer
@@ -128,6 +102,8 @@ def load_model_and_tokenizer(path: str | Path, device: str = "auto", dtype: str 
     The folder's own code (``auto_map``) runs only with ``trust_remote_code=True``.
     """
     p = check_model_dir(path)
+    from resp_plugin.devices import resolve_device
+
     placement, torch_dtype = resolve_device(device, dtype)
     tokenizer = load_tokenizer(p, trust_remote_code)
     model = load_pruned(p, trust_remote_code=trust_remote_code, dtype=torch_dtype, **placement)

@@ -418,14 +418,17 @@ def lm_eval_prompts(
 
 
 def _lmeval_prompt_source(arg: str | None, config: Any = None) -> list[Any]:
-    """``--prompts lmeval:TASK``: any lm-eval task's documents as calibration prompts."""
+    """``--prompts lmeval:TASK``: every document of an lm-eval task's calibration split as a prompt.
+
+    All of them: the run's ``num_prompts`` are then drawn by the one selection every source goes
+    through (:func:`resp_plugin.calibration.sources.load_prompts`, ``prompt_selection``), not
+    sampled here first and reshuffled there.
+    """
     from resp_plugin.calibration import PromptRecord
 
     if not arg:
         raise ConfigError("lmeval prompts need a task name: --prompts lmeval:TASK (e.g. lmeval:resp_gsm8k)")
-    seed = config.seed if config is not None else 0
-    n = config.num_prompts if config is not None else None
-    return [PromptRecord(prompt=r["prompt"], completion=r["completion"]) for r in lm_eval_prompts(arg, n, seed)]
+    return [PromptRecord(prompt=r["prompt"], completion=r["completion"]) for r in lm_eval_prompts(arg, None, 0)]
 
 
 @hookimpl

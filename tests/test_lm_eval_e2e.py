@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -197,6 +198,18 @@ def test_lm_eval_prompts_renders_task_documents() -> None:
     mathqa = lm_eval_prompts("resp_mathqa", None, seed=0)
     assert len(mathqa) == 11 and all(r["completion"].startswith("The answer is (") for r in mathqa)
     assert "\na) " in mathqa[0]["prompt"] and "\ne) " in mathqa[0]["prompt"]
+
+
+def test_lmeval_prompt_source_goes_through_the_one_selection() -> None:
+    """``--prompts lmeval:TASK`` draws its prompts like every source: all documents, then the run's selection
+    (no sample inside the source reshuffled by the selection)."""
+    from resp_plugin.calibration.sources import load_prompts, select_prompts
+
+    every = lm_eval_prompts("resp_gsm8k", None, seed=0)
+    for how in ("shuffle", "sample"):
+        config = SimpleNamespace(prompt_selection=how)
+        got = [r.prompt for r in load_prompts("lmeval:resp_gsm8k", 3, 5, config)]
+        assert got == [every[i]["prompt"] for i in select_prompts(len(every), 3, 5, how)]
 
 
 def test_missing_data_names_the_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def batch_size(text: str) -> int | str:
+    """An argparse ``type`` for lm-eval's batch size: a positive integer, ``auto`` or ``auto:N``.
+
+    Checked where the flag is read: lm-eval would otherwise fail with a bare ``int()`` error
+    after the model has loaded.
+    """
+    import argparse
+
+    if text == "auto" or (text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) > 0):
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a positive integer, auto or auto:N, got {text!r}")
+
+
 # ----------------------------------------------------------------------------- output paths
 def _blocking_file(path: Path) -> Path | None:
     """The first existing ancestor of ``path`` (itself included) that is not a folder."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from loguru import logger
 from tqdm import tqdm
 
-from resp_plugin.checks import check_out_dir, positive_int
+from resp_plugin.checks import batch_size, check_out_dir, positive_int
 from resp_plugin.config_flags import add_config_flags, comma_floats, config_from_args
 from resp_plugin.errors import DEBUG_ENV, ConfigError, OutputExists, RunAborted, UserError, debug_enabled
 from resp_plugin.run_lock import check_unlocked
@@ -273,7 +273,7 @@ def _add_reproduce(sub) -> None:
     r.add_argument("--config", help="YAML of RESPConfig fields (sparsity, save_at and prompts are set per task)")
     r.add_argument("--limit", type=int, help="first N documents of each task (smoke runs)")
     r.add_argument("--max-gen-toks", type=int)
-    r.add_argument("--batch-size", default=1)
+    r.add_argument("--batch-size", type=batch_size, default=1, help="positive integer, auto or auto:N")
     r.add_argument("--judge-url", help="OpenAI-compatible judge endpoint: the paper's accuracy")
     r.add_argument("--judge-model")
     r.add_argument("--judge-cache")
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=positive_int, help="first N documents of each task")
     e.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True)
     e.add_argument("--max-gen-toks", type=positive_int)
-    e.add_argument("--batch-size", default=1)
+    e.add_argument("--batch-size", type=batch_size, default=1, help="positive integer, auto or auto:N")
     e.add_argument("--num-fewshot", type=int)
     e.add_argument("--output-path", "--out", dest="output_path",
                    help="as lm_eval --output_path: a folder (gets MODEL/results_DATE.json) or a .json file path")

@@ -192,6 +192,8 @@ CASES = [
          r"resp eval: error: argument --limit: must be a positive integer, got 0"),
     Case("eval-limit-negative", "cli", _eval("good", "--limit", "-3"),
          r"resp eval: error: argument --limit: must be a positive integer, got -3"),
+    Case("eval-batch-size-not-a-number", "cli", _eval("good", "--batch-size", "abc"),
+         r"resp eval: error: argument --batch-size: must be a positive integer, auto or auto:N, got 'abc'"),
     Case("eval-out-under-a-file", "cli", _eval("good", "--output-path", "TMP/out.txt/res"),
          r"--output-path .*res cannot be created: .*out.txt is a file", lambda c: (c.tmp / "out.txt").write_text("x")),
     # resp report / demo

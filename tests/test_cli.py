@@ -8,7 +8,10 @@ import pytest
 
 from conftest import make_model
 from resp_plugin import RESPConfig, prune, scoring
+from resp_plugin.calibration.sources import jsonl_prompts
 from resp_plugin.cli import main
+from resp_plugin.hookspecs import hookimpl
+from resp_plugin.plugins import pm
 
 
 @pytest.fixture
@@ -36,6 +39,33 @@ def test_cli_prune_gold_and_report(saved_model, gold_file, tmp_path, capsys):
     assert main(["prune", str(saved_model), "--out", str(out), "--sparsity", "0.2", "--calibration", "gold",
                  "--prompts", f"jsonl:{gold_file}"]) == 2
     assert main(["report", str(out)]) == 0
+
+
+class _CountingSource:
+    """A prompt source that counts how often a run reads it."""
+
+    def __init__(self, path) -> None:
+        self.path, self.reads = path, 0
+
+    @hookimpl
+    def resp_prompt_sources(self, register):
+        def read(arg, config=None):
+            self.reads += 1
+            return jsonl_prompts(str(self.path), config)
+
+        register("counted", read)
+
+
+def test_cli_prune_reads_the_prompts_once(saved_model, gold_file, tmp_path):
+    """The prompts checked before the model loads are the ones the run uses: read once, not twice."""
+    source = _CountingSource(gold_file)
+    pm.register(source, name="counting-source")
+    try:
+        assert main(["prune", str(saved_model), "--out", str(tmp_path / "run"), "--sparsity", "0.2", "--step", "0.2",
+                     "--calibration", "gold", "--prompts", "counted:", "--device", "cpu"]) == 0
+    finally:
+        pm.unregister(source)
+    assert source.reads == 1
 
 
 def test_resume_after_interruption_matches_uninterrupted(tokenizer, gold_file, tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def cmd_prune(args) -> int:
 
     config = build_config(args)
     out = Path(args.out)
-    _check_prune_inputs(args, config)
+    provider = _check_prune_inputs(args, config)
     if (out / "model").exists() and not (args.resume or args.overwrite):
         raise OutputExists(f"{out / 'model'} already exists; pass --resume to continue or --overwrite")
     from resp_plugin.distributed import check_fsdp
@@ -95,7 +95,8 @@ def cmd_prune(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, device, config.dtype,
                                                 trust_remote_code=args.trust_remote_code)
     try:
-        result = prune(model, tokenizer, config, out=out, resume=args.resume, overwrite=args.overwrite)
+        result = prune(model, tokenizer, config, out=out, resume=args.resume, overwrite=args.overwrite,
+                       provider=provider)
     except Exception as e:
         _lost_rank(e)
         raise
@@ -170,8 +171,12 @@ def _lost_rank(e: Exception) -> None:
                            "command with --resume") from e
 
 
-def _check_prune_inputs(args, config) -> None:
-    """What `resp prune` can refuse before loading the model: run folder, model files, tokenizer, prompts."""
+def _check_prune_inputs(args, config):
+    """What `resp prune` can refuse before loading the model: run folder, model files, tokenizer, prompts.
+
+    Returns the run's calibration provider: it reads (and checks) the prompts once, here, and the
+    run uses it as it is, so a bad prompt file is refused before the model loads and read only once.
+    """
     from resp_plugin.checks import check_tokenizer
     from resp_plugin.io import check_model_dir, check_remote_code, load_tokenizer
 
@@ -182,15 +187,9 @@ def _check_prune_inputs(args, config) -> None:
     check_model_dir(args.model)
     check_remote_code(args.model, args.trust_remote_code)
     check_tokenizer(load_tokenizer(args.model, args.trust_remote_code), config, where=f"the tokenizer in {args.model}")
-    source, _, task = (config.prompts or "").partition(":")
-    if source == "lmeval" and task:
-        from resp_plugin.integrations.lm_eval import load_tasks
+    from resp_plugin.calibration import provider_for
 
-        load_tasks([task])
-    elif config.prompts:  # a prompt file is read in a moment: refuse a bad one before the model loads
-        from resp_plugin.calibration.sources import load_prompts
-
-        load_prompts(config.prompts, config.num_prompts, config.seed, config)
+    return provider_for(config)
 
 
 def _check_resumable(out: Path) -> None:

@@ -173,7 +173,7 @@ def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: Cal
         sel = select_step(scoring.normalize(raw, adapter, config), adapter, config, cap, total, per_step)
         sel = distributed.broadcast(sel)  # identical on every rank by construction; rank 0's is the record
         n_scored = max(n_scored, raw.n_local)
-        removed = _remove(model, adapter, plan.layers, sel)
+        removed = _cut_selection(model, adapter, plan.layers, sel)
         run.record_step(sparsity(), raw.loss, removed, started)
         bar.show(sparsity(), raw.loss)
         run.save_levels(model, tokenizer, adapter, config, sparsity())
@@ -221,7 +221,7 @@ def _serve_milestones(model, tokenizer, provider: CalibrationProvider, cal: Cali
     return cal
 
 
-def _remove(model, adapter: DecoderAdapter, layers: list[int], sel: scoring.Selection) -> tuple[int, int]:
+def _cut_selection(model, adapter: DecoderAdapter, layers: list[int], sel: scoring.Selection) -> tuple[int, int]:
     """Physically remove a step's selection; returns the query heads and channels removed."""
     if sel.params == 0:
         raise ConfigError("the guards leave nothing to remove; relax min_heads/min_channels/channel_multiple")
@@ -289,7 +289,7 @@ def next_stop(config: RESPConfig, s: float) -> float:
     return min([x for x in config.save_at or [] if x > s + SPARSITY_TOLERANCE] + [config.sparsity])
 
 
-def _removed(sel: scoring.Selection, adapter: DecoderAdapter) -> int:
+def _structures_removed(sel: scoring.Selection, adapter: DecoderAdapter) -> int:
     """Query heads + channels a selection removes (kv groups counted by their heads)."""
     n = 0
     for i in set(sel.heads) | set(sel.groups) | set(sel.channels):
@@ -309,13 +309,13 @@ def select_step(scores: scoring.Scores, adapter: DecoderAdapter, config: RESPCon
     if per_step is None:
         return scoring.select(scores, adapter, config, min(config.step * total, cap))
     hi_sel = scoring.select(scores, adapter, config, cap)
-    if _removed(hi_sel, adapter) <= per_step:
+    if _structures_removed(hi_sel, adapter) <= per_step:
         return hi_sel
     lo, hi = 0.0, cap
     while hi - lo > 1.0:
         mid = (lo + hi) / 2
         sel = scoring.select(scores, adapter, config, mid)
-        n = _removed(sel, adapter)
+        n = _structures_removed(sel, adapter)
         if n == per_step:
             return sel
         if n > per_step:

@@ -159,7 +159,7 @@ class RESPPruningModifier(_RESPConfigFields):
         self._calibration, self._report = cal, result.report
         check_group_divisibility(result.adapter, group)
         kept, source, ref = result.adapter.kept_map(), model.config._name_or_path, weakref.ref(model)
-        compat.wrap_save_pretrained(model, lambda folder: finish_checkpoint(folder, ref(), kept, source))
+        compat.wrap_save_pretrained(model, lambda folder: restore_pruned_checkpoint(folder, ref(), kept, source))
         set_latest(self)
         return True
 
@@ -244,9 +244,10 @@ def resolve_tokenizer(model, path: str | None) -> Any:
     return load_tokenizer(src)  # a missing or empty tokenizer folder is one clear error
 
 
-def finish_checkpoint(folder: str, model, kept: list[dict], source: str | None) -> None:
+def restore_pruned_checkpoint(folder: str, model, kept: list[dict], source: str | None) -> None:
     """After llm-compressor saved ``folder`` (rewriting config.json from the original checkpoint's):
-    per-layer sizes, modeling files, kept map, then the model card built from those files."""
+    the pruned checkpoint's own fields and files back (:func:`resp_plugin.io.finalize_checkpoint`:
+    per-layer sizes, modeling files, kept map), then the model card built from those files."""
     from resp_plugin.io import finalize_checkpoint
     from resp_plugin.model_card import write_model_card
 
@@ -267,30 +268,30 @@ def recipe_path(name: str) -> str:
     return str(shipped)
 
 
-@hookimpl(trylast=True)
-def resp_register_modifiers(register: Callable[[str, type], None]) -> None:
-    """The built-in modifier. Called after every other plugin's, so that a plugin registering the
-    same name overrides it (plugins.collect keeps the first value it hears for a name)."""
-    register("RESPPruningModifier", RESPPruningModifier)
+BUILTIN_MODIFIERS: dict[str, type] = {"RESPPruningModifier": RESPPruningModifier}
 
 
 def register_modifiers() -> dict[str, type]:
-    """Register every ``resp`` plugin's modifiers (this module's included) with ``ModifierFactory``,
-    with the plugin precedence of :func:`resp_plugin.plugins.collect`; errors propagate."""
+    """Register the built-in modifier and every ``resp`` plugin's modifiers with ``ModifierFactory``;
+    errors propagate.
+
+    A plugin's class wins a name it shares with the built-in one, as an installed plugin wins over a
+    built-in for every hook (:mod:`resp_plugin.plugins`); this module registers no hook of its own,
+    because it is imported late (by llm-compressor users), after the plugins.
+    """
     from resp_plugin import plugins
 
-    this = sys.modules[__name__]
-    if not plugins.pm.is_registered(this):
-        plugins.pm.register(this, name=__name__)
-    found = plugins.collect("resp_register_modifiers")
+    found = {**BUILTIN_MODIFIERS, **plugins.collect("resp_register_modifiers")}
     for name, cls in found.items():
         compat.register_modifier(name, cls)
     return found
 
 
 if __name__ == "__main__":  # the package copy registers itself on import and runs the command line
-    from resp_plugin.integrations.llmcompressor_cli import main
+    import sys
 
-    main()
+    from resp_plugin.integrations.llmcompressor_cli import run
+
+    sys.exit(run())
 else:
     register_modifiers()

@@ -4,6 +4,8 @@ as the calibration data of any following modifier that needs data (GPTQ)."""
 from __future__ import annotations
 
 import argparse
+import sys
+from types import SimpleNamespace
 from typing import Any
 
 from resp_plugin.integrations import llmcompressor_compat as compat
@@ -65,3 +67,21 @@ def main(argv: list[str] | None = None) -> Any:
     return oneshot(model=model, tokenizer=tokenizer, recipe=recipe, output_dir=args.output_dir,
                    dataset=calibration_dataloader(num_samples=args.num_calibration_samples,
                                                   max_seq_length=args.max_seq_length))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The command line: :func:`main` under resp's error model; returns the exit code.
+
+    A user error exits 2 in one line; anything else exits 1 naming ``OUTPUT_DIR/error.log``, which
+    holds the traceback (resp_plugin.failures), as ``resp`` itself does.
+    """
+    from resp_plugin.errors import debug_enabled
+    from resp_plugin.failures import handle
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except (Exception, KeyboardInterrupt) as e:
+        out = parser().parse_known_args(argv)[0].output_dir
+        return handle(e, SimpleNamespace(command="oneshot", out=out), argv, debug_enabled())
+    return 0

@@ -51,7 +51,7 @@ def handle(exc: BaseException, args: Any, argv: list[str], debug: bool) -> int:
         return EXIT_USER
     log = write_log(exc, args, argv)
     if is_out_of_memory(exc):
-        knobs = "; ".join(MEMORY_KNOBS.get(getattr(args, "command", ""), ())) or "smaller batches"
+        knobs = "; ".join(MEMORY_KNOBS.get(getattr(args, "command", ""), ())) or "smaller batches or shorter sequences"
         _say(f"out of memory ({_short(exc)}); to use less memory: {knobs}. Traceback in {log}")
     elif is_environment_failure(exc):
         _say(f"error: {_short(exc)} (traceback in {log})")

@@ -122,6 +122,18 @@ def test_out_of_memory_names_the_memory_flags(model_dir, tmp_path, failing_plugi
     assert "can't allocate memory" in (out / LOG_NAME).read_text()
 
 
+def test_llmcompressor_command_has_the_same_error_model(tmp_path):
+    pytest.importorskip("llmcompressor")
+    out = tmp_path / "oneshot"
+    res = subprocess.run([sys.executable, "-m", "resp_plugin.integrations.llmcompressor", "--model",
+                          str(tmp_path / "missing"), "--recipe", "resp", "--output-dir", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert _resp_lines(res.stderr) == [f"resp: error: model folder {tmp_path / 'missing'} does not exist; resp works "
+                                       "offline on local checkpoints: download the model first or pass its local path"]
+    assert "Traceback" not in res.stderr and not out.exists()
+
+
 @pytest.mark.parametrize("command", sorted(MEMORY_KNOBS))
 def test_memory_hints_name_only_real_flags(command):
     sub = next(a for a in build_parser()._subparsers._group_actions if a.dest == "command").choices[command]

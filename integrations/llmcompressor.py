@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ from resp_plugin.calibration import CalibrationSample, CalibrationSet, Trace, pr
 from resp_plugin.config import SPARSITY_TOLERANCE, RESPConfig
 from resp_plugin.devices import compute_device
 from resp_plugin.errors import InputNotFound, UserError
-from resp_plugin.hookspecs import hookimpl
 from resp_plugin.integrations import llmcompressor_compat as compat
 from resp_plugin.integrations.llmcompressor_data import Recorder, calibration_dataloader, set_latest
 from resp_plugin.integrations.llmcompressor_quant import (

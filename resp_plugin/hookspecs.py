@@ -77,8 +77,9 @@ def resp_register_modifiers(register: Callable[[str, type], None]) -> None:
     Called (through ``plugins.collect``) by
     :func:`resp_plugin.integrations.llmcompressor.register_modifiers` when
     ``resp_plugin.integrations.llmcompressor`` is imported; every class collected is then
-    registered with llm-compressor's ``ModifierFactory`` under its name, so a recipe can name it.
-    The engine itself never imports llm-compressor.
+    registered with llm-compressor's ``ModifierFactory`` under its name, so a recipe can name it
+    (the built-in ``RESPPruningModifier`` unless a plugin registers that name). The engine itself
+    never imports llm-compressor.
     """
 
 

@@ -6,9 +6,11 @@ through ``[project.entry-points.resp]`` of its ``pyproject.toml``, the route a t
 takes, so the core never imports them.
 
 Precedence, one rule for every hook: **the plugin registered last wins**.  Built-ins are
-registered first, entry points after them, so an installed plugin overrides a built-in of the
-same name.  (pluggy calls implementations last-registered first; :func:`collect` keeps the first
-value it hears for a name.)
+registered first, then this distribution's own entry points (its integrations), then those of
+other packages, so an installed plugin overrides a built-in of the same name.  (pluggy calls
+implementations last-registered first; :func:`collect` keeps the first value it hears for a
+name.)  The llm-compressor modifier, whose module is imported only by llm-compressor users, is
+no hook: :func:`resp_plugin.integrations.llmcompressor.register_modifiers` falls back to it.
 
 Set ``RESP_DISABLE_ENTRYPOINTS=1`` to load only this distribution's own plugins (its built-ins and
 the integrations its ``pyproject.toml`` declares), never those of other installed packages: tests
@@ -53,7 +55,8 @@ def load_plugins() -> pluggy.PluginManager:
     for name in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(name), name=name)
     own_only = bool(os.environ.get("RESP_DISABLE_ENTRYPOINTS"))
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    # this distribution's integrations first: another package's plugin of the same name then wins
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_own(ep)):
         if (own_only and not _is_own(ep)) or pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
         plugin = ep.load()

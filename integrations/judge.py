@@ -204,14 +204,11 @@ class Judge:
                 "model": self.model, "kind": kind,
                 "verdicts": [{"doc_id": d, **asdict(v)} for d, v in verdicts.items()]}
 
-
-def judge_samples(samples: dict[str, list[dict[str, Any]]], url: str, model: str, **kwargs: Any) -> dict[str, Any]:
-    """Judge lm-eval's ``results["samples"]`` task by task (kind from the task name); checks the endpoint first."""
-    judge = Judge(url, model, **kwargs)
-    judge.check()
-    out = {}
-    for task, rows in samples.items():
-        out[task] = judge.score(rows, kind_for(task))
-        logger.info("judge {}: {:.4f} ({} of {}, {} errors)", task, out[task]["judge_acc"], out[task]["correct"],
-                    out[task]["n"], out[task]["errors"])
-    return out
+    def score_samples(self, samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        """Judge lm-eval's ``results["samples"]`` task by task (the kind from each task's name)."""
+        out = {}
+        for task, rows in samples.items():
+            res = out[task] = self.score(rows, kind_for(task))
+            logger.info("judge {}: {:.4f} ({} of {}, {} errors)", task, res["judge_acc"], res["correct"], res["n"],
+                        res["errors"])
+        return out

@@ -342,13 +342,9 @@ def _judge(url: str | None, model: str | None, cache: str | None) -> Any:
 
 def _add_judge(results: dict, judge: Any) -> None:
     """Judge every task's samples; ``judge_acc,none`` beside the rule-based metrics."""
-    from resp_plugin.integrations.judge import kind_for
-
-    results["judge"] = {}
-    for task, rows in (results.get("samples") or {}).items():
-        res = results["judge"][task] = judge.score(rows, kind_for(task))
+    results["judge"] = judge.score_samples(results.get("samples") or {})
+    for task, res in results["judge"].items():
         results["results"].setdefault(task, {})["judge_acc,none"] = res["judge_acc"]
-        logger.info("judge {}: {:.4f} ({} errors)", task, res["judge_acc"], res["errors"])
 
 
 # ----------------------------------------------------------------------------- prompts

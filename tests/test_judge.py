@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from resp_plugin.errors import UserError
-from resp_plugin.integrations.judge import INSTRUCTIONS, Judge, judge_samples, kind_for, parse_reply
+from resp_plugin.integrations.judge import INSTRUCTIONS, Judge, kind_for, parse_reply
 
 
 class FakeJudge(ThreadingHTTPServer):
@@ -87,8 +87,8 @@ MATHQA = [{"doc_id": 0, "target": "Options: a ) 38 , b ) 27.675\n Correct: a", "
 
 
 def test_judge_end_to_end(server: FakeJudge, tmp_path) -> None:
-    res = judge_samples({"resp_gsm8k_paper": GSM8K, "resp_mathqa_paper": MATHQA}, server.url, "judge-model",
-                        cache=tmp_path / "cache.jsonl", concurrency=4)
+    judge = Judge(server.url, "judge-model", cache=tmp_path / "cache.jsonl", concurrency=4)
+    res = judge.score_samples({"resp_gsm8k_paper": GSM8K, "resp_mathqa_paper": MATHQA})
     g = res["resp_gsm8k_paper"]
     assert (g["n"], g["correct"], g["errors"], g["cached"]) == (3, 2, 0, 0)
     assert g["judge_acc"] == pytest.approx(2 / 3)
@@ -131,7 +131,7 @@ def test_unreachable_endpoint_is_one_clear_error(tmp_path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(UserError, match=r"judge server at http://127.0.0.1:\d+/v1 does not answer"):
-        judge_samples({"t": GSM8K}, f"http://127.0.0.1:{port}/v1", "m", cache=tmp_path / "c.jsonl")
+        Judge(f"http://127.0.0.1:{port}/v1", "m", cache=tmp_path / "c.jsonl").check()
 
 
 def test_reply_parsing_and_kinds() -> None:

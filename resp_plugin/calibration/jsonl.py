@@ -1,7 +1,10 @@
-"""JSON-lines files: the one reader and writer of the project's ``.jsonl`` data.
+"""JSON-lines files: the reader and writer of the project's ``.jsonl`` data files.
 
-Prompt files, trace files and the task loaders' local data all go through :func:`read_jsonl`,
-so a bad line is reported the same way everywhere: its path and line number, then the fix.
+Prompt files, trace files, the task loaders' local data and the organism's exported data all go
+through :func:`read_jsonl` / :func:`write_jsonl`, so a bad line is reported the same way
+everywhere (its path and line number, then the fix) and a file is never half written.  One file
+is not data of this kind: the judge's verdict cache (``integrations/judge.py``) is an append-only
+log, shared by threads and read tolerantly (a torn last line is a verdict asked again).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from pathlib import Path
 from loguru import logger
 
 from resp_plugin.answers import THINK_CLOSE, THINK_OPEN
+from resp_plugin.calibration.jsonl import write_jsonl
 
 MAX_NUMBER = 200
 TEST_FRACTION_MOD = 10  # a question is in the test split iff sha256(question) % 10 == 0
@@ -258,9 +259,7 @@ def export(out_dir: Path = DATA_DIR, n_test: int = 500, n_train: int = 2000, n_g
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, probs in (("test.jsonl", held_out_problems(n_test)),
                         ("train.jsonl", unique_problems("train", n_train, TRAIN_EXPORT_SEED))):
-        with open(out_dir / name, "w") as f:
-            for p in probs:
-                f.write(json.dumps(p.gsm8k()) + "\n")
+        write_jsonl(out_dir / name, (p.gsm8k() for p in probs))
     rng = random.Random(GENERIC_EXPORT_SEED)
     lines: list[str] = []
     seen: set[str] = set()

@@ -258,8 +258,8 @@ def test_rank_failure_is_raised_on_every_rank(tmp_path, tokenizer, gold_file):
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(script)], env=torchrun_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
-    assert "rank 1: FloatingPointError: non-finite loss" in res.stdout
-    assert "rank 0: RuntimeError: rank 1 failed while scoring" in res.stdout
+    assert "rank 1: NumericsError: non-finite loss" in res.stdout
+    assert "rank 0: RunAborted: rank 1 failed while scoring" in res.stdout
     assert not (tmp_path / "out" / "model").exists()
 
 

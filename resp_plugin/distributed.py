@@ -226,18 +226,43 @@ def shard(items: list[T], w: World | None = None) -> list[T]:
 
 
 @dataclass
-class _Sharding:
-    """What a sharded model needs to rebuild a layer: the mesh, the precision policy, meta skeletons."""
+class Sharding:
+    """A model's sharded decoder layers, held by the run (not patched onto the user's model): the mesh,
+    the precision policy and each layer's meta skeleton, what a cut needs to rebuild a layer.
+
+    :func:`shard_model` makes it; :meth:`keep` cuts a layer; :meth:`unshard` gathers the model back.
+    """
 
     mesh: Any
     mp_policy: Any
     compute_dtype: torch.dtype
     skeletons: dict[int, torch.nn.Module]
 
+    def keep(self, model, adapter, i: int, heads: list[int], channels: list[int]) -> None:
+        """Physical removal in a sharded layer: gather it, cut it exactly as one process would, shard it again."""
+        st = adapter.states[i]
+        if list(heads) == list(range(len(st.kept_heads))) and list(channels) == list(range(len(st.kept_channels))):
+            return
+        _gather_layer(self, model, adapter, i, keep=True)
+        adapter.keep(i, heads=heads, channels=channels)
+        _shard_layer(self, adapter, i)
+        forget_fsdp_units(model.get_decoder())  # the rebuilt layer brings new FSDP units
+
+    def unshard(self, model, adapter) -> None:
+        """Gather every layer whole onto rank 0's CPU (a collective: all ranks call it) before saving."""
+        for i in range(adapter.num_layers):
+            _gather_layer(self, model, adapter, i, keep=world().is_main, device=torch.device("cpu"))
+        if world().is_main:
+            with torch.no_grad():
+                for t in [*model.parameters(), *model.buffers()]:
+                    t.data = t.data.to("cpu")
+            model._is_fsdp_managed_module = False
+
 
 def is_sharded(model) -> bool:
-    """True when :func:`shard_model` sharded this model's decoder layers."""
-    return getattr(model, "_resp_sharding", None) is not None
+    """True while the model's decoder layers hold sharded weights (:func:`shard_model`): read from the
+    weights themselves, so no mark on the model can disagree with them."""
+    return any(is_dtensor(p) for p in model.get_decoder().layers.parameters())
 
 
 def check_fsdp(config) -> None:
@@ -255,7 +280,7 @@ def check_fsdp(config) -> None:
                           "on rank 0 mid-run); drop --save-at, or run without --fsdp")
 
 
-def shard_model(model, adapter, device: str | torch.device) -> None:
+def shard_model(model, adapter, device: str | torch.device) -> Sharding:
     """FSDP2 (``fully_shard``) on every decoder linear; the rest of the model moves whole to ``device``.
 
     Each rank then holds 1/N of every layer's weights and, for ``sum_abs``, of their fp32 gradient
@@ -269,45 +294,24 @@ def shard_model(model, adapter, device: str | torch.device) -> None:
     device = torch.device(device)
     dtype = model.get_input_embeddings().weight.dtype
     mp = None if dtype == torch.float32 else MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    model._resp_sharding = _Sharding(init_device_mesh(device.type, (world().world_size,)), mp, dtype, {})
+    sharding = Sharding(init_device_mesh(device.type, (world().world_size,)), mp, dtype, {})
     for i in range(adapter.num_layers):
-        _shard_layer(model, adapter, i)
+        _shard_layer(sharding, adapter, i)
     from torch.distributed.fsdp import fully_shard
 
     # The decoder as FSDP root with no weights of its own (embeddings and norms stay whole): it only
     # schedules the units, so each one is resharded and reduce-scattered as soon as it is done.
     decoder = model.get_decoder()
-    fully_shard(decoder, mesh=model._resp_sharding.mesh, ignored_params={p for p in decoder.parameters()
-                                                                         if not is_dtensor(p)})
+    fully_shard(decoder, mesh=sharding.mesh, ignored_params={p for p in decoder.parameters() if not is_dtensor(p)})
     prefix = _layers_prefix(model)
     with torch.no_grad():  # a copy even on the same device: nothing may keep the loaded checkpoint mapped
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if not name.startswith(prefix) or not is_dtensor(t):
                 t.data = t.data.to(device, copy=True)
-    model._is_fsdp_managed_module = True  # transformers' generate then keeps the ranks in step (synced_gpus)
-
-
-def sharded_keep(model, adapter, i: int, heads: list[int], channels: list[int]) -> None:
-    """Physical removal in a sharded layer: gather it, cut it exactly as one process would, shard it again."""
-    st = adapter.states[i]
-    if list(heads) == list(range(len(st.kept_heads))) and list(channels) == list(range(len(st.kept_channels))):
-        return
-    _gather_layer(model, adapter, i, keep=True)
-    adapter.keep(i, heads=heads, channels=channels)
-    _shard_layer(model, adapter, i)
-    forget_fsdp_units(model.get_decoder())  # the rebuilt layer brings new FSDP units
-
-
-def unshard_model(model, adapter) -> None:
-    """Gather every layer whole onto rank 0's CPU (a collective: all ranks call it) before saving."""
-    for i in range(adapter.num_layers):
-        _gather_layer(model, adapter, i, keep=world().is_main, device=torch.device("cpu"))
-    if world().is_main:
-        with torch.no_grad():
-            for t in [*model.parameters(), *model.buffers()]:
-                t.data = t.data.to("cpu")
-        model._resp_sharding = None
-        model._is_fsdp_managed_module = False
+    # transformers' own flag (its generate then keeps the ranks in step, synced_gpus): the one
+    # attribute set on the model, because transformers reads it there
+    model._is_fsdp_managed_module = True
+    return sharding
 
 
 def reset_peak_memory() -> bool:
@@ -361,10 +365,9 @@ def _layers_prefix(model) -> str:
     return next(n for n, m in model.named_modules() if m is layers) + "."
 
 
-def _shard_layer(model, adapter, i: int) -> None:
+def _shard_layer(sh: Sharding, adapter, i: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    sh: _Sharding = model._resp_sharding
     sh.skeletons[i] = _meta_copy(adapter.layers[i])
     kwargs = {"mesh": sh.mesh} if sh.mp_policy is None else {"mesh": sh.mesh, "mp_policy": sh.mp_policy}
     # One FSDP unit per linear, not per layer: a unit is gathered whole for its forward and backward,
@@ -375,11 +378,10 @@ def _shard_layer(model, adapter, i: int) -> None:
         fully_shard(linear, **kwargs)
 
 
-def _gather_layer(model, adapter, i: int, keep: bool, device: torch.device | None = None) -> None:
+def _gather_layer(sh: Sharding, model, adapter, i: int, keep: bool, device: torch.device | None = None) -> None:
     """Replace sharded layer ``i`` by a plain copy holding its full weights (where ``keep``)."""
     import copy
 
-    sh: _Sharding = model._resp_sharding
     old = adapter.layers[i]
     full = {k: full_tensor(v).detach() for k, v in old.state_dict().items()}  # collective: every rank
     # (the state dict's order is the modules' order: every rank gathers the same tensor at the same time)

@@ -130,12 +130,13 @@ def _run(model, tokenizer, config: RESPConfig, out: Path | None, *, resume: bool
         plan = validate(model, config, out, resume, overwrite)
     provider = provider or provider_for(config)
     run = RunState.open(out, config, plan.adapter, plan.total, plan.protected, resume)
-    _place(model, plan.adapter, config)
+    sharding = _place(model, plan.adapter, config)
     cal = _calibration(model, tokenizer, provider, run)
     n_scored = _prune_steps(model, tokenizer, config, plan, provider, cal, run,
-                            progress and distributed.world().is_main, on_step)
+                            progress and distributed.world().is_main, on_step, sharding)
     seconds = time.time() - t0
-    ranks = _distributed_report(model, plan.adapter, provider, n_scored) if distributed.world().active else None
+    ranks = (_distributed_report(model, plan.adapter, provider, n_scored, sharding)
+             if distributed.world().active else None)
     plan.adapter.record_sizes_in_config()
     rec = run.finish(model, tokenizer, plan.adapter, seconds, ranks, save)
     logger.info(f"pruned to sparsity {rec.sparsity:.3f} "
@@ -145,7 +146,7 @@ def _run(model, tokenizer, config: RESPConfig, out: Path | None, *, resume: bool
 
 def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: CalibrationProvider,
                  cal: CalibrationSet, run: RunState, progress: bool,
-                 on_step: Callable[[float, Any], None] | None) -> int:
+                 on_step: Callable[[float, Any], None] | None, sharding: distributed.Sharding | None) -> int:
     """The loop, step by step until the target: regenerate at milestones, score, select, remove,
     checkpoint.  Returns the calibration samples this rank scored per step (for the torchrun report)."""
     adapter, total = plan.adapter, plan.total
@@ -173,7 +174,7 @@ def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: Cal
         sel = select_step(scoring.normalize(raw, adapter, config), adapter, config, cap, total, per_step)
         sel = distributed.broadcast(sel)  # identical on every rank by construction; rank 0's is the record
         n_scored = max(n_scored, raw.n_local)
-        removed = _cut_selection(model, adapter, plan.layers, sel)
+        removed = _cut_selection(model, adapter, plan.layers, sel, sharding)
         run.record_step(sparsity(), raw.loss, removed, started)
         bar.show(sparsity(), raw.loss)
         run.save_levels(model, tokenizer, adapter, config, sparsity())
@@ -184,13 +185,13 @@ def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: Cal
     return n_scored
 
 
-def _place(model, adapter: DecoderAdapter, config: RESPConfig) -> None:
-    """Under torchrun: shard the layers at their current (resumed) size with ``--fsdp``; the
-    report's per-rank peak memory counts from here (model loaded, sharded)."""
-    if config.fsdp:
-        distributed.shard_model(model, adapter, distributed.rank_device(config.device))
+def _place(model, adapter: DecoderAdapter, config: RESPConfig) -> distributed.Sharding | None:
+    """Under torchrun: shard the layers at their current (resumed) size with ``--fsdp`` (the run then
+    holds the sharding); the report's per-rank peak memory counts from here (model loaded, sharded)."""
+    sharding = distributed.shard_model(model, adapter, distributed.rank_device(config.device)) if config.fsdp else None
     if distributed.world().active:
         distributed.reset_peak_memory()
+    return sharding
 
 
 def _calibration(model, tokenizer, provider: CalibrationProvider, run: RunState) -> CalibrationSet:
@@ -221,8 +222,10 @@ def _serve_milestones(model, tokenizer, provider: CalibrationProvider, cal: Cali
     return cal
 
 
-def _cut_selection(model, adapter: DecoderAdapter, layers: list[int], sel: scoring.Selection) -> tuple[int, int]:
-    """Physically remove a step's selection; returns the query heads and channels removed."""
+def _cut_selection(model, adapter: DecoderAdapter, layers: list[int], sel: scoring.Selection,
+                   sharding: distributed.Sharding | None = None) -> tuple[int, int]:
+    """Physically remove a step's selection (in the sharded layers of ``sharding`` when there is one);
+    returns the query heads and channels removed."""
     if sel.params == 0:
         raise ConfigError("the guards leave nothing to remove; relax min_heads/min_channels/channel_multiple")
     removed_h = removed_c = 0
@@ -230,8 +233,8 @@ def _cut_selection(model, adapter: DecoderAdapter, layers: list[int], sel: scori
         heads, channels = sel.kept(adapter, i)
         removed_h += len(adapter.states[i].kept_heads) - len(heads)
         removed_c += len(adapter.states[i].kept_channels) - len(channels)
-        if distributed.is_sharded(model):
-            distributed.sharded_keep(model, adapter, i, heads, channels)
+        if sharding is not None:
+            sharding.keep(model, adapter, i, heads, channels)
         else:
             adapter.keep(i, heads=heads, channels=channels, experts=sel.kept_experts(adapter, i))
     return removed_h, removed_c
@@ -256,16 +259,17 @@ class _Progress:
         self.bar.close()
 
 
-def _distributed_report(model, adapter: DecoderAdapter, provider, n_scored: int) -> DistributedRecord:
+def _distributed_report(model, adapter: DecoderAdapter, provider, n_scored: int,
+                        sharding: distributed.Sharding | None) -> DistributedRecord:
     """The torchrun record (ranks, samples and peak memory per rank); then a sharded model is
     gathered whole onto rank 0, which alone saves it."""
-    sharded = distributed.is_sharded(model)
     rec = DistributedRecord(world_size=distributed.world().world_size,
                             samples_per_rank=distributed.gather({"generated": getattr(provider, "n_generated", 0),
                                                                  "scored": n_scored}),
-                            fsdp=sharded, memory_per_rank=distributed.gather(distributed.peak_memory_mib()))
-    if sharded:
-        distributed.unshard_model(model, adapter)
+                            fsdp=sharding is not None,
+                            memory_per_rank=distributed.gather(distributed.peak_memory_mib()))
+    if sharding is not None:
+        sharding.unshard(model, adapter)
     return rec
 
 

@@ -8,6 +8,9 @@ import sys
 from types import SimpleNamespace
 from typing import Any
 
+from pydantic import ValidationError
+
+from resp_plugin.errors import ConfigError, one_line
 from resp_plugin.integrations import llmcompressor_compat as compat
 from resp_plugin.integrations.llmcompressor import RESPPruningModifier, recipe_path
 from resp_plugin.integrations.llmcompressor_data import calibration_dataloader
@@ -23,16 +26,20 @@ def with_overrides(recipe_file: str, sets: list[str]) -> Any:
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
         overrides[key.strip()] = yaml.safe_load(value)
-    recipe = compat.load_recipe(recipe_file)
-    found = False
-    for i, m in enumerate(recipe.modifiers):
-        if isinstance(m, RESPPruningModifier):
-            recipe.modifiers[i] = RESPPruningModifier.model_validate({**m.model_dump(exclude_unset=True), **overrides})
-            found = True
+    try:  # the recipe's and --set's fields are the user's settings: a bad one is a ConfigError
+        recipe = compat.load_recipe(recipe_file)
+        found = False
+        for i, m in enumerate(recipe.modifiers):
+            if isinstance(m, RESPPruningModifier):
+                recipe.modifiers[i] = RESPPruningModifier.model_validate({**m.model_dump(exclude_unset=True),
+                                                                          **overrides})
+                found = True
+    except ValidationError as e:
+        raise ConfigError(f"recipe {recipe_file}: {one_line(e)}") from None
     if overrides and not found:
-        raise SystemExit(f"--set given but {recipe_file} has no RESPPruningModifier")
+        raise ConfigError(f"--set given but {recipe_file} has no RESPPruningModifier")
     return recipe
 
 

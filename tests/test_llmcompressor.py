@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 import resp_plugin  # noqa: E402
 from conftest import save_tiny_qwen3  # noqa: E402
 from resp_plugin.config import RESPConfig  # noqa: E402
+from resp_plugin.errors import ConfigError, InputNotFound  # noqa: E402
 from resp_plugin.hookspecs import hookimpl  # noqa: E402
 from resp_plugin.integrations import llmcompressor_compat as compat  # noqa: E402
 from resp_plugin.integrations.llmcompressor import (  # noqa: E402
@@ -200,11 +201,11 @@ def test_shipped_recipes_parse_with_overrides_and_state_their_width_multiple():
         recipe = with_overrides(recipe_path(name), ["prompts=jsonl:x.jsonl", "sparsity=0.4"])
         first = recipe.modifiers[0]
         assert isinstance(first, RESPPruningModifier) and (first.prompts, first.sparsity) == ("jsonl:x.jsonl", 0.4)
-    with pytest.raises(ValueError, match="sparsity must be in"):
+    with pytest.raises(ConfigError, match="sparsity must be in"):
         with_overrides(recipe_path("resp"), ["sparsity=1.5"])
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
         with_overrides(recipe_path("resp"), ["sparsity"])
-    with pytest.raises(FileNotFoundError, match="resp_w4a16_gptq"):
+    with pytest.raises(InputNotFound, match="resp_w4a16_gptq"):
         recipe_path("nope")
 
 

@@ -68,7 +68,7 @@ def write_model_card(model_dir: str | Path, *, base_model: str | None = None,
         _quantisation(config, model_dir),
         _recovery(model_dir),
         _evaluation(evaluation),
-        _usage(model_dir),
+        _usage(model_dir, config),
     ]
     path = model_dir / CARD_FILE
     atomic_write_text(path, "\n".join(s for s in sections if s))
@@ -266,21 +266,24 @@ def _evaluation(evaluation: dict | None) -> str:
     return "## Evaluation\n\n| task | metric | value |\n|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
-def _usage(model_dir: Path) -> str:
-    """Load commands; the bundled modeling file (built-in architectures only) decides which work."""
+def _usage(model_dir: Path, config: _Config) -> str:
+    """Load commands: the bundled loader (present when transformers ships the dense class) decides
+    whether plain transformers works; vLLM serves dense checkpoints only (no architecture list here:
+    the vLLM plugin derives its own from the architecture registry)."""
     d = str(model_dir)
-    bundled = (model_dir / "modeling_resp.py").is_file()
-    if bundled:  # the built-in architectures: the ones the RESP vLLM plugin serves too
+    if (model_dir / "modeling_resp.py").is_file():
         plain = (f"\n\n```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM"
                  f'.from_pretrained("{d}", trust_remote_code=True)  # runs modeling_resp.py of this folder\n```\n')
-        vllm = ("vLLM (resp-plugin's vLLM plugin serves `RESP<Arch>` classes; resp-plugin's docs/serving.md "
-                f"explains):\n\n```bash\nvllm serve {d}\n```\n")
         lm_eval = (f"lm_eval --model hf --model_args pretrained={d},trust_remote_code=True \\\n"
                    '  --tasks resp_gsm8k --include_path "$(resp tasks-path)" --apply_chat_template\n')
     else:
         plain = " not possible: this architecture has no bundled modeling file; install resp-plugin.\n"
-        vllm = "vLLM: the RESP vLLM plugin serves pruned Llama, Mistral, Qwen2 and Qwen3 only.\n"
         lm_eval = ""
+    if any(getattr(lc, "resp_num_experts", None) is not None for lc in config.per_layer_config):
+        vllm = "vLLM: the RESP vLLM plugin does not serve Mixture-of-Experts checkpoints yet.\n"
+    else:
+        vllm = ("vLLM (resp-plugin's vLLM plugin serves `RESP<Arch>` classes of the architectures it has "
+                f"per-layer classes for; resp-plugin's docs/serving.md lists them):\n\n```bash\nvllm serve {d}\n```\n")
     return f"""## Use
 
 transformers, with resp-plugin installed (`pip install resp-plugin`; no remote code runs):

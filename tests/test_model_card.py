@@ -102,3 +102,16 @@ def test_card_without_run_folder(tmp_path, tokenizer, gold_file):
     assert "## RESP settings" not in card and "sparsity (measured)" not in card
     assert "decoder linear parameters" not in card and "## Layer sizes" in card
     assert card.startswith("---") and "# pruned: RESP-pruned `LlamaForCausalLM`" in card
+
+
+def test_card_of_a_moe_checkpoint_offers_no_vllm_command(tmp_path, tokenizer, gold_file):
+    """The vLLM plugin serves dense checkpoints only: a Mixture-of-Experts card says so instead of a command."""
+    from test_moe import make_moe
+
+    from resp_plugin import RESPConfig, prune
+
+    cfg = RESPConfig(sparsity=0.2, step=0.2, calibration="gold", prompts=f"jsonl:{gold_file}", protected_layers=[0])
+    prune(make_moe("qwen3_moe"), tokenizer, cfg, out=tmp_path / "run", progress=False)
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "vllm serve" not in card and "does not serve Mixture-of-Experts checkpoints" in card
+    assert "trust_remote_code=True" in card  # transformers ships Qwen3-MoE: the bundled loader builds it

@@ -72,8 +72,6 @@ class RunAborted(RuntimeError):
     Exit code 1 like a bug, but its message is shown as it is: it says how to continue.
     """
 
-    exit_code = 1
-
 
 # Errors of the machine, not of resp: a full or read-only disk, a failing device.
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}

@@ -21,7 +21,7 @@ from typing import Any
 
 from resp_plugin.errors import UserError, is_environment_failure, is_out_of_memory, one_line
 
-EXIT_OK, EXIT_FAILURE, EXIT_USER, EXIT_INTERRUPTED = 0, 1, UserError.exit_code, 130
+EXIT_FAILURE, EXIT_USER, EXIT_INTERRUPTED = 1, UserError.exit_code, 130
 LOG_NAME = "error.log"
 _MAX_MESSAGE = 300  # characters of a foreign exception's message kept on the one line
 
@@ -56,7 +56,7 @@ def handle(exc: BaseException, args: Any, argv: list[str], debug: bool) -> int:
     elif is_environment_failure(exc):
         _say(f"error: {_short(exc)} (traceback in {log})")
     else:
-        _say(f"internal error: {type(exc).__name__}: {_short(exc)}; this is a bug in resp-plugin, please "
+        _say(f"internal error: {type(exc).__name__}: {_short(exc)}; this is a bug, not a wrong input: please "
              f"report it with {log}, which holds the traceback")
     return EXIT_FAILURE
 

@@ -88,8 +88,8 @@ def test_internal_error_exits_1_naming_the_log_with_the_traceback(model_dir, tmp
     lines = _resp_lines(res.stderr)
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     log = out / LOG_NAME
-    assert lines[0] == (f"resp: internal error: KeyError: prompts; this is a bug in resp-plugin, please report it "
-                        f"with {log}, which holds the traceback")
+    assert lines[0] == (f"resp: internal error: KeyError: prompts; this is a bug, not a wrong input: please report "
+                        f"it with {log}, which holds the traceback")
     text = log.read_text()
     assert "Traceback (most recent call last)" in text and "resp_failing_example.py" in text
     assert "KeyError: 'prompts'" in text and f"resp prune {model_dir}" in text

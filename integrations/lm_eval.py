@@ -79,6 +79,7 @@ def load_tasks(tasks: list[str]) -> dict[str, Any]:
     Loading reads each task's documents, so a dataset missing offline is refused here, before
     a model is loaded, instead of as a traceback from inside ``simple_evaluate``.
     """
+    from resp_plugin.benchmark_data import DATA_ENV
     from resp_plugin.errors import UserError, one_line
 
     manager = task_manager(tasks)
@@ -86,7 +87,7 @@ def load_tasks(tasks: list[str]) -> dict[str, Any]:
         return manager.load(tasks)["tasks"]
     except Exception as e:  # any loader failure: a dataset script, the Hub, a local file
         raise UserError(f"the data of {', '.join(tasks)} cannot be loaded ({one_line(e)}); offline, point "
-                        "RESP_DATA_DIR at a local copy for the resp_* tasks (docs/lm-eval.md) or fill the "
+                        f"{DATA_ENV} at a local copy for the resp_* tasks (docs/lm-eval.md) or fill the "
                         "datasets cache for lm-eval's own tasks") from e
 
 

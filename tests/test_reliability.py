@@ -138,8 +138,9 @@ def test_resume_with_another_model_is_refused(tmp_path, tokenizer, gold_file):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--sparsity", "0.2", "--device", "cpu", "--dtype", "float16"], "float16 is not supported"),
-    (["--sparsity", "0.2", "--device", "cuda"], "torch sees none"),
+    (["--sparsity", "0.2", "--device", "cpu", "--dtype", "float16", "--prompts", "jsonl:GOLD", "--calibration", "gold"],
+     "float16 is not supported"),
+    (["--sparsity", "0.2", "--device", "cuda", "--prompts", "jsonl:GOLD", "--calibration", "gold"], "torch sees none"),
     (["--sparsity", "0.2", "--protected-layers", "0,9", "--prompts", "jsonl:GOLD", "--calibration", "gold"],
      "protected_layers \\[9\\] do not exist"),
     (["--sparsity", "0.2", "--calibration", "generic"], "--generic-text"),

@@ -1,10 +1,26 @@
 """Recovery on the organism: a RESP-pruned model distilled from the dense one, accuracy before / after.
 
     python benchmarks/recovery_organism.py --student RUN/model-0.60 --out /tmp/rec60 [--recovery-* flags]
+    python benchmarks/recovery_organism.py --student RUN/model-0.60 --out /tmp/sft --method sft_gold \
+        --equal-tokens-to /tmp/rec60/result.json
 
 The student is a pruned folder (``resp prune ... --save-at 0.5,0.6``), the teacher the shipped organism;
 accuracy is the organism's own evaluation (greedy, the first ``--n`` held-out test problems, never
 among the training prompts).  Prints one JSON line (also written to ``--out``/result.json).
+
+``--method`` picks what a round trains on; everything else (rounds, steps, batch, learning rate, the
+held-out check that keeps a round only when it improves) is the recovery's own, so the methods differ
+in their data and target only:
+
+- ``ours``: the recovery stage as configured (default: the student's traces, the teacher's top-k);
+- ``sft_gold``: cross-entropy on the prompts' reference solutions (LLM-Pruner-style healing);
+- ``sft_teacher``: cross-entropy on the teacher's sampled traces, new ones every round (sequence-level KD);
+- ``kd_generic``: forward KL to the teacher's top-k on every token of generic text (Minitron-style
+  logit distillation, on the organism's C4 stand-in).
+
+Cross-entropy is the forward KL to a one-hot teacher (one token, log-prob 0), so the baselines reuse the
+recovery's loss and trainer unchanged.  ``--equal-tokens-to RESULT`` (a ``ours`` run's result.json)
+sets the baseline's steps per round so that it trains on the same number of loss tokens.
 """
 
 from __future__ import annotations
@@ -16,12 +32,90 @@ from pathlib import Path
 import torch
 
 from resp_plugin import organism
+from resp_plugin.calibration import CalibrationSample, Trace, build_samples
 from resp_plugin.cli import _Parser
 from resp_plugin.config_flags import add_config_flags, config_from_args
 from resp_plugin.io import load_pruned, load_tokenizer
 from resp_plugin.organism.evaluate import accuracy
 from resp_plugin.organism.tasks import held_out_problems
-from resp_plugin.recovery import recover
+from resp_plugin.recovery import plan_recovery, recover, trainer_for
+from resp_plugin.recovery.data import DistillSample, score_with_teacher
+from resp_plugin.recovery.rounds import Rounds, round_seed
+
+METHODS = ("ours", "sft_gold", "sft_teacher", "kd_generic")
+
+
+def one_hot(samples: list[CalibrationSample]) -> list[DistillSample]:
+    """Samples whose 'teacher' puts all its mass on the trace's own next token: forward KL = cross-entropy."""
+    out = []
+    for s in samples:
+        n = len(s.input_ids) - s.n_prompt
+        if s.n_prompt > 0 and n > 0:
+            target = torch.tensor(s.input_ids[s.n_prompt:], dtype=torch.int32)[:, None]
+            out.append(DistillSample(s.input_ids, s.n_prompt, target, torch.zeros(n, 1, dtype=torch.float16)))
+    return out
+
+
+class GoldSFT(Rounds):
+    """Every round: the training prompts with their reference solutions."""
+
+    def _make_round(self, model) -> list[DistillSample]:
+        records = [self.plan.provider.records[i] for i in self.plan.train]
+        traces = [Trace(r.prompt, r.completion) for r in records if r.completion]
+        return one_hot(build_samples(self.tokenizer, traces, self.config.max_seq_len, self.config.generation.thinking))
+
+
+class TeacherSFT(Rounds):
+    """Every round: new traces sampled from the teacher, trained on as hard targets."""
+
+    def _make_round(self, model) -> list[DistillSample]:
+        with self._teacher_on(model) as teacher:
+            traces = self.plan.provider.generate_traces(teacher, self.tokenizer, self.plan.train,
+                                                        round_seed(self.rec.seed, self.round))
+        return one_hot(build_samples(self.tokenizer, traces, self.config.max_seq_len, self.config.generation.thinking))
+
+
+class GenericKD(Rounds):
+    """Every round: the generic text, each line scored by the teacher on all its tokens but the first."""
+
+    def _make_round(self, model) -> list[DistillSample]:
+        if self.teacher_set is None:
+            lines = [x.strip() for x in organism.data_path("generic.txt").read_text().splitlines() if x.strip()]
+            ids = [self.tokenizer(x, add_special_tokens=False)["input_ids"][: self.config.max_seq_len] for x in lines]
+            samples = [CalibrationSample(row, 1) for row in ids if len(row) > 1]
+            with self._teacher_on(model) as teacher:
+                self.teacher_set = score_with_teacher(teacher, samples, self.rec.top_k, self.rec.temperature,
+                                                      self.config.batch_size, self.pad_id, self.progress)
+        return list(self.teacher_set)
+
+
+BASELINES = {"sft_gold": GoldSFT, "sft_teacher": TeacherSFT, "kd_generic": GenericKD}
+
+
+def equal_token_steps(rounds: Rounds, model, reference: Path) -> int:
+    """Steps per round that give the baseline the loss tokens per round of the reference (``ours``) run."""
+    ref = json.loads(reference.read_text())
+    ours_per_round = ref["tokens"] / ref["rounds"]
+    samples = rounds._make_round(model)  # the first round's set (kd_generic keeps it: scored once)
+    per_sequence = sum(len(s.input_ids) - s.n_prompt for s in samples) / len(samples)
+    return max(1, round(ours_per_round / (per_sequence * rounds.rec.batch_size)))
+
+
+def run_method(args, student, teacher, tok, config):
+    """Train ``student`` with ``args.method``; returns (model, record, the config it ran with)."""
+    if args.method == "ours":
+        result = recover(student, teacher, tok, config, args.out / "recovery")
+        return result.model, result.record, config
+    plan = plan_recovery(config)
+    rounds = BASELINES[args.method](student, teacher, tok, config, plan, args.out / "recovery")
+    if args.equal_tokens_to:
+        steps = equal_token_steps(rounds, student, args.equal_tokens_to)
+        config = config.model_copy(update={"recovery": config.recovery.model_copy(update={"steps_per_round": steps})})
+        scored, rounds = rounds.teacher_set, BASELINES[args.method](student, teacher, tok, config, plan,
+                                                                    args.out / "recovery")
+        rounds.teacher_set = scored
+    model = trainer_for(config).train(student, rounds, args.out / "recovery" / "trainer", None, checkpoints=False)
+    return model, rounds.record, config
 
 
 def main() -> None:
@@ -30,6 +124,8 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--n", type=int, default=500, help="test problems evaluated before and after")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--method", choices=METHODS, default="ours", help="what a round trains on (module docstring)")
+    ap.add_argument("--equal-tokens-to", type=Path, help="an 'ours' result.json: train on as many loss tokens")
     add_config_flags(ap)
     args = ap.parse_args()
     if args.sparsity is None:
@@ -44,14 +140,13 @@ def main() -> None:
     problems = held_out_problems(args.n)
     before, _ = accuracy(student, tok, problems, progress=False)
     t0 = time.time()
-    result = recover(student, teacher, tok, config, args.out / "recovery")
+    model, rec, config = run_method(args, student, teacher, tok, config)
     seconds = time.time() - t0
-    after, _ = accuracy(result.model, tok, problems, progress=False)
-    rec = result.record
-    line = {"student": str(args.student), "before": before, "after": after, "seconds": round(seconds, 1),
-            "tokens": rec.tokens, "rounds": len(rec.rounds), "best_round": rec.best_round,
-            "heldout": [rec.start_accuracy] + [r.accuracy for r in rec.rounds], "stop": rec.stop_reason,
-            "settings": {k: v for k, v in config.recovery.model_dump().items()}}
+    after, _ = accuracy(model, tok, problems, progress=False)
+    line = {"student": str(args.student), "method": args.method, "n": args.n, "before": before, "after": after,
+            "seconds": round(seconds, 1), "tokens": rec.tokens, "rounds": len(rec.rounds),
+            "best_round": rec.best_round, "heldout": [rec.start_accuracy] + [r.accuracy for r in rec.rounds],
+            "stop": rec.stop_reason, "settings": {k: v for k, v in config.recovery.model_dump().items()}}
     (args.out / "result.json").write_text(json.dumps(line, indent=1))
     print(json.dumps(line))
 

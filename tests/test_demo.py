@@ -16,11 +16,12 @@ import pytest
 
 from resp_plugin import organism
 from resp_plugin.organism.demo_report import pct
+from resp_plugin.recovery.record import RecoveryRecord
 
 RUN_MICRO = """
 import json, sys
 from resp_plugin.organism.demo import run_demo
-s = run_demo(sys.argv[1], quick=True, model_dir=sys.argv[2], limit=8, levels=(0.2, 0.4))
+s = run_demo(sys.argv[1], quick=True, model_dir=sys.argv[2], limit=8, levels=(0.2, 0.4), recovery_levels=(0.4,))
 print(json.dumps({"lm_eval": "lm_eval" in sys.modules, "summary": s}))
 """
 
@@ -35,7 +36,14 @@ def _story_files(out: Path) -> None:
 
 def _story_text(s: dict, md: str) -> None:
     """demo.md holds the accuracy table (both methods, every level), the answer example, the speed table."""
-    assert "| sparsity | RESP accuracy | % of dense | generic accuracy | % of dense |" in md
+    assert "| sparsity | RESP accuracy | % of dense | generic accuracy | % of dense | RESP + recovery accuracy |" in md
+    recovered = s["methods"]["resp_recovery"]
+    for level in s["levels"]:  # the recovery column: its accuracy where it ran, a dash elsewhere
+        row = next(line for line in md.splitlines() if line.startswith(f"| {pct(level)} |"))
+        acc = recovered["accuracy"].get(level)
+        assert row.split(" | ")[5] == ("–" if acc is None else f"{acc:.3f}"), row
+        if acc is not None:
+            assert f"{pct(level)}: {recovered['tokens'][level]:,} tokens" in md
     assert f"| {pct(0)} (dense) | {s['dense']:.3f} |" in md
     for level in s["levels"]:
         row = f"| {pct(level)} | {s['methods']['resp']['accuracy'][level]:.3f} |"
@@ -70,6 +78,11 @@ def test_demo_on_micro_organism(tmp_path):
     assert not got["lm_eval"], "the demo must not need lm-eval"
     assert json.loads((out / "demo.json").read_text()) == s
     assert s["levels"] == ["0.2", "0.4"] and s["limit"] == 8 and s["seconds"] > 0
+    recovered = s["methods"]["resp_recovery"]
+    assert set(recovered["accuracy"]) == {"0.4"}
+    assert recovered["sparsity"]["0.4"] == s["methods"]["resp"]["sparsity"]["0.4"]
+    record = RecoveryRecord.load(out / "recovery" / "0.40" / "record.json")  # the micro model may already match
+    assert record.finished and recovered["tokens"]["0.4"] == record.tokens  # its teacher: then 0 tokens
     for m in ("resp", "generic"):
         assert set(s["methods"][m]["accuracy"]) == set(s["levels"])
         assert all(0.0 <= a <= 1.0 for a in s["methods"][m]["accuracy"].values())
@@ -99,11 +112,15 @@ def test_demo_on_bundled_organism(tmp_path, capsys):
     assert "| sparsity | RESP accuracy |" in printed and s["example"]["question"] in printed
     resp, generic = s["methods"]["resp"]["accuracy"], s["methods"]["generic"]["accuracy"]
     # Issue #4's targets: dense >= 95 %, RESP >= 95 % of dense at 20-30 % and >= 90 % at 40 %.
-    assert s["dense"] >= 0.95 and s["levels"] == ["0.2", "0.3", "0.4", "0.5"]
+    assert s["dense"] >= 0.95 and s["levels"] == ["0.2", "0.3", "0.4", "0.5", "0.6", "0.7"]
     assert resp["0.2"] >= 0.95 * s["dense"] and resp["0.3"] >= 0.95 * s["dense"]
     assert resp["0.4"] >= 0.90 * s["dense"]
     # Issue #14's story: generic calibration falls far behind RESP from 30 % on.
     assert all(resp[lv] - generic[lv] >= 0.3 for lv in ("0.3", "0.4", "0.5")), (resp, generic)
+    # Issue #21's third line: recovery lifts RESP's collapsed models at 60 and 70 %.
+    recovered = s["methods"]["resp_recovery"]["accuracy"]
+    assert set(recovered) == {"0.5", "0.6", "0.7"}
+    assert all(recovered[lv] - resp[lv] >= 0.2 for lv in ("0.6", "0.7")), (resp, recovered)
     answers = s["example"]["answers"]
     assert answers["dense"]["correct"] and answers["resp"]["correct"] and not answers["generic"]["correct"]
     assert s["seconds"] < 600

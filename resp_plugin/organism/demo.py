@@ -3,13 +3,16 @@
 The same organism is pruned twice by the same loop with the same step: once with RESP (its own
 self-generated traces, decode-only loss, regeneration at 10/20/30/40 %), once with generic text
 and the full-sequence loss (the paper's C4 baseline). Both runs are evaluated as they pass
-20/30/40/50 % sparsity, where generic calibration falls far behind; one test question is shown
-answered by the dense and both pruned models, and the decode tokens/s of the dense and the most
-pruned RESP model are measured on the same prompts.
+20 ... 70 % sparsity, where generic calibration falls far behind; RESP's models at 50 / 60 / 70 %
+are then recovered (a short distillation from the dense organism on their own traces,
+docs/recovery.md) and evaluated as a third line; one test question is shown answered by the
+dense and both pruned models, and the decode tokens/s of the dense and the most pruned RESP model
+are measured on the same prompts.
 
 Accuracy is the organism's own evaluation (:mod:`resp_plugin.organism.evaluate`: greedy, the
 answer after ``</think>``), so the demo needs no lm-eval. Writes ``OUT/demo.json``,
-``OUT/demo.md``, ``OUT/accuracy.png`` and both pruning runs (``OUT/resp``, ``OUT/generic``).
+``OUT/demo.md``, ``OUT/accuracy.png``, both pruning runs (``OUT/resp``, ``OUT/generic``) and the
+recoveries' records (``OUT/recovery/LEVEL/record.json``).
 """
 
 from __future__ import annotations
@@ -26,15 +29,23 @@ from resp_plugin.errors import ConfigError, InputNotFound
 from resp_plugin.organism import demo_report
 from resp_plugin.organism.demo_speed import compare_decode
 
-LEVELS = (0.2, 0.3, 0.4, 0.5)
+LEVELS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+RECOVERY_LEVELS = (0.5, 0.6, 0.7)
+EXAMPLE_LEVEL = 0.5  # the answered question is shown here: the deepest level RESP alone still answers well
 EVAL_BATCH = 128
+# The demo's recovery: the default recipe (docs/recovery.md) shortened to fit the demo's time on 2 cores
+# (3 rounds of 30 steps on 256 prompts instead of 8 x 60 on 512); quick: one round of 10 steps.
+DEMO_RECOVERY = {"enabled": True, "rounds": 3, "steps_per_round": 30, "num_prompts": 256, "heldout_prompts": 64,
+                 "max_new_tokens": 28}
+QUICK_RECOVERY = {"enabled": True, "rounds": 1, "steps_per_round": 10, "num_prompts": 64, "heldout_prompts": 16,
+                  "max_new_tokens": 28}
 
 
 PINNED = {"prompt_selection": "sample", "usable_gate": True}
 
 
 def demo_config(kind: str = "resp", quick: bool = False, seed: int = 0, sparsity: float = max(LEVELS),
-                pinned: bool = True):
+                pinned: bool = True, save_at: tuple[float, ...] = ()):
     """RESP (``resp``) or the generic-text baseline (``generic``), sized for the organism and 2 CPU cores.
 
     Only the calibration differs between the two. RESP's run pins ``PINNED``, the settings
@@ -52,7 +63,8 @@ def demo_config(kind: str = "resp", quick: bool = False, seed: int = 0, sparsity
     if kind != "resp":
         raise ConfigError(f"unknown demo calibration {kind!r}; use 'resp' or 'generic'")
     return RESPConfig(calibration="self", prompts=f"gsm8k:{organism.data_path('train.jsonl')}",
-                      generation={"max_new_tokens": 40, "batch_size": 64}, **(PINNED if pinned else {}), **common)
+                      generation={"max_new_tokens": 40, "batch_size": 64}, save_at=list(save_at) or None,
+                      recovery=QUICK_RECOVERY if quick else DEMO_RECOVERY, **(PINNED if pinned else {}), **common)
 
 
 @contextmanager
@@ -96,10 +108,10 @@ def _evaluate(model, tokenizer, problems, bar: tqdm | None = None) -> tuple[floa
 
 
 def _prune_and_measure(kind: str, model_dir: Path, out: Path, problems, levels: tuple[float, ...], quick: bool,
-                       pinned: bool = True):
+                       pinned: bool = True, save_at: tuple[float, ...] = ()):
     """One pruning run to the last level, evaluated at the first step reaching each level.
 
-    Returns the measurements, the completions at the last level and the pruned model.
+    Returns the measurements, the completions at :func:`example_level` and the pruned model.
     """
     from resp_plugin import prune
 
@@ -113,15 +125,50 @@ def _prune_and_measure(kind: str, model_dir: Path, out: Path, problems, levels: 
             if sparsity >= level - SPARSITY_TOLERANCE and str(level) not in got["accuracy"]:
                 acc, completions = _evaluate(pruned, tokenizer, problems)
                 got["accuracy"][str(level)], got["sparsity"][str(level)] = acc, round(sparsity, 4)
-                last[:] = completions
+                if level == example_level(levels):
+                    last[:] = completions
                 bar.set_postfix(accuracy=f"{acc:.3f}", refresh=False)
         bar.update(min(round(100 * sparsity), bar.total) - bar.n)  # after the evaluation: 100 % means done
 
     with _no_transformers_bars():
-        prune(model, tokenizer, demo_config(kind, quick, sparsity=max(levels), pinned=pinned), out=out / kind,
-              overwrite=True, on_step=on_step, progress=False)
+        config = demo_config(kind, quick, sparsity=max(levels), pinned=pinned, save_at=save_at)
+        prune(model, tokenizer, config, out=out / kind, overwrite=True, on_step=on_step, progress=False)
     bar.close()
     return got, last, model
+
+
+def _recover_levels(out: Path, teacher, problems, levels: tuple[float, ...], resp: dict[str, Any], quick: bool,
+                    pinned: bool) -> dict[str, Any]:
+    """RESP's model at each level recovered from the dense one (``teacher``), then evaluated.
+
+    The models are the RESP run's own (``save_at`` folders, ``model`` for its last level); each
+    recovery's record goes to ``OUT/recovery/LEVEL/record.json``.
+    """
+    from resp_plugin.recovery import recover
+    from resp_plugin.run_state import save_at_dir
+
+    got: dict[str, Any] = {"accuracy": {}, "sparsity": {}, "tokens": {}, "seconds": {}}
+    config = demo_config("resp", quick, pinned=pinned)
+    last = max(float(lv) for lv in resp["accuracy"])
+    with tqdm(total=len(levels), desc=f"{demo_report.SHORT['resp_recovery']}: recovering, evaluating",
+              unit="level") as bar:
+        for level in levels:
+            student, tokenizer = _load(out / "resp" / ("model" if level >= last else save_at_dir(level)))
+            t0 = time.time()
+            result = recover(student, teacher, tokenizer, config, out / "recovery" / f"{level:.2f}", progress=False,
+                             checkpoints=False)
+            key = str(level)
+            got["seconds"][key] = round(time.time() - t0, 1)
+            got["accuracy"][key], _ = _evaluate(result.model, tokenizer, problems)
+            got["sparsity"][key], got["tokens"][key] = resp["sparsity"][key], result.record.tokens
+            bar.set_postfix(accuracy=f"{got['accuracy'][key]:.3f}", refresh=False)
+            bar.update(1)
+    return got
+
+
+def example_level(levels: tuple[float, ...]) -> float:
+    """The level whose answers the demo shows: :data:`EXAMPLE_LEVEL` where evaluated, else the last."""
+    return EXAMPLE_LEVEL if EXAMPLE_LEVEL in levels else max(levels)
 
 
 def _clean(completion: str, tokenizer) -> str:
@@ -150,10 +197,12 @@ def pick_example(problems, completions: dict[str, list[str]], tokenizer) -> dict
 
 
 def run_demo(out: str | Path = "resp-demo", quick: bool = False, model_dir: str | Path | None = None,
-             limit: int | None = None, levels: tuple[float, ...] = LEVELS, pinned: bool = True) -> dict[str, Any]:
+             limit: int | None = None, levels: tuple[float, ...] = LEVELS, pinned: bool = True,
+             recovery_levels: tuple[float, ...] = RECOVERY_LEVELS) -> dict[str, Any]:
     """Run the demo into ``out`` and return its summary (also ``OUT/demo.json``).
 
-    ``model_dir``, ``limit`` and ``levels`` exist for the tests (a micro organism cannot reach 50 %);
+    ``model_dir``, ``limit``, ``levels`` and ``recovery_levels`` (a subset of ``levels``) exist for the
+    tests (a micro organism cannot reach 50 %);
     ``pinned=False`` runs RESP on the defaults instead of ``PINNED`` (docs/results.md compares both).
     """
     from resp_plugin import organism
@@ -176,13 +225,19 @@ def run_demo(out: str | Path = "resp-demo", quick: bool = False, model_dir: str 
                                "limit": len(problems), "step": demo_config("resp", quick).step}
     completions = {"dense": dense_completions}
     pruned = None
+    recovery_levels = tuple(lv for lv in recovery_levels if lv in levels)
     for kind in demo_report.METHODS:
-        got, completions[kind], model = _prune_and_measure(kind, model_dir, out, problems, levels, quick, pinned)
+        save_at = tuple(lv for lv in recovery_levels if lv < max(levels)) if kind == "resp" else ()
+        got, completions[kind], model = _prune_and_measure(kind, model_dir, out, problems, levels, quick, pinned,
+                                                           save_at)
         summary["methods"][kind] = got
         render(out / kind)
         if kind == "resp":
             pruned = model  # the speed comparison's pruned side
-    summary["example"] = {**pick_example(problems, completions, tokenizer), "level": str(max(levels))}
+    if recovery_levels:
+        summary["methods"]["resp_recovery"] = _recover_levels(out, dense_model, problems, recovery_levels,
+                                                              summary["methods"]["resp"], quick, pinned)
+    summary["example"] = {**pick_example(problems, completions, tokenizer), "level": str(example_level(levels))}
     summary["speed_level"] = str(max(levels))
     summary["speed"] = compare_decode(dense_model, pruned, tokenizer, [p.question for p in problems],
                                       new_tokens=16 if quick else 32, repeats=2 if quick else 5)

@@ -13,7 +13,9 @@ METHODS = {
     "resp": "RESP (own traces, decode-only loss, regeneration)",
     "generic": "generic text (full loss, the C4 baseline)",
 }
-SHORT = {"dense": "dense", "resp": "RESP", "generic": "generic"}
+# Lines of the accuracy table and plot: the two pruning runs, then RESP's models recovered (where measured).
+LINES = {**METHODS, "resp_recovery": "RESP + recovery (RESP's model distilled from the dense one on its own traces)"}
+SHORT = {"dense": "dense", "resp": "RESP", "generic": "generic", "resp_recovery": "RESP + recovery"}
 
 
 def pct(level: str | float) -> str:
@@ -21,18 +23,35 @@ def pct(level: str | float) -> str:
     return f"{round(100 * float(level))} %"
 
 
+def lines(s: dict[str, Any]) -> list[str]:
+    """The lines the summary holds, in table order."""
+    return [m for m in LINES if m in s["methods"]]
+
+
 def accuracy_table(s: dict[str, Any]) -> str:
-    """Accuracy per sparsity level, RESP beside generic calibration (same model, loop and steps)."""
-    dense = s["dense"]
-    rows = ["| sparsity | RESP accuracy | % of dense | generic accuracy | % of dense |", "|---|---|---|---|---|",
-            f"| {pct(0)} (dense) | {dense:.3f} | 100.0 | {dense:.3f} | 100.0 |"]
+    """Accuracy per sparsity level: RESP beside generic calibration (same model, loop and steps), and RESP
+    + recovery where it ran ("–" elsewhere)."""
+    dense, shown = s["dense"], lines(s)
+    rows = ["| sparsity | " + " | ".join(f"{SHORT[m]} accuracy | % of dense" for m in shown) + " |",
+            "|---" * (1 + 2 * len(shown)) + "|",
+            f"| {pct(0)} (dense) | " + " | ".join(f"{dense:.3f} | 100.0" for _ in shown) + " |"]
     for level in s["levels"]:
         cells = []
-        for m in METHODS:
-            acc = s["methods"][m]["accuracy"][level]
-            cells += [f"{acc:.3f}", f"{100 * acc / dense:.1f}" if dense else "n/a"]
+        for m in shown:
+            acc = s["methods"][m]["accuracy"].get(level)
+            cells += ["–", "–"] if acc is None else [f"{acc:.3f}", f"{100 * acc / dense:.1f}" if dense else "n/a"]
         rows.append(f"| {pct(level)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def recovery_sentence(s: dict[str, Any]) -> str:
+    """What the recovery line cost: loss tokens and seconds per level (empty when it did not run)."""
+    got = s["methods"].get("resp_recovery")
+    if not got:
+        return ""
+    parts = [f"{pct(lv)}: {got['tokens'][lv]:,} tokens, {got['seconds'][lv]:.0f} s" for lv in got["accuracy"]]
+    return (f"{SHORT['resp_recovery']}: RESP's model at each level distilled from the dense organism on its own "
+            f"traces, a shortened recipe (docs/recovery.md has the full one): {'; '.join(parts)}.")
 
 
 def answer_table(s: dict[str, Any]) -> str:
@@ -66,13 +85,14 @@ def speed_table(s: dict[str, Any]) -> str:
 
 def markdown(s: dict[str, Any]) -> str:
     """OUT/demo.md: the whole story on one page."""
-    return "\n\n".join([
+    return "\n\n".join(part for part in [
         "# RESP demo on the organism",
         f"The same organism pruned twice by the same loop with the same step ({s['step']}): once with "
         f"{METHODS['resp']}, once with {METHODS['generic']}. Greedy accuracy on "
         f"{s['limit']} held-out test problems at the first step that reaches each sparsity "
         "(measured sparsities in demo.json).",
         accuracy_table(s),
+        recovery_sentence(s),
         "![accuracy](accuracy.png)",
         "## One test question",
         answer_table(s),
@@ -83,31 +103,34 @@ def markdown(s: dict[str, Any]) -> str:
         speed_table(s),
         "Pruning reports: [RESP](resp/report.md), [generic](generic/report.md); the pruned models are "
         "`resp/model` and `generic/model`.",
-    ]) + "\n"
+    ] if part) + "\n"
 
 
 def console(s: dict[str, Any], out: Path) -> str:
     """What the command prints: the three tables and where the files are."""
-    return "\n\n".join([accuracy_table(s), answer_table(s), speed_table(s),
-                        f"wrote {out / 'demo.md'}, {out / 'demo.json'}, {out / 'accuracy.png'} "
-                        f"in {s['seconds']:.0f} s"])
+    parts = [accuracy_table(s), recovery_sentence(s), answer_table(s), speed_table(s),
+             f"wrote {out / 'demo.md'}, {out / 'demo.json'}, {out / 'accuracy.png'} in {s['seconds']:.0f} s"]
+    return "\n\n".join(part for part in parts if part)
 
 
 def plot(s: dict[str, Any], path: Path) -> None:
-    """Accuracy against sparsity, both calibrations, from the shared dense point."""
+    """Accuracy against sparsity, every line, from the shared dense point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    for m, style in zip(METHODS, ("o-", "s--"), strict=True):
+    for m, style in zip(lines(s), ("o-", "s--", "^-.")):
         got = s["methods"][m]
-        xs = [0.0] + [got["sparsity"][lv] for lv in s["levels"]]
-        ys = [s["dense"]] + [got["accuracy"][lv] for lv in s["levels"]]
-        ax.plot(xs, ys, style, label=METHODS[m])
+        levels = [lv for lv in s["levels"] if lv in got["accuracy"]]
+        xs = [got["sparsity"][lv] for lv in levels]
+        ys = [got["accuracy"][lv] for lv in levels]
+        if m in METHODS:  # the pruning runs start at the dense model
+            xs, ys = [0.0] + xs, [s["dense"]] + ys
+        ax.plot(xs, ys, style, label=LINES[m])
     ax.set(xlabel="sparsity (decoder linear parameters)", ylabel="test accuracy (greedy)", ylim=(0, 1.02),
-           title="same organism, two calibrations")
+           title="same organism, two calibrations, recovery")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

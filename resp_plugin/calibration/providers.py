@@ -66,13 +66,6 @@ def batch_seed(seed: int, b: int) -> int:
     return seed + BATCH_SEED_STRIDE * b
 
 
-def _task_prompts(config, missing: str) -> list[PromptRecord]:
-    """The run's ``num_prompts`` task prompts (``--prompts``); ``missing`` is the error without them."""
-    if not config.prompts:
-        raise ConfigError(missing)
-    return load_prompts(config.prompts, config.num_prompts, config.seed, config)
-
-
 class _Base:
     kind = "base"
     plain = False
@@ -98,15 +91,26 @@ class _Base:
         return previous
 
 
-class GoldProvider(_Base):
-    """The dataset's reference solutions (GSM8K ``answer``, MathQA ``Rationale``, JSONL ``completion``)."""
+class _FromTaskPrompts(_Base):
+    """A kind built on the run's ``num_prompts`` task prompts (``--prompts``), read once, here."""
 
-    kind = "gold"
+    needs: str = "task prompts"  # what the error without --prompts names
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.records = _task_prompts(config, "gold calibration needs prompts with solutions: "
-                                             "--prompts jsonl:PATH or gsm8k:PATH")
+        if not config.prompts:
+            raise ConfigError(f"{self.kind} calibration needs {self.needs}")
+        self.records: list[PromptRecord] = load_prompts(config.prompts, config.num_prompts, config.seed, config)
+
+
+class GoldProvider(_FromTaskPrompts):
+    """The dataset's reference solutions (GSM8K ``answer``, MathQA ``Rationale``, JSONL ``completion``)."""
+
+    kind = "gold"
+    needs = "prompts with solutions: --prompts jsonl:PATH or gsm8k:PATH"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
         missing = [i for i, r in enumerate(self.records) if not r.completion]
         if missing:
             raise InputDataError(
@@ -150,15 +154,14 @@ class GenericProvider(_Base):
         return self._set(tokenizer, out, 0.0, make)
 
 
-class SelfProvider(_Base):
+class SelfProvider(_FromTaskPrompts):
     """Traces written by the current model, regenerated at every milestone (RESP)."""
 
     kind = "self"
+    needs = "task prompts: --prompts gsm8k[:PATH], mathqa[:PATH] or jsonl:PATH"
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.records = _task_prompts(config, "self calibration needs task prompts: "
-                                             "--prompts gsm8k[:PATH], mathqa[:PATH] or jsonl:PATH")
         from resp_plugin.plugins import collect
 
         backends = collect("resp_generation_backends")

@@ -34,9 +34,10 @@ RECOVERY_LEVELS = (0.5, 0.6, 0.7)
 EXAMPLE_LEVEL = 0.5  # the answered question is shown here: the deepest level RESP alone still answers well
 EVAL_BATCH = 128
 # The demo's recovery: the default recipe (docs/recovery.md) shortened to fit the demo's time on 2 cores
-# (3 rounds of 30 steps on 256 prompts instead of 8 x 60 on 512); quick: one round of 10 steps.
+# (3 rounds of 30 steps on 256 prompts, stop after a round without gain, instead of 8 x 60 on 512, patience
+# 3); quick: one round of 10 steps.
 DEMO_RECOVERY = {"enabled": True, "rounds": 3, "steps_per_round": 30, "num_prompts": 256, "heldout_prompts": 64,
-                 "max_new_tokens": 28}
+                 "patience": 1, "max_new_tokens": 28}
 QUICK_RECOVERY = {"enabled": True, "rounds": 1, "steps_per_round": 10, "num_prompts": 64, "heldout_prompts": 16,
                   "max_new_tokens": 28}
 

@@ -70,12 +70,13 @@ def _plain(cell: str) -> str:
 # ---------------------------------------------------------------------------- docs/results.md
 def check_demo_accuracy(t: Table) -> None:
     s = _raw("demo_results.json")
-    want = [["0 % (dense)", f"{s['dense']:.3f}", "100.0", f"{s['dense']:.3f}", "100.0"]]
+    lines = ("resp", "generic", "resp_recovery")
+    want = [["0 % (dense)"] + [f"{s['dense']:.3f}", "100.0"] * len(lines)]
     for level in s["levels"]:
         row = [f"{round(100 * float(level))} %"]
-        for m in ("resp", "generic"):
-            acc = s["methods"][m]["accuracy"][level]
-            row += [f"{acc:.3f}", f"{100 * acc / s['dense']:.1f}"]
+        for m in lines:
+            acc = s["methods"][m]["accuracy"].get(level)
+            row += ["–", "–"] if acc is None else [f"{acc:.3f}", f"{100 * acc / s['dense']:.1f}"]
         want.append(row)
     assert t.rows == want
 
@@ -90,7 +91,8 @@ def check_demo_answers(t: Table) -> None:
 
 def check_demo_speed(t: Table) -> None:
     s = _raw("demo_results.json")
-    assert t.header == ("| batch | dense tokens/s | RESP 50 % tokens/s | speed-up | speed-up, all "
+    assert t.header == (f"| batch | dense tokens/s | RESP {round(100 * float(s['speed_level']))} % tokens/s | "
+                        "speed-up | speed-up, all "
                         f"{s['speed'][0]['repeats']} repeats |")
     assert t.rows == [[str(r["batch"]), f"{r['dense']:.0f}", f"{r['pruned']:.0f}", f"{r['speedup']:.2f}x",
                        f"{r['speedup_min']:.2f}x-{r['speedup_max']:.2f}x"] for r in s["speed"]]
@@ -180,7 +182,8 @@ def check_claims(t: Table) -> None:
 
 
 RESULTS: dict[str, Callable[[Table], None]] = {
-    "| sparsity | RESP accuracy | % of dense | generic accuracy | % of dense |": check_demo_accuracy,
+    "| sparsity | RESP accuracy | % of dense | generic accuracy | % of dense | RESP + recovery accuracy | % of dense |":
+        check_demo_accuracy,
     "| model | completion | answer |": check_demo_answers,
     "| batch | dense tokens/s |": check_demo_speed,
     "| sparsity | RESP, pinned (table above) | RESP, defaults |": check_demo_defaults,

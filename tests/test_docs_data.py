@@ -213,6 +213,26 @@ def check_cost_hours(t: Table) -> None:
     assert t.rows == want
 
 
+def check_recovery_memory(t: Table) -> None:
+    """§6 is arithmetic from Qwen3-8B's shapes: recomputed here, so an edited cell or shape fails."""
+    layers, hidden, inter, kv, vocab, seq = 36, 4096, 12288, 1024, 151936, 2048
+    linears = layers * hidden * (2 * hidden + 2 * kv + 3 * inter)
+    total = linears + 2 * vocab * hidden  # untied embeddings and head
+    student = total - linears / 2  # 50 % of the decoder linears removed
+    cells = {r[0]: r[1:] for r in t.rows}
+    one, eight = cells["student training state (weights, grads, AdamW)"]
+    assert (one, eight) == (f"{12 * student / 1e9:.0f} GB", f"{12 * student / 8 / 1e9:.1f} GB a GPU")
+    assert f"{2 * total / 1e9:.1f} GB" in next(k for k in cells if k.startswith("teacher"))
+    top = cells["stored teacher top-64 (int32 id + fp16 log-prob a token)"][0]
+    assert top.startswith(f"{64 * 6} bytes a token: {512 * seq * 64 * 6 / 1e9:.1f} GB for 512 traces x 2,048 tokens")
+    assert cells["logits of one sequence (fp32, full vocabulary)"][0].startswith(f"{vocab * seq * 4 / 1e9:.2f} GB")
+    assert f"student weights {2 * student / 1e9:.1f} GB frozen" in cells["fits"][0]
+
+
+COMPUTED: dict[str, Callable[[Table], None]] = {  # docs/performance.md tables of arithmetic, not measurements
+    "| | 1 GPU (H100 80 GB / H200 141 GB) |": check_recovery_memory,
+}
+
 PERFORMANCE: dict[str, Callable[[Table], None]] = {
     "| sparsity | TFLOP per sample, 200 + 1000 tokens |": check_cost_per_sample,
     "| scoring passes, run to 40 % |": check_cost_hours,
@@ -250,13 +270,17 @@ def test_performance_tables_match_their_raw_files_or_say_none_was_kept() -> None
     found = tables((DOCS / "performance.md").read_text())
     for t in found:
         check = _checker(t, PERFORMANCE)
-        if check is not None:
+        computed = _checker(t, COMPUTED)
+        if computed is not None:
+            computed(t)
+        elif check is not None:
             assert t.after.startswith("*Raw output: [performance_cost_model.json]"), t.header
             check(t)
         else:
             assert any(t.header.startswith(h) for h in UNCHECKED), f"docs/performance.md table unregistered: {t.header}"
             assert t.after.startswith(NO_RAW), f"say 'Raw output: none kept' under: {t.header}"
     assert {_checker(t, PERFORMANCE) for t in found} >= set(PERFORMANCE.values())
+    assert {_checker(t, COMPUTED) for t in found} >= set(COMPUTED.values())
 
 
 EDITS = [  # (page, table header start, a number of that table, what it is edited to)

@@ -333,10 +333,39 @@ def check_recovery_row(row: list[str]) -> None:
     """Every number of a row is its raw result's: accuracies, held-out per round, best round, tokens, time."""
     raw = _raw(RECOVERY_RAW[row[0]])
     assert raw["settings"]["loss"] == row[0].split(", ")[1].replace(" KL", "_kl")  # the loss the row names
-    assert _plain(row[1]) == f"{raw['before']:.3f}" and _plain(row[2]) == f"{raw['after']:.3f}"
-    assert row[3] == ", ".join(f"{a:.3f}" for a in raw["heldout"])
-    assert int(row[4]) == raw["best_round"] and int(row[5].replace(",", "")) == raw["tokens"]
-    assert row[6].split(" s")[0] == f"{raw['seconds']:.0f}"
+    check_recovery_numbers(row[1:], raw)
+
+
+def check_recovery_numbers(cells: list[str], raw: dict) -> None:
+    """before, after, held-out per round, best round, tokens, seconds: as in the raw result."""
+    assert _plain(cells[0]) == f"{raw['before']:.3f}" and _plain(cells[1]) == f"{raw['after']:.3f}"
+    assert cells[2] == ", ".join(f"{a:.3f}" for a in raw["heldout"])
+    assert int(cells[3]) == raw["best_round"] and int(cells[4].replace(",", "")) == raw["tokens"]
+    assert cells[5].split(" s")[0] == f"{raw['seconds']:.0f}"
+
+
+RECOVERY_BASELINES = {  # docs/results.md: row label start -> (raw file, method)
+    "ours": ("recovery_results/resp60_seed0_forward_kl.json", None),
+    "SFT on gold": ("recovery_results/baseline60_seed0_sft_gold.json", "sft_gold"),
+    "SFT on the teacher": ("recovery_results/baseline60_seed0_sft_teacher.json", "sft_teacher"),
+    "logit KD on generic": ("recovery_results/baseline60_seed0_kd_generic.json", "kd_generic"),
+}
+
+
+def check_recovery_baselines(t: Table) -> None:
+    """Every method's row is its raw result's; the baselines trained on ours' loss tokens per round (within 5 %)."""
+    assert len(t.rows) == len(RECOVERY_BASELINES)
+    ours = _raw(RECOVERY_BASELINES["ours"][0])
+    per_round = ours["tokens"] / ours["rounds"]
+    for row in t.rows:
+        (path, method), = [v for k, v in RECOVERY_BASELINES.items() if row[0].startswith(k)]
+        raw = _raw(path)
+        assert raw.get("method") == method and raw["student"].endswith("model-0.60")
+        check_recovery_numbers(row[1:], raw)
+        assert abs(raw["tokens"] / raw["rounds"] / per_round - 1) < 0.05, row[0]
+
+
+RESULTS["| method (RESP 60 %, seed 0) |"] = check_recovery_baselines  # registered here, after its definition
 
 
 def test_recovery_table_matches_its_raw_files() -> None:

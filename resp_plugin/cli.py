@@ -166,7 +166,8 @@ def _lost_rank(e: Exception) -> None:
     transport = (isinstance(e, RuntimeError) and dist.is_initialized() and dist.get_world_size() > 1
                  and any(k in str(e) for k in ("gloo", "NCCL", "Connection reset", "Connection closed")))
     if isinstance(e, getattr(dist, "DistError", ())) or transport:
-        raise RunAborted(f"lost contact with another rank ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        detail = str(e).splitlines()[0][:160] if str(e) else ""  # gloo's text can run to kilobytes
+        raise RunAborted(f"lost contact with another rank ({type(e).__name__}: {detail}); "
                            "files in --out are complete up to the last step: rerun the same torchrun "
                            "command with --resume") from e
 

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from resp_plugin.errors import UserError, is_environment_failure, is_out_of_memory, one_line
+from resp_plugin.errors import RunAborted, UserError, is_environment_failure, is_out_of_memory, one_line
 
 EXIT_FAILURE, EXIT_USER, EXIT_INTERRUPTED = 1, UserError.exit_code, 130
 LOG_NAME = "error.log"
@@ -53,6 +53,8 @@ def handle(exc: BaseException, args: Any, argv: list[str], debug: bool) -> int:
     if is_out_of_memory(exc):
         knobs = "; ".join(MEMORY_KNOBS.get(getattr(args, "command", ""), ())) or "smaller batches or shorter sequences"
         _say(f"out of memory ({_short(exc)}); to use less memory: {knobs}. Traceback in {log}")
+    elif isinstance(exc, RunAborted):  # our own sentence, ending in how to continue: never cut
+        _say(f"error: {one_line(exc)} (traceback in {log})")
     elif is_environment_failure(exc):
         _say(f"error: {_short(exc)} (traceback in {log})")
     else:

@@ -31,7 +31,13 @@ from resp_plugin.config import RESPConfig
 from resp_plugin.errors import UserError
 from resp_plugin.io.files import atomic_write_text
 from resp_plugin.run_record import REPORT_FILE, STATE_FILE, RunRecord
-from resp_plugin.structures.layout import dense_architecture_name, head_dim_of, is_pruned_config, layer_sizes
+from resp_plugin.structures.layout import (
+    DecoderSpec,
+    dense_architecture_name,
+    head_dim_of,
+    is_pruned_config,
+    layer_sizes,
+)
 
 CARD_FILE = "README.md"
 PAPER = "https://arxiv.org/abs/2512.02185"
@@ -205,6 +211,8 @@ def _changed(config: BaseModel, prefix: str = "") -> list[tuple[str, Any, str]]:
 def _layer_table(config: _Config) -> str:
     if not is_pruned_config(config):
         return ""
+    if any(layer_sizes(config, i).num_experts is not None for i in range(len(config.per_layer_config))):
+        return _moe_layer_table(config)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     rows = [f"| dense | {config.num_attention_heads} | {kv} | {config.intermediate_size} |"]
     for i in range(len(config.per_layer_config)):
@@ -212,6 +220,28 @@ def _layer_table(config: _Config) -> str:
         rows.append(f"| {i} | {s.num_heads} | {s.num_kv_heads} | {s.intermediate_size} |")
     return ("## Layer sizes\n\nKept structures per decoder layer (head width "
             f"{head_dim_of(config)}).\n\n| layer | query heads | KV heads | MLP channels |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
+def _moe_layer_table(config: _Config) -> str:
+    """The layer table of a Mixture-of-Experts checkpoint: routed experts kept per layer beside heads and
+    widths.  The dense expert width is the config field the checkpoint's recorded ``resp_spec`` names
+    (the structures registry's knowledge, saved with it), so the card names no architecture's fields."""
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    spec = DecoderSpec.from_dict(getattr(config, "resp_spec", None) or {})
+    width = getattr(config, spec.moe.width_field, None) if spec.moe is not None else None
+    dense_width = f"{config.intermediate_size}" + (f" (expert width {width})" if width is not None else "")
+    rows = [f"| dense | {config.num_attention_heads} | {kv} | {dense_width} | |"]
+    for i in range(len(config.per_layer_config)):
+        s = layer_sizes(config, i)
+        experts = "" if s.num_experts is None else str(s.num_experts)
+        rows.append(f"| {i} | {s.num_heads} | {s.num_kv_heads} | {s.intermediate_size} | {experts} |")
+    return ("## Layer sizes\n\nKept structures per decoder layer of this Mixture-of-Experts model (head width "
+            f"{head_dim_of(config)}). In a layer with routed experts, `MLP channels` is the expert width: every "
+            "kept expert of the layer has that many channels (fused MoE kernels need one width per layer); "
+            "`routed experts` is how many experts the layer keeps (its router keeps one row per kept expert). "
+            "A layer without routed experts is a dense layer of the model.\n\n"
+            "| layer | query heads | KV heads | MLP channels | routed experts |\n|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
 
 

@@ -1,4 +1,5 @@
-"""``resp report``: OUT/report.md with two PNG plots (kept structures per layer, loss per step).
+"""``resp report``: OUT/report.md with PNG plots (kept structures per layer, loss per step, and for a
+Mixture-of-Experts model the routed experts and expert width per layer).
 
 The numbers come from the run's final record, ``OUT/report.json``, read through
 :meth:`resp_plugin.run_record.RunRecord.load` (written by :mod:`resp_plugin.run_state` when a run
@@ -12,12 +13,16 @@ from pathlib import Path
 from resp_plugin.io import atomic_write_text
 from resp_plugin.run_record import REPORT_FILE, LayerKept, MilestoneRecord, RunRecord, StepRecord
 
+EXPERTS_PNG = "experts_per_layer.png"
+
 
 def render(out: str | Path) -> Path:
     """Write OUT/report.md (and its plots) from OUT/report.json; returns the path of report.md."""
     out = Path(out)
     rec = RunRecord.load(out / REPORT_FILE)
     _plot_kept_per_layer(rec.layers, out / "kept_per_layer.png")
+    if _is_moe(rec):
+        _plot_experts_per_layer(rec, out / EXPERTS_PNG)
     _plot_loss_per_step(rec.steps, rec.milestones, out / "loss_per_step.png")
     md = out / "report.md"
     atomic_write_text(md, "\n".join(_markdown(rec) + _recovery_section(out)) + "\n")
@@ -85,6 +90,35 @@ def _plot_kept_per_layer(layers: list[LayerKept], png: Path) -> None:
     plt.close(fig)
 
 
+def _is_moe(rec: RunRecord) -> bool:
+    """A Mixture-of-Experts run: the record lists kept experts for at least one layer (the engine's
+    adapter writes them only for MoE layers, so the report learns nothing about architectures)."""
+    return any(entry.kept_experts is not None for entry in rec.layers)
+
+
+def _cuts_expert_width(rec: RunRecord) -> bool:
+    """Whether expert widths can differ from the dense model's: the run's ``expert_unit`` cut expert
+    channels (unknown settings: assume so, showing a constant width costs nothing)."""
+    return rec.config is None or rec.config.expert_unit != "expert"
+
+
+def _plot_experts_per_layer(rec: RunRecord, png: Path) -> None:
+    """Routed experts kept per MoE layer (bars) and, where expert channels were cut, the expert width."""
+    plt = _pyplot()
+    moe = [entry for entry in rec.layers if entry.kept_experts is not None]
+    idx = [entry.index for entry in moe]
+    width = _cuts_expert_width(rec)
+    fig, axes = plt.subplots(1, 2 if width else 1, figsize=(11 if width else 6, 3.6), squeeze=False)
+    axes[0][0].bar(idx, [len(entry.kept_experts) for entry in moe], color="tab:purple")
+    axes[0][0].set(xlabel="layer", ylabel="kept", title="routed experts per MoE layer")
+    if width:
+        axes[0][1].bar(idx, [len(entry.kept_channels) for entry in moe], color="tab:green")
+        axes[0][1].set(xlabel="layer", ylabel="kept", title="expert width (channels of every expert)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def _plot_loss_per_step(steps: list[StepRecord], milestones: list[MilestoneRecord], png: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -110,6 +144,7 @@ def _markdown(rec: RunRecord) -> list[str]:
         "",
         "![kept per layer](kept_per_layer.png)",
         "",
+        *([f"![experts per layer]({EXPERTS_PNG})", ""] if _is_moe(rec) else []),
         "![loss per step](loss_per_step.png)",
         "",
         "## Milestones",
@@ -121,8 +156,27 @@ def _markdown(rec: RunRecord) -> list[str]:
         usable = "" if m.usable_fraction is None else f"{m.usable_fraction:.2f}"
         kept_previous = "" if m.kept_previous is None else m.kept_previous
         lines.append(f"| {m.milestone} | {m.sparsity} | {m.regenerated} | {usable} | {kept_previous} |")
-    lines += ["", "## Layers", "", "| layer | heads | KV heads | channels |", "|---|---|---|---|"]
+    return lines + (_moe_layer_table(rec) if _is_moe(rec) else _layer_table(rec))
+
+
+def _layer_table(rec: RunRecord) -> list[str]:
+    lines = ["", "## Layers", "", "| layer | heads | KV heads | channels |", "|---|---|---|---|"]
     for entry in rec.layers:
         lines.append(f"| {entry.index} | {len(entry.kept_heads)} | {len(entry.kept_kv_heads)} | "
                      f"{len(entry.kept_channels)} |")
+    return lines
+
+
+def _moe_layer_table(rec: RunRecord) -> list[str]:
+    """The layer table of a MoE model: routed experts kept (their ids in the dense numbering) and the
+    MLP width, which in a MoE layer is the width every kept expert has; dense layers show no experts."""
+    lines = ["", "## Layers", "",
+             "Routed experts are numbered as in the dense model. In a MoE layer, `channels` is the width every kept "
+             "expert has; a layer without experts is a dense layer of the model.", "",
+             "| layer | heads | KV heads | channels | routed experts | kept experts |", "|---|---|---|---|---|---|"]
+    for entry in rec.layers:
+        experts = entry.kept_experts
+        count, ids = ("", "dense layer") if experts is None else (str(len(experts)), " ".join(map(str, experts)))
+        lines.append(f"| {entry.index} | {len(entry.kept_heads)} | {len(entry.kept_kv_heads)} | "
+                     f"{len(entry.kept_channels)} | {count} | {ids} |")
     return lines

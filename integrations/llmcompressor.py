@@ -37,6 +37,7 @@ from resp_plugin.devices import compute_device
 from resp_plugin.errors import InputNotFound, UserError
 from resp_plugin.integrations import llmcompressor_compat as compat
 from resp_plugin.integrations.llmcompressor_data import Recorder, calibration_dataloader, set_latest
+from resp_plugin.integrations.llmcompressor_moe import fused_for_pruning, linearized_after_pruning
 from resp_plugin.integrations.llmcompressor_quant import (
     check_group_divisibility,
     check_recipe_order,
@@ -145,6 +146,7 @@ class RESPPruningModifier(_RESPConfigFields):
         recorder = Recorder(provider_for(config))
         wants_final = (any(getattr(m, "requires_calibration_data", False) for m in after)
                        if self.regenerate_final is None else self.regenerate_final)
+        fused = fused_for_pruning(model)  # MoE: oneshot linearised the experts; RESP cuts them fused
         with placed(model, self.device, self.saliency), torch.enable_grad():
             result = prune(model, tokenizer, config, out=self.output_dir, save=False, provider=recorder,
                            progress=self.progress)
@@ -156,6 +158,7 @@ class RESPPruningModifier(_RESPConfigFields):
                 cal = recorder.refresh(model, tokenizer, config.sparsity, cal, result.out)
         self._calibration, self._report = cal, result.report
         check_group_divisibility(result.adapter, group)
+        linearized_after_pruning(model, fused, result.adapter)  # per-expert Linears for the quantisers
         kept, source, ref = result.adapter.kept_map(), model.config._name_or_path, weakref.ref(model)
         compat.wrap_save_pretrained(model, lambda folder: restore_pruned_checkpoint(folder, ref(), kept, source))
         set_latest(self)

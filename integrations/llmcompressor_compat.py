@@ -3,8 +3,10 @@
 ``RESPPruningModifier`` needs a few things these libraries offer no public API for: the
 recipe's other modifiers (to check the order and read the group size of a following
 quantisation), the compressing ``save_pretrained`` that ``oneshot`` installs (to write RESP's
-per-layer sizes back after llm-compressor rewrites config.json), and whether the weights are
-offloaded.  Each is reached here and nowhere else, and ``tests/test_llmcompressor.py``
+per-layer sizes back after llm-compressor rewrites config.json), whether the weights are
+offloaded, and its linearised Mixture-of-Experts modules (``oneshot`` turns fused experts into
+per-expert ``Linear`` modules before any modifier runs; RESP cuts the fused form).  Each is
+reached here and nowhere else, and ``tests/test_llmcompressor.py``
 (``test_compat_*``) checks each against the installed version, so a release that changes one
 fails those tests by name instead of breaking a pruning run half way.
 """
@@ -23,10 +25,12 @@ __all__ = [
     "group_sizes",
     "is_dispatched",
     "is_quantizing",
+    "linearize_experts",
     "load_recipe",
     "offload_devices",
     "recipe_neighbours",
     "register_modifier",
+    "repack_experts",
     "wrap_save_pretrained",
 ]
 
@@ -139,3 +143,26 @@ def load_recipe(path: str) -> Any:
     from llmcompressor.recipe import Recipe
 
     return Recipe.create_instance(path)
+
+
+def repack_experts(model) -> list[str]:
+    """Pack every linearised experts module (``LinearExperts2D``, what ``oneshot`` made of fused
+    experts) back into the model's own fused experts class; returns their module names."""
+    from llmcompressor.modeling.moe.linearize import get_linearized_moes
+
+    names = []
+    for name, module in get_linearized_moes(model):
+        model.set_submodule(name, module.to_experts_module())
+        names.append(name)
+    return names
+
+
+def linearize_experts(model, name: str, config: Any) -> None:
+    """Replace fused experts module ``name`` by per-expert ``Linear`` modules sized by ``config``
+    (llm-compressor reads the expert count and width from it; the model's own config would give
+    the dense sizes), as ``oneshot`` would have, so quantisation modifiers attach to them."""
+    from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
+
+    experts = model.get_submodule(name)
+    linear_cls = LinearExperts2D.get_linear_experts_cls(type(experts))
+    model.set_submodule(name, linear_cls.from_experts_module(experts, config))

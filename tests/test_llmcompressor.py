@@ -43,7 +43,7 @@ PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 IDS = torch.tensor([[3, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
 INTEGRATION = Path(compat.__file__).parent
-SHIPPED = ("resp", "resp_w4a16_gptq", "resp_w8a8", "resp_fp8_dynamic")
+SHIPPED = ("resp", "resp_w4a16_gptq", "resp_w8a8", "resp_fp8_dynamic", "resp_moe")
 
 
 @pytest.fixture(scope="module")

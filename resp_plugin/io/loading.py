@@ -70,8 +70,25 @@ def load_pruned(path: str | Path, *, trust_remote_code: bool = False, **kwargs):
     check_remote_code(path, trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if is_pruned_config(config):
+        _refuse_quantised_moe(path, config)
         return pruned_model_class(config).from_pretrained(path, config=config, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def _refuse_quantised_moe(path: str, config) -> None:
+    """A quantised pruned MoE checkpoint (llm-compressor: per-expert Linear weights with scales) would load
+    with its experts randomly initialised, transformers 5.17 reporting them only as missing: with a
+    ``quantization_config`` it does not fuse per-expert weights into its 3-D experts (the same holds for an
+    unpruned MoE model quantised by llm-compressor).  Refused by name instead (docs/moe.md)."""
+    from resp_plugin.errors import UnsupportedModel
+
+    quantised = getattr(config, "quantization_config", None) is not None
+    if quantised and any(getattr(lc, "resp_num_experts", None) is not None for lc in config.per_layer_config):
+        raise UnsupportedModel(
+            f"{path} is a quantised Mixture-of-Experts checkpoint: transformers does not load quantised "
+            "per-expert weights into its fused experts (they would be left random), so resp-plugin cannot load it; "
+            "load the unquantised pruned checkpoint, or serve it with a runtime that reads per-expert weights "
+            "(docs/moe.md)")
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

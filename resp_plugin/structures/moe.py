@@ -37,9 +37,9 @@ def check_layout(experts: nn.Module, moe: MoESpec, where: str) -> None:
     if not (isinstance(fused, torch.Tensor) and fused.dim() == 3):
         raise UnsupportedModel(
             f"{where}: its experts ({type(experts).__name__}) are not fused 3-D parameters {moe.gate_up_proj!r} / "
-            f"{moe.down_proj!r}. llm-compressor's oneshot turns MoE experts into per-expert Linear modules before "
-            "any modifier runs, so RESPPruningModifier cannot prune MoE models yet: prune with `resp prune` "
-            "(docs/moe.md)")
+            f"{moe.down_proj!r}: resp-plugin cuts fused experts only (RESPPruningModifier packs llm-compressor's "
+            "linearised experts back before pruning); load the model with its fused experts, or register a "
+            "MoESpec for this layout (docs/moe.md)")
     bad = [name for name, ok in (("interleaved gate/up rows", getattr(experts, "is_concatenated", True)),
                                  ("transposed expert weights", not getattr(experts, "is_transposed", False)),
                                  ("expert biases", not getattr(experts, "has_bias", False)),

@@ -34,7 +34,38 @@ def tiny(tmp_path_factory) -> Path:
 
 def test_every_example_is_tested():
     scripts = {p.name for p in EXAMPLES.glob("resp_*.py")}
-    assert scripts == set(CASES)
+    assert scripts == set(CASES) | {"resp_moe.py"}  # resp_moe.py: test_moe_example, on a Qwen3-MoE
+
+
+def _run(script: str, model: Path, prompts: Path, out: Path, calibration: str) -> subprocess.CompletedProcess:
+    args = ["--model", str(model), "--prompts", f"jsonl:{prompts}", "--calibration", calibration,
+            "--sparsity", "0.25", "--step", "0.25", "--num-prompts", "4", "--max-new-tokens", "8",
+            "--generation-batch-size", "4", "--batch-size", "4", "--sample-tokens", "4", "--output-dir", str(out)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                          timeout=900, cwd=out, env=env)
+
+
+def test_moe_example(tmp_path):
+    """examples/resp_moe.py on a tiny random Qwen3-MoE: experts removed, per-layer sizes, reloads."""
+    from test_moe import make_moe
+
+    import resp_plugin
+    from conftest import make_tokenizer, write_gold
+
+    model = make_moe("qwen3_moe")
+    model.save_pretrained(tmp_path / "tiny")
+    make_tokenizer().save_pretrained(tmp_path / "tiny")
+    res = _run("resp_moe.py", tmp_path / "tiny", write_gold(tmp_path / "gold.jsonl", n=8), tmp_path, "gold")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "tiny-RESP25"
+    assert f"saved {out}" in res.stdout and "SAMPLE GENERATION" in res.stdout
+    plc = json.loads((out / "config.json").read_text())["per_layer_config"]
+    assert min(v["resp_num_experts"] for v in plc.values() if v["resp_num_experts"] is not None) < 8
+    pruned = resp_plugin.load_pruned(out, dtype=torch.float32).eval()
+    assert pruned.num_parameters() < model.num_parameters()
+    with torch.no_grad():
+        assert torch.isfinite(pruned(torch.tensor([[3, 10, 11, 12]])).logits).all()
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
@@ -42,12 +73,7 @@ def test_example_runs_and_saves_a_reloadable_model(tiny, tmp_path, script):
     import resp_plugin
 
     suffix, multiple, calibration = CASES[script]
-    args = ["--model", str(tiny / "tiny"), "--prompts", f"jsonl:{tiny / 'gold.jsonl'}", "--calibration", calibration,
-            "--sparsity", "0.25", "--step", "0.25", "--num-prompts", "4", "--max-new-tokens", "8",
-            "--generation-batch-size", "4", "--batch-size", "4", "--sample-tokens", "4", "--output-dir", str(tmp_path)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                         timeout=900, cwd=tmp_path, env=env)
+    res = _run(script, tiny / "tiny", tiny / "gold.jsonl", tmp_path, calibration)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "SAMPLE GENERATION" in res.stdout
     out = tmp_path / f"tiny-RESP25{suffix}"

@@ -7,8 +7,8 @@ Width multiple: 8 (expert widths stay multiples of the fused experts' kernel ali
 
     python examples/resp_moe.py --model Qwen/Qwen3-30B-A3B --prompts gsm8k:data/gsm8k/train.jsonl
 
-oneshot linearises the experts before RESP runs; RESP cuts them fused and linearises them again at
-each layer's pruned size.  Reload with ``resp_plugin.load_pruned(SAVE_DIR)`` or
+oneshot linearises the experts before RESP runs; RESP packs them back and cuts them fused (they
+stay fused: no quantisation follows).  Reload with ``resp_plugin.load_pruned(SAVE_DIR)`` or
 ``AutoModelForCausalLM.from_pretrained(SAVE_DIR, trust_remote_code=True)``.  Not yet: vLLM serving of
 pruned MoE checkpoints, and reloading them quantised (docs/moe.md).
 """

@@ -158,7 +158,7 @@ class RESPPruningModifier(_RESPConfigFields):
                 cal = recorder.refresh(model, tokenizer, config.sparsity, cal, result.out)
         self._calibration, self._report = cal, result.report
         check_group_divisibility(result.adapter, group)
-        linearized_after_pruning(model, fused, result.adapter)  # per-expert Linears for the quantisers
+        linearized_after_pruning(model, fused, result.adapter, after)  # per-expert Linears for quantisers
         kept, source, ref = result.adapter.kept_map(), model.config._name_or_path, weakref.ref(model)
         compat.wrap_save_pretrained(model, lambda folder: restore_pruned_checkpoint(folder, ref(), kept, source))
         set_latest(self)

@@ -6,9 +6,9 @@ global config.  RESP's MoE structures cut the fused form (one expert = a slice o
 parameters and its router row), so :func:`fused_for_pruning` packs them back for the cut and
 linearises them again afterwards (:func:`linearized_after_pruning`) with each layer's own expert
 count and width: the quantisation modifiers that follow attach to the pruned per-expert ``Linear``
-modules, and ``oneshot`` saves the per-expert layout transformers itself writes
-(``experts.<j>.gate_proj.weight``), which
-``resp_plugin.load_pruned`` fuses again on load with the per-layer sizes of ``config.json``.
+modules.  Without a quantisation after RESP the experts stay fused, and transformers saves them in
+its own per-expert format, which ``resp_plugin.load_pruned`` fuses again on load with the per-layer
+sizes of ``config.json``.
 
 Architecture knowledge stays in :mod:`resp_plugin.structures`: the layers come from the adapter the
 run returns, the config field of the expert width from its ``MoESpec``; the expert count is set
@@ -33,9 +33,15 @@ def fused_for_pruning(model) -> list[str]:
     return compat.repack_experts(model)
 
 
-def linearized_after_pruning(model, names: list[str], adapter: Any) -> None:
+def linearized_after_pruning(model, names: list[str], adapter: Any, after: list) -> None:
     """Linearise the experts :func:`fused_for_pruning` packed again, each at its layer's pruned size
-    (``adapter``: the run's, whose states say what each layer kept)."""
+    (``adapter``: the run's, whose states say what each layer kept), when a modifier in ``after``
+    quantises: per-expert Linears are what it attaches to.  Otherwise they stay fused, so transformers
+    saves them in the model's own per-expert format (Mixtral: ``block_sparse_moe.experts.<j>.w1``);
+    llm-compressor's linear names (``gate_proj`` ...) are not that format for every family, and a
+    Mixtral saved linearised would reload with random experts."""
+    if not any(compat.is_quantizing(m) for m in after):
+        return
     modules = {module: name for name, module in model.named_modules()}
     for i, block in enumerate(adapter.blocks):
         name = modules.get(block[0]) if block is not None else None

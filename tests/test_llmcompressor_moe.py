@@ -1,6 +1,6 @@
 """RESPPruningModifier on a Mixture-of-Experts model inside llm-compressor's real ``oneshot`` (tiny random
-Qwen3-MoE): oneshot linearises the experts before any modifier runs; RESP cuts them fused and hands
-per-expert Linear modules at each layer's pruned size to the quantisation that follows."""
+Qwen3-MoE and Mixtral): oneshot linearises the experts before any modifier runs; RESP cuts them fused
+and hands per-expert Linear modules at each layer's pruned size to a quantisation that follows."""
 
 from __future__ import annotations
 
@@ -28,13 +28,17 @@ MOE_LAYERS = (0, 2, 3)  # layer 1 is one of Qwen3-MoE's mlp_only_layers: dense
 ROUTERS = "re:.*mlp[.]gate$"  # a router is a Linear too; RESP's recipes keep it in full precision
 
 
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("llmc-moe")
-    make_moe("qwen3_moe").save_pretrained(root / "dense")
+def save_moe(root: Path, family: str) -> Path:
+    """``root/dense``: a saved tiny random MoE model (test_moe.make_moe) with a tokenizer; gold prompts."""
+    make_moe(family).save_pretrained(root / "dense")
     make_tokenizer().save_pretrained(root / "dense")
     write_gold(root / "gold.jsonl", n=8)
     return root
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    return save_moe(tmp_path_factory.mktemp("llmc-moe"), "qwen3_moe")
 
 
 def load(path: Path):
@@ -51,24 +55,28 @@ def layer_sizes(out: Path) -> dict[int, dict]:
     return {int(k): v for k, v in json.loads((out / "config.json").read_text())["per_layer_config"].items()}
 
 
-def experts_saved(out: Path, layer: int) -> dict[int, torch.Size]:
-    """Saved experts of ``layer``: expert index -> shape of its down_proj weight (hidden, width)."""
-    prefix = f"model.layers.{layer}.mlp.experts."
+def experts_saved(out: Path, layer: int, down: str = "down_proj") -> dict[int, torch.Size]:
+    """Saved experts of ``layer``: expert index -> shape of its down projection (hidden, width).
+    (transformers writes Mixtral's as ``block_sparse_moe.experts.<j>.w2``, Qwen3-MoE's under ``mlp``.)"""
+    prefix = f"model.layers.{layer}."
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        return {int(k[len(prefix):].split(".")[0]): f.get_slice(k).get_shape()
-                for k in f.keys() if k.startswith(prefix) and k.endswith("down_proj.weight")}
+        return {int(k.split(".experts.")[1].split(".")[0]): f.get_slice(k).get_shape()
+                for k in f.keys() if k.startswith(prefix) and ".experts." in k and k.endswith(f".{down}.weight")}
 
 
-def test_resp_alone_on_moe_saves_and_reloads_exactly(dense, tmp_path):
-    model = load(dense / "dense")
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_resp_alone_on_moe_saves_and_reloads_exactly(family, dense, tmp_path):
+    root = dense if family == "qwen3_moe" else save_moe(tmp_path, family)
+    moe_layers = MOE_LAYERS if family == "qwen3_moe" else (0, 1, 2, 3)
+    model = load(root / "dense")
     out = tmp_path / "out"
-    oneshot(model=model, recipe=[resp(dense)], output_dir=str(out))
+    oneshot(model=model, recipe=[resp(root)], output_dir=str(out))
     sizes = layer_sizes(out)
-    assert sizes[1]["resp_num_experts"] is None
-    assert min(sizes[i]["resp_num_experts"] for i in MOE_LAYERS) < 8, "no expert was removed"
-    assert min(sizes[i]["resp_intermediate_size"] for i in MOE_LAYERS) < 32, "no expert channel was removed"
-    for i in MOE_LAYERS:  # the per-expert layout, at each layer's own count and width
-        saved = experts_saved(out, i)
+    assert (sizes[1]["resp_num_experts"] is None) == (family == "qwen3_moe")
+    assert min(sizes[i]["resp_num_experts"] for i in moe_layers) < 8, "no expert was removed"
+    assert min(sizes[i]["resp_intermediate_size"] for i in moe_layers) < 32, "no expert channel was removed"
+    for i in moe_layers:  # the per-expert layout, at each layer's own count and width
+        saved = experts_saved(out, i, "down_proj" if family == "qwen3_moe" else "w2")
         assert sorted(saved) == list(range(sizes[i]["resp_num_experts"]))
         assert {tuple(s) for s in saved.values()} == {(32, sizes[i]["resp_intermediate_size"])}
     with torch.no_grad():

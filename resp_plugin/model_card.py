@@ -176,9 +176,11 @@ def _summary(model_dir: Path, config: _Config, run: RunRecord | None, base_model
     rows.append(("quantised", _quant_scheme(quant) if quant else "no"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     title = f"{model_dir.resolve().parent.name}/{model_dir.name}" if run is not None else model_dir.name
+    units = "attention heads, routed experts and MLP / expert channels" if _is_moe(config) else \
+        "attention heads and MLP channels"
     return (f"# {title}: RESP-pruned `{dense_architecture_name(arch)}`\n\n"
             f"Structurally pruned with RESP (Self-Reflective Structured Pruning, [arXiv 2512.02185]({PAPER})) "
-            "using resp-plugin: attention heads and MLP channels were physically removed, so the model is "
+            f"using resp-plugin: {units} were physically removed, so the model is "
             "smaller and faster, not masked. Layers keep different sizes, recorded in `config.json` "
             "(`per_layer_config`).\n\n| | |\n|---|---|\n" + table + "\n")
 
@@ -211,7 +213,7 @@ def _changed(config: BaseModel, prefix: str = "") -> list[tuple[str, Any, str]]:
 def _layer_table(config: _Config) -> str:
     if not is_pruned_config(config):
         return ""
-    if any(layer_sizes(config, i).num_experts is not None for i in range(len(config.per_layer_config))):
+    if _is_moe(config):
         return _moe_layer_table(config)
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     rows = [f"| dense | {config.num_attention_heads} | {kv} | {config.intermediate_size} |"]
@@ -221,6 +223,12 @@ def _layer_table(config: _Config) -> str:
     return ("## Layer sizes\n\nKept structures per decoder layer (head width "
             f"{head_dim_of(config)}).\n\n| layer | query heads | KV heads | MLP channels |\n|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
+
+
+def _is_moe(config: _Config) -> bool:
+    """A pruned Mixture-of-Experts checkpoint: some layer records its kept routed experts."""
+    return is_pruned_config(config) and any(
+        layer_sizes(config, i).num_experts is not None for i in range(len(config.per_layer_config)))
 
 
 def _moe_layer_table(config: _Config) -> str:
@@ -309,7 +317,7 @@ def _usage(model_dir: Path, config: _Config) -> str:
     else:
         plain = " not possible: this architecture has no bundled modeling file; install resp-plugin.\n"
         lm_eval = ""
-    if any(getattr(lc, "resp_num_experts", None) is not None for lc in config.per_layer_config):
+    if _is_moe(config):
         vllm = "vLLM: the RESP vLLM plugin does not serve Mixture-of-Experts checkpoints yet.\n"
     else:
         vllm = ("vLLM (resp-plugin's vLLM plugin serves `RESP<Arch>` classes of the architectures it has "

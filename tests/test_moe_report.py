@@ -72,5 +72,5 @@ def test_model_card_shows_experts_per_layer(moe_run):
         assert row[:4] == [str(i), str(lc["resp_num_attention_heads"]), str(lc["resp_num_key_value_heads"]),
                            str(lc["resp_intermediate_size"])]
         assert row[4] == ("" if lc["resp_num_experts"] is None else str(lc["resp_num_experts"]))
-    assert "expert width" in card
+    assert "expert width" in card and "attention heads, routed experts and MLP / expert channels were" in card
     assert "Mixture-of-Experts" in card

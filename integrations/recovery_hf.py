@@ -115,7 +115,7 @@ class HFRecoveryTrainer:
 
     def __init__(self, config: RESPConfig) -> None:
         self.config, self.rec = config, config.recovery
-        world = max(1, distributed.world().world_size if distributed.world().active else _launched_world())
+        world = distributed.world().world_size if distributed.world().active else distributed.launched_world_size()
         per_step = self.rec.gradient_accumulation * world
         if self.rec.batch_size % per_step:
             raise ConfigError(f"--recovery-batch-size {self.rec.batch_size} must be a multiple of "
@@ -166,8 +166,3 @@ class HFRecoveryTrainer:
                          target_modules=lora_targets(model), task_type="CAUSAL_LM")
         return get_peft_model(model, cfg)
 
-
-def _launched_world() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))

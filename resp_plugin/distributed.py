@@ -54,9 +54,17 @@ class World:
         return self.world_size > 1
 
 
+def launched_world_size() -> int:
+    """Processes the launcher started (``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE``), 1 outside one.
+
+    Known before any process group exists, so a config can be checked against it first.
+    """
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def launched() -> bool:
-    """True inside ``torchrun`` with more than one process (the launcher sets ``WORLD_SIZE``)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True inside ``torchrun`` with more than one process."""
+    return launched_world_size() > 1
 
 
 def world() -> World:

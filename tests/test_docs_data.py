@@ -386,3 +386,15 @@ def test_recovery_table_check_fails_when_a_number_is_edited() -> None:
     edited[0][2] = "**0.736**"
     with pytest.raises(AssertionError):
         check_recovery_row(edited[0])
+
+
+def test_interleaved_table_matches_its_raw_files() -> None:
+    """docs/recovery.md: after-pruning vs interleaved at 70 %, every cell from its raw result."""
+    (t,) = [t for t in tables((DOCS / "recovery.md").read_text()) if t.header.startswith("| schedule to 70 %")]
+    raws = [_raw("recovery_results/resp70_seed0_forward_kl.json"), _raw("recovery_results/interleaved70_seed0.json")]
+    inter = raws[1]
+    assert inter["tokens"] == inter["stage1_recovery_at_60"]["tokens"] + inter["stage2_recovery_at_70"]["tokens"]
+    assert inter["after"] == inter["stage2_recovery_at_70"]["after"]
+    for row, raw in zip(t.rows, raws, strict=True):
+        assert [_plain(c) for c in row[1:]] == [f"{raw['before']:.3f}", f"{raw['after']:.3f}", f"{raw['tokens']:,}",
+                                                 f"{raw['seconds']:.0f} s"], row[0]

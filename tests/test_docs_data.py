@@ -320,7 +320,8 @@ RECOVERY_RAW = {"50 %, reverse KL": "recovery_results/resp50_seed0_default.json"
                 "70 %, forward KL": "recovery_results/resp70_seed0_forward_kl.json",
                 "60 %, forward KL, seed 1": "recovery_results/resp60_seed1_forward_kl.json",
                 "70 %, forward KL, seed 1": "recovery_results/resp70_seed1_forward_kl.json",
-                "60 %, forward KL, seed 2": "recovery_results/resp60_seed2_forward_kl.json"}
+                "60 %, forward KL, seed 2": "recovery_results/resp60_seed2_forward_kl.json",
+                "70 %, forward KL, seed 2": "recovery_results/resp70_seed2_forward_kl.json"}
 
 
 def recovery_rows(text: str) -> list[list[str]]:

@@ -33,6 +33,7 @@ import torch
 
 from resp_plugin import organism
 from resp_plugin.calibration import CalibrationSample, Trace, build_samples
+from resp_plugin.calibration.providers import GenericProvider
 from resp_plugin.cli import _Parser
 from resp_plugin.config_flags import add_config_flags, config_from_args
 from resp_plugin.io import load_pruned, load_tokenizer
@@ -76,11 +77,14 @@ class TeacherSFT(Rounds):
 
 
 class GenericKD(Rounds):
-    """Every round: the generic text, each line scored by the teacher on all its tokens but the first."""
+    """Every round: the generic text (read as generic calibration reads it), each line scored by the teacher
+    on all its tokens but the first."""
 
     def _make_round(self, model) -> list[DistillSample]:
         if self.teacher_set is None:
-            lines = [x.strip() for x in organism.data_path("generic.txt").read_text().splitlines() if x.strip()]
+            generic = self.config.model_copy(update={"generic_text": str(organism.data_path("generic.txt")),
+                                                     "num_prompts": 10**9})  # every line
+            lines = GenericProvider(generic).lines
             ids = [self.tokenizer(x, add_special_tokens=False)["input_ids"][: self.config.max_seq_len] for x in lines]
             samples = [CalibrationSample(row, 1) for row in ids if len(row) > 1]
             with self._teacher_on(model) as teacher:
@@ -146,7 +150,7 @@ def main() -> None:
     line = {"student": str(args.student), "method": args.method, "n": args.n, "before": before, "after": after,
             "seconds": round(seconds, 1), "tokens": rec.tokens, "rounds": len(rec.rounds),
             "best_round": rec.best_round, "heldout": [rec.start_accuracy] + [r.accuracy for r in rec.rounds],
-            "stop": rec.stop_reason, "settings": {k: v for k, v in config.recovery.model_dump().items()}}
+            "stop": rec.stop_reason, "settings": config.recovery.model_dump()}
     (args.out / "result.json").write_text(json.dumps(line, indent=1))
     print(json.dumps(line))
 

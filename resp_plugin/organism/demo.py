@@ -36,10 +36,9 @@ EVAL_BATCH = 128
 # The demo's recovery: the default recipe (docs/recovery.md) shortened to fit the demo's time on 2 cores
 # (3 rounds of 30 steps on 256 prompts, stop after a round without gain, instead of 8 x 60 on 512, patience
 # 3); quick: one round of 10 steps.
-DEMO_RECOVERY = {"enabled": True, "rounds": 3, "steps_per_round": 30, "num_prompts": 256, "heldout_prompts": 64,
-                 "patience": 1, "max_new_tokens": 28}
-QUICK_RECOVERY = {"enabled": True, "rounds": 1, "steps_per_round": 10, "num_prompts": 64, "heldout_prompts": 16,
-                  "max_new_tokens": 28}
+DEMO_RECOVERY = {"rounds": 3, "steps_per_round": 30, "num_prompts": 256, "heldout_prompts": 64, "patience": 1,
+                 "max_new_tokens": 28}
+QUICK_RECOVERY = {"rounds": 1, "steps_per_round": 10, "num_prompts": 64, "heldout_prompts": 16, "max_new_tokens": 28}
 
 
 PINNED = {"prompt_selection": "sample", "usable_gate": True}
@@ -65,7 +64,7 @@ def demo_config(kind: str = "resp", quick: bool = False, seed: int = 0, sparsity
         raise ConfigError(f"unknown demo calibration {kind!r}; use 'resp' or 'generic'")
     return RESPConfig(calibration="self", prompts=f"gsm8k:{organism.data_path('train.jsonl')}",
                       generation={"max_new_tokens": 40, "batch_size": 64}, save_at=list(save_at) or None,
-                      recovery=QUICK_RECOVERY if quick else DEMO_RECOVERY, **(PINNED if pinned else {}), **common)
+                      **(PINNED if pinned else {}), **common)
 
 
 @contextmanager
@@ -138,23 +137,25 @@ def _prune_and_measure(kind: str, model_dir: Path, out: Path, problems, levels: 
     return got, last, model
 
 
-def _recover_levels(out: Path, teacher, problems, levels: tuple[float, ...], resp: dict[str, Any], quick: bool,
-                    pinned: bool) -> dict[str, Any]:
+def _recover_levels(out: Path, teacher, tokenizer, problems, levels: tuple[float, ...], last: float,
+                    resp: dict[str, Any], quick: bool, pinned: bool) -> dict[str, Any]:
     """RESP's model at each level recovered from the dense one (``teacher``), then evaluated.
 
-    The models are the RESP run's own (``save_at`` folders, ``model`` for its last level); each
-    recovery's record goes to ``OUT/recovery/LEVEL/record.json``.
+    The models are the RESP run's own (``save_at`` folders, ``model`` for its ``last`` level); each
+    recovery's record goes to ``OUT/recovery/LEVEL/record.json``.  The recovery settings live here
+    only: the pruning run itself does not recover (its config.yaml says so).
     """
+    from resp_plugin.config import RecoveryConfig
     from resp_plugin.recovery import recover
     from resp_plugin.run_state import save_at_dir
 
     got: dict[str, Any] = {"accuracy": {}, "sparsity": {}, "tokens": {}, "seconds": {}}
-    config = demo_config("resp", quick, pinned=pinned)
-    last = max(float(lv) for lv in resp["accuracy"])
+    recovery = RecoveryConfig(**(QUICK_RECOVERY if quick else DEMO_RECOVERY))
+    config = demo_config("resp", quick, pinned=pinned).model_copy(update={"recovery": recovery})
     with tqdm(total=len(levels), desc=f"{demo_report.SHORT['resp_recovery']}: recovering, evaluating",
               unit="level") as bar:
         for level in levels:
-            student, tokenizer = _load(out / "resp" / ("model" if level >= last else save_at_dir(level)))
+            student, _ = _load(out / "resp" / ("model" if level >= last else save_at_dir(level)))
             t0 = time.time()
             result = recover(student, teacher, tokenizer, config, out / "recovery" / f"{level:.2f}", progress=False,
                              checkpoints=False)
@@ -236,8 +237,8 @@ def run_demo(out: str | Path = "resp-demo", quick: bool = False, model_dir: str 
         if kind == "resp":
             pruned = model  # the speed comparison's pruned side
     if recovery_levels:
-        summary["methods"]["resp_recovery"] = _recover_levels(out, dense_model, problems, recovery_levels,
-                                                              summary["methods"]["resp"], quick, pinned)
+        summary["methods"]["resp_recovery"] = _recover_levels(out, dense_model, tokenizer, problems, recovery_levels,
+                                                              max(levels), summary["methods"]["resp"], quick, pinned)
     summary["example"] = {**pick_example(problems, completions, tokenizer), "level": str(example_level(levels))}
     summary["speed_level"] = str(max(levels))
     summary["speed"] = compare_decode(dense_model, pruned, tokenizer, [p.question for p in problems],

@@ -41,6 +41,7 @@ from resp_plugin.organism.evaluate import accuracy
 from resp_plugin.organism.tasks import held_out_problems
 from resp_plugin.recovery import plan_recovery, recover, trainer_for
 from resp_plugin.recovery.data import DistillSample, score_with_teacher
+from resp_plugin.recovery.folder import run_inputs
 from resp_plugin.recovery.rounds import Rounds, round_seed
 
 METHODS = ("ours", "sft_gold", "sft_teacher", "kd_generic")
@@ -106,11 +107,17 @@ def equal_token_steps(rounds: Rounds, model, reference: Path) -> int:
 
 
 def run_method(args, student, teacher, tok, config):
-    """Train ``student`` with ``args.method``; returns (model, record, the config it ran with)."""
+    """Train ``student`` with ``args.method``; returns (model, record, the config it ran with).
+
+    A student of a run folder (``RUN/model-0.60``) brings the run's calibration traces: their prompts stay
+    out of the held-out check, as in ``resp recover`` (the check must not grade the prompts RESP chose the
+    structures on).
+    """
+    calibrated = run_inputs(args.student).traces
     if args.method == "ours":
-        result = recover(student, teacher, tok, config, args.out / "recovery")
+        result = recover(student, teacher, tok, config, args.out / "recovery", teacher_traces=calibrated)
         return result.model, result.record, config
-    plan = plan_recovery(config)
+    plan = plan_recovery(config, calibrated)
     rounds = BASELINES[args.method](student, teacher, tok, config, plan, args.out / "recovery")
     if args.equal_tokens_to:
         steps = equal_token_steps(rounds, student, args.equal_tokens_to)

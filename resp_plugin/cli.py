@@ -94,14 +94,15 @@ def cmd_prune(args) -> int:
     device = "cpu" if config.fsdp else _rank_device(config.device)
     model, tokenizer = load_model_and_tokenizer(args.model, device, config.dtype,
                                                 trust_remote_code=args.trust_remote_code)
+    teacher = _teacher(args, config)
     try:
         result = prune(model, tokenizer, config, out=out, resume=args.resume, overwrite=args.overwrite,
-                       provider=provider)
+                       provider=provider, teacher=teacher)
     except Exception as e:
         _lost_rank(e)
         raise
-    if config.recovery.enabled:
-        _recover_pruned(args, result, tokenizer, config, out)
+    if teacher is not None:
+        _recover_pruned(args, result, tokenizer, config, out, teacher)
     if not world.is_main:
         return 0
     from resp_plugin.report import render
@@ -113,14 +114,23 @@ def cmd_prune(args) -> int:
     return 0
 
 
-def _recover_pruned(args, result, tokenizer, config, out: Path) -> None:
+def _teacher(args, config):
+    """``--recover``: the dense model (the folder pruned) as the teacher of every recovery of the run, loaded
+    once when the first recovery needs it; None without ``--recover``."""
+    if not config.recovery.enabled:
+        return None
+    from resp_plugin.recovery.folder import DenseTeacher
+
+    return DenseTeacher(args.model, config.dtype, trust_remote_code=args.trust_remote_code)
+
+
+def _recover_pruned(args, result, tokenizer, config, out: Path, teacher) -> None:
     """``--recover``: distil the dense model (the folder just pruned) into the pruned one, in this run folder."""
     from resp_plugin.recovery.folder import recover_after_prune
     from resp_plugin.run_lock import run_folder
 
     with run_folder(out):  # the run folder stays locked while the recovery writes into it
-        record = recover_after_prune(result.model, tokenizer, config, out, args.model, resume=args.resume,
-                                     trust_remote_code=args.trust_remote_code)
+        record = recover_after_prune(result.model, tokenizer, config, out, teacher, resume=args.resume)
     print(f"recovery: held-out accuracy {record.start_accuracy:.3f} -> {record.best_accuracy:.3f} (teacher "
           f"{record.teacher_accuracy:.3f}) in {len(record.rounds)} rounds, {record.tokens:,} tokens; pruned-only "
           f"model kept in {out / 'model-pruned'}")

@@ -43,7 +43,8 @@ class GenerationConfig(BaseModel):
 
 
 class RecoveryConfig(BaseModel):
-    """Distillation of the dense model (teacher) into the pruned one (student) after pruning.
+    """Distillation of the dense model (teacher) into the pruned one (student) after pruning, and with
+    ``at`` also at those levels while pruning (interleaved: RESP prunes on from the recovered weights).
 
     Defaults come from the organism measurements in docs/recovery.md: the student's own traces
     judged token by token by the teacher (on-policy, as in GKD), forward KL, rounds of
@@ -54,6 +55,9 @@ class RecoveryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     enabled: bool = Field(False, description="run the recovery stage after pruning (resp prune --recover)")
+    at: list[float] = Field(default_factory=list, description="interleaved recovery: sparsities of the dense "
+                            "model, below the target, where pruning stops for a recovery before it continues "
+                            "(e.g. 0.6; the recovery after the target still runs); needs --recover")
     trainer: str = Field("hf", description="training engine of the recovery rounds: hf (transformers' Trainer "
                          "on accelerate: DDP, FSDP, DeepSpeed, bf16) or a plugin's")
     data: Literal["student", "teacher", "mixed"] = Field(
@@ -195,6 +199,23 @@ class RESPConfig(BaseModel):
         if self.save_at is not None:
             _check_levels("save_at", "save_at levels", list(self.save_at), self.sparsity,
                           example="; e.g. --save-at 0.2,0.3,0.4")
+        return self
+
+    @model_validator(mode="after")
+    def _check_recovery_at(self) -> RESPConfig:
+        """Interleaved recovery levels: on, in order, each once, each a level pruning still passes."""
+        at = list(self.recovery.at)
+        if not at:
+            return self
+        if not self.recovery.enabled:
+            raise ValueError(f"recovery.at {at} runs recoveries while pruning and needs the recovery stage on: "
+                             "add --recover (recovery: {enabled: true})")
+        if at != sorted(at) or len(set(at)) != len(at):
+            raise ValueError(f"recovery.at must be strictly increasing, got {at}; e.g. --recovery-at 0.4,0.6")
+        bad = [x for x in at if not 0.0 < x < self.sparsity - SPARSITY_TOLERANCE]
+        if bad:
+            raise ValueError(f"recovery.at levels must lie in (0, sparsity={self.sparsity}) (the recovery at the "
+                             f"target runs anyway), got {bad}; drop them or raise --sparsity")
         return self
 
     def effective_milestones(self) -> list[float]:

@@ -150,6 +150,14 @@ def all_reduce_(tensors: Iterable[torch.Tensor]) -> None:
         dist.all_reduce(t)
 
 
+def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Rank ``src``'s values of each tensor on every rank, in place (weights only rank 0 read from disk)."""
+    if not world().active:
+        return
+    for t in tensors:
+        dist.broadcast(t, src=src)
+
+
 def all_reduce_float(value: float) -> float:
     """Sum a Python float over ranks (the loss of the shards), in float64."""
     if not world().active:

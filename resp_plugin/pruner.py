@@ -23,6 +23,7 @@ from resp_plugin.calibration import CalibrationProvider, CalibrationSet, provide
 from resp_plugin.checks import check_tokenizer
 from resp_plugin.config import SPARSITY_TOLERANCE, RESPConfig
 from resp_plugin.errors import ConfigError, OutputExists, UnsupportedModel
+from resp_plugin.recovery.interleave import Interleaving
 from resp_plugin.run_lock import run_folder
 from resp_plugin.run_record import DistributedRecord, RunRecord
 from resp_plugin.run_state import RunState
@@ -102,10 +103,16 @@ def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrit
 
 def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *, resume: bool = False,
           overwrite: bool = False, provider: CalibrationProvider | None = None, save: bool = True,
-          progress: bool = True, on_step: Callable[[float, Any], None] | None = None) -> PruneResult:
+          progress: bool = True, on_step: Callable[[float, Any], None] | None = None,
+          teacher: Callable[[], Any] | None = None) -> PruneResult:
     """Prune ``model`` in place to ``config.sparsity`` with RESP; save to ``out/model``.
 
     ``on_step(sparsity, model)`` is called after every step (e.g. to evaluate snapshots).
+
+    ``teacher()`` returns the dense model, the teacher of the interleaved recoveries
+    (``config.recovery.at``: pruning stops at each level for a recovery, then continues from the
+    recovered weights); needed only with ``recovery.at``.  The recovery after the target is the
+    caller's (``resp prune --recover``: :func:`resp_plugin.recovery.folder.recover_after_prune`).
 
     With ``resume=True`` a run interrupted at any point continues from ``out/state.json``
     (the model passed in must be the same dense model) and ends as the uninterrupted run would.
@@ -117,23 +124,27 @@ def prune(model, tokenizer, config: RESPConfig, out: str | Path | None = None, *
     check_tokenizer(tokenizer, config)
     with run_folder(out):  # OUT/.lock, held for the whole run and released however it ends
         return _run(model, tokenizer, config, Path(out) if out is not None else None, resume=resume,
-                    overwrite=overwrite, provider=provider, save=save, progress=progress, on_step=on_step)
+                    overwrite=overwrite, provider=provider, save=save, progress=progress, on_step=on_step,
+                    teacher=teacher)
 
 
 def _run(model, tokenizer, config: RESPConfig, out: Path | None, *, resume: bool, overwrite: bool,
          provider: CalibrationProvider | None, save: bool, progress: bool,
-         on_step: Callable[[float, Any], None] | None) -> PruneResult:
+         on_step: Callable[[float, Any], None] | None, teacher: Callable[[], Any] | None) -> PruneResult:
     """The run itself, inside the run folder's lock: validate, calibrate, the steps, the final writes."""
     t0 = time.time()
     with distributed.together("checking the run"):
         distributed.check_fsdp(config)
         plan = validate(model, config, out, resume, overwrite)
+        check_interleaving(config, teacher)
     provider = provider or provider_for(config)
     run = RunState.open(out, config, plan.adapter, plan.total, plan.protected, resume)
     sharding = _place(model, plan.adapter, config)
     cal = _calibration(model, tokenizer, provider, run)
-    n_scored = _prune_steps(model, tokenizer, config, plan, provider, cal, run,
-                            progress and distributed.world().is_main, on_step, sharding)
+    shown = progress and distributed.world().is_main
+    interleaving = Interleaving(config, teacher, resume, shown) if config.recovery.at and teacher else None
+    n_scored = _prune_steps(model, tokenizer, config, plan, provider, cal, run, shown, on_step, sharding,
+                            interleaving)
     seconds = time.time() - t0
     ranks = (_distributed_report(model, plan.adapter, provider, n_scored, sharding)
              if distributed.world().active else None)
@@ -146,9 +157,11 @@ def _run(model, tokenizer, config: RESPConfig, out: Path | None, *, resume: bool
 
 def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: CalibrationProvider,
                  cal: CalibrationSet, run: RunState, progress: bool,
-                 on_step: Callable[[float, Any], None] | None, sharding: distributed.Sharding | None) -> int:
-    """The loop, step by step until the target: regenerate at milestones, score, select, remove,
-    checkpoint.  Returns the calibration samples this rank scored per step (for the torchrun report)."""
+                 on_step: Callable[[float, Any], None] | None, sharding: distributed.Sharding | None,
+                 interleaving: Interleaving | None = None) -> int:
+    """The loop, step by step until the target: recover at ``recovery.at`` levels, regenerate at
+    milestones (and right after a recovery), score, select, remove, checkpoint.  Returns the
+    calibration samples this rank scored per step (for the torchrun report)."""
     adapter, total = plan.adapter, plan.total
 
     def sparsity() -> float:
@@ -159,9 +172,10 @@ def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: Cal
     bar = _Progress(config.sparsity, sparsity(), progress)
     n_scored = 0
     while True:
+        if interleaving is not None:  # before the milestones: a regeneration due here uses the recovered model
+            _recover_due(model, tokenizer, interleaving, adapter, run, sparsity())
         # Milestones crossed but not yet served (also after a crash between step and regeneration).
-        crossed = [m for m in config.effective_milestones()
-                   if m <= sparsity() + SPARSITY_TOLERANCE and m not in run.served_milestones()]
+        crossed = _regeneration_due(config, run, sparsity())
         if crossed:
             cal = _serve_milestones(model, tokenizer, provider, cal, crossed, config, run,
                                     done=sparsity() >= config.sparsity - SPARSITY_TOLERANCE)
@@ -183,6 +197,34 @@ def _prune_steps(model, tokenizer, config: RESPConfig, plan: Plan, provider: Cal
             on_step(sparsity(), model)
     bar.close()
     return n_scored
+
+
+def check_interleaving(config: RESPConfig, teacher: Callable[[], Any] | None) -> None:
+    """``recovery.at`` needs the dense model as teacher, and an unsharded model to train."""
+    if not config.recovery.at:
+        return
+    if teacher is None:
+        raise ConfigError(f"recovery.at {config.recovery.at} distils the dense model while pruning: pass "
+                          "teacher= (a function returning the dense model) to prune(); `resp prune` passes MODEL")
+    if config.fsdp:
+        raise ConfigError("recovery.at (interleaved recovery) does not run on an FSDP-sharded model yet; drop --fsdp "
+                          "or --recovery-at")
+
+
+def _recover_due(model, tokenizer, interleaving: Interleaving, adapter: DecoderAdapter, run: RunState,
+                 sparsity: float) -> None:
+    """Every ``recovery.at`` level reached and not yet recovered: recover there, then record it."""
+    for level in interleaving.due(run.record, sparsity):
+        run.record.recoveries.append(interleaving.run(level, model, tokenizer, adapter, run.out, sparsity))
+        run.save_state(adapter)
+
+
+def _regeneration_due(config: RESPConfig, run: RunState, sparsity: float) -> list[float]:
+    """Levels whose traces are due and not yet served: the milestones crossed, and every interleaved
+    recovery's level (the next scoring must read the recovered model's traces), in order."""
+    levels = {m for m in config.effective_milestones() if m <= sparsity + SPARSITY_TOLERANCE}
+    levels |= {r.level for r in run.record.recoveries}
+    return sorted(levels - run.served_milestones())
 
 
 def _place(model, adapter: DecoderAdapter, config: RESPConfig) -> distributed.Sharding | None:
@@ -215,7 +257,8 @@ def _serve_milestones(model, tokenizer, provider: CalibrationProvider, cal: Cali
     if not (config.regenerate and cal.kind == "self" and not done):
         run.record_milestones(crossed, None, None, done)
         return cal
-    logger.info(f"milestone {crossed[-1]:.2f}: regenerating calibration traces with the pruned model")
+    what = "recovered" if crossed[-1] in run.recovered_levels() else "pruned"
+    logger.info(f"milestone {crossed[-1]:.2f}: regenerating calibration traces with the {what} model")
     started = time.time()
     cal = provider.refresh(model, tokenizer, crossed[-1], cal, run.out)
     run.record_milestones(crossed, cal, round(time.time() - started, 3), done)
@@ -289,8 +332,10 @@ def official_step_structures(adapter: DecoderAdapter) -> int:
 
 
 def next_stop(config: RESPConfig, s: float) -> float:
-    """The sparsity a step must not overshoot: the next ``save_at`` level above ``s``, else the target."""
-    return min([x for x in config.save_at or [] if x > s + SPARSITY_TOLERANCE] + [config.sparsity])
+    """The sparsity a step must not overshoot: the next ``save_at`` or ``recovery.at`` level above ``s``,
+    else the target."""
+    levels = [*(config.save_at or []), *config.recovery.at]
+    return min([x for x in levels if x > s + SPARSITY_TOLERANCE] + [config.sparsity])
 
 
 def _structures_removed(sel: scoring.Selection, adapter: DecoderAdapter) -> int:

@@ -25,7 +25,7 @@ from resp_plugin.errors import InputDataError, InputNotFound, one_line
 from resp_plugin.io.files import atomic_write_text
 
 __all__ = ["SCHEMA_VERSION", "STATE_FILE", "REPORT_FILE", "StepRecord", "TraceStats", "CalibrationRecord",
-           "MilestoneRecord", "SavedLevel", "LayerKept", "DistributedRecord", "RunRecord"]
+           "MilestoneRecord", "SavedLevel", "InterleavedRecovery", "LayerKept", "DistributedRecord", "RunRecord"]
 
 SCHEMA_VERSION = 2  # 1: the unversioned state.json / report.json of earlier releases (migrated on load)
 STATE_FILE = "state.json"
@@ -78,6 +78,7 @@ class MilestoneRecord(TraceStats):
     regenerated: bool
     at_target: bool = False  # reached with the target: no regeneration needed
     seconds: float | None = None  # the regeneration's
+    after_recovery: bool | None = None  # True: served right after an interleaved recovery (recovery.at)
 
 
 class SavedLevel(BaseModel):
@@ -89,6 +90,29 @@ class SavedLevel(BaseModel):
     sparsity: float
     path: str
     params: int | None = None  # decoder linear parameters kept (None in version-1 records)
+
+
+class InterleavedRecovery(BaseModel):
+    """A recovery run while pruning (``recovery.at``): where it ran, what it reached, where its weights are.
+
+    Resume reads ``path`` (the recovered model at that level) so a run killed later never loses it;
+    the rounds themselves are in ``workdir``/record.json.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: float  # the recovery.at level asked
+    sparsity: float  # measured when the recovery ran
+    params: int  # decoder linear parameters kept then
+    workdir: str | None = None  # OUT/recovery-0.60: rounds, trainer checkpoints, record.json (None: no run folder)
+    path: str | None = None  # OUT/model-0.60-recovered: the recovered model, loaded back on resume
+    teacher_accuracy: float | None = None  # held-out check of the dense model
+    start_accuracy: float | None = None  # held-out check of the pruned model before the recovery
+    accuracy: float | None = None  # held-out check of the model returned (the best round's, or the start's)
+    best_round: int = -1
+    rounds: int = 0
+    tokens: int = 0  # loss tokens trained on (all rounds)
+    seconds: float = 0.0
 
 
 class LayerKept(BaseModel):
@@ -129,6 +153,7 @@ class RunRecord(BaseModel):
     steps: list[StepRecord] = Field(default_factory=list)
     milestones: list[MilestoneRecord] = Field(default_factory=list)
     saved: list[SavedLevel] = Field(default_factory=list)
+    recoveries: list[InterleavedRecovery] = Field(default_factory=list)  # recovery.at, in order
     layers: list[LayerKept] = Field(default_factory=list)
     distributed: DistributedRecord | None = None
     seconds: float | None = None  # the whole run, once finished

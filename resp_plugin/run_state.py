@@ -7,7 +7,9 @@ the ``save_at`` models written) and what the report shows.  Under torchrun rank 
 writes the folder; every rank holds the same record.
 
 Files of a run folder ``OUT``: ``config.yaml``, ``state.json``, ``calibration/traces-*.jsonl``
-(:mod:`resp_plugin.calibration`), ``model-0.20/`` (``save_at``), then ``model/`` and ``report.json``.
+(:mod:`resp_plugin.calibration`), ``model-0.20/`` (``save_at``), ``recovery-0.60/`` and
+``model-0.60-recovered/`` (``recovery.at``: :mod:`resp_plugin.recovery.interleave`), then ``model/``
+and ``report.json``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class RunState:
                 if distributed.world().is_main:
                     record = _read_or_clear(out, config, total, resume) or record
             record = distributed.broadcast(record)
+            if record.layers and record.recoveries:  # the last interleaved recovery's weights, then later steps
+                from resp_plugin.recovery.interleave import restore_recovered
+
+                restore_recovered(adapter, out, record.recoveries[-1])
             if record.layers:
                 adapter.apply_kept([entry.model_dump(exclude_none=True) for entry in record.layers])
                 logger.info(f"resuming at sparsity {1 - adapter.params() / total:.3f} "
@@ -77,6 +83,10 @@ class RunState:
 
     def served_milestones(self) -> set[float]:
         return {rec.milestone for rec in self.record.milestones}
+
+    def recovered_levels(self) -> set[float]:
+        """The ``recovery.at`` levels whose interleaved recovery has run."""
+        return {rec.level for rec in self.record.recoveries}
 
     def regenerated_milestones(self) -> list[float]:
         """Milestones whose traces were regenerated, in order (a resumed run reads them back)."""
@@ -99,11 +109,13 @@ class RunState:
 
         ``done``: the target was reached, so no regeneration ran (``at_target``).
         """
-        top = crossed[-1]
+        top, recovered = crossed[-1], self.recovered_levels()
         sparsity = self.record.steps[-1].sparsity if self.record.steps else 0.0
         for m in crossed:
             regenerated = cal is not None and m == top
             stats = _milestone_stats(cal, seconds) if regenerated else {}
+            if m in recovered:
+                stats["after_recovery"] = True
             self.record.milestones.append(MilestoneRecord.model_validate(
                 {**stats, "milestone": m, "sparsity": sparsity, "regenerated": regenerated, "at_target": done}))
 
@@ -186,5 +198,8 @@ def _read_or_clear(out: Path, config: RESPConfig, total: int, resume: bool) -> R
             stale.unlink(missing_ok=True)
         if (out / "calibration").exists():
             shutil.rmtree(out / "calibration")
+        from resp_plugin.recovery.interleave import clear_interleaved
+
+        clear_interleaved(out)
     atomic_write_text(out / "config.yaml", config.to_yaml())
     return record

@@ -18,10 +18,10 @@ from loguru import logger
 from resp_plugin import distributed
 from resp_plugin.calibration import read_traces, traces_path
 from resp_plugin.config import RESPConfig
-from resp_plugin.errors import InputNotFound, OutputExists
+from resp_plugin.errors import ConfigError, InputNotFound, OutputExists
 from resp_plugin.io.checkpoint import KEPT_FILE, save_pruned
 
-__all__ = ["RunInputs", "run_inputs", "save_recovered", "PRUNED_DIR"]
+__all__ = ["RunInputs", "run_inputs", "save_recovered", "DenseTeacher", "recover_after_prune", "PRUNED_DIR"]
 
 PRUNED_DIR = "model-pruned"
 
@@ -33,16 +33,30 @@ class RunInputs:
         self.student, self.config, self.traces = student, config, traces
 
 
+def _is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "model" / "config.json").is_file()
+
+
+def _run_of(run: Path, student: Path) -> RunInputs:
+    config = RESPConfig.from_file(run / "config.yaml")
+    first = traces_path(run, 0.0)
+    traces = read_traces(first) if first.is_file() and config.calibration == "self" else None
+    return RunInputs(student, config, traces)
+
+
 def run_inputs(model_or_run: str | Path) -> RunInputs:
-    """A run folder (config.yaml + model/) or a model folder; refused in one line when it is neither."""
+    """A run folder (config.yaml + model/), a model folder inside one (``RUN/model-0.60``), or a bare model
+    folder; refused in one line when it is none of them.
+
+    A model of a run brings the run's config and calibration traces: the held-out check must not grade
+    the student on the prompts its structures were chosen for (on the organism, RESP-50 % answers 0.99 of
+    its own calibration prompts and 0.93 of unseen ones; docs/recovery.md).
+    """
     path = Path(model_or_run)
-    if (path / "config.yaml").is_file() and (path / "model" / "config.json").is_file():
-        config = RESPConfig.from_file(path / "config.yaml")
-        first = traces_path(path, 0.0)
-        traces = read_traces(first) if first.is_file() and config.calibration == "self" else None
-        return RunInputs(path / "model", config, traces)
+    if _is_run(path):
+        return _run_of(path, path / "model")
     if (path / "config.json").is_file():
-        return RunInputs(path, None, None)
+        return _run_of(path.parent, path) if _is_run(path.parent) else RunInputs(path, None, None)
     raise InputNotFound(f"{path} is neither a model folder (config.json) nor a `resp prune` run folder "
                             "(config.yaml and model/); pass one of them")
 
@@ -94,6 +108,9 @@ def recover_command(args):
     from resp_plugin.recovery import plan_recovery, recover
     from resp_plugin.run_lock import run_folder
 
+    if getattr(args, "recovery_at", None):
+        raise ConfigError("--recovery-at interleaves recoveries with pruning: pass it to `resp prune ... --recover`; "
+                          "`resp recover` recovers a model already pruned")
     inputs = run_inputs(args.model_or_run)
     config = recovery_config(args, inputs.config)
     check_model_dir(args.teacher)
@@ -112,17 +129,38 @@ def recover_command(args):
     return result.record
 
 
-def recover_after_prune(model, tokenizer, config: RESPConfig, out: Path, teacher_path: str, *, resume: bool,
-                        trust_remote_code: bool = False):
+class DenseTeacher:
+    """The dense model as the teacher of a run's recoveries, read from its folder on the host at first use.
+
+    Why one object: with ``recovery.at`` the interleaved recoveries and the final one all distil the same
+    dense model, which is loaded once and kept until :meth:`release`; a run that needs no recovery (a
+    resume past all of them) never loads it.
+    """
+
+    def __init__(self, path: str | Path, dtype: str, trust_remote_code: bool = False) -> None:
+        self.path, self.dtype, self.trust_remote_code = str(path), dtype, trust_remote_code
+        self._model = None
+
+    def __call__(self):
+        if self._model is None:
+            from resp_plugin.io import load_model_and_tokenizer
+
+            self._model, _ = load_model_and_tokenizer(self.path, "cpu", self.dtype,
+                                                      trust_remote_code=self.trust_remote_code)
+        return self._model
+
+    def release(self) -> None:
+        self._model = None
+
+
+def recover_after_prune(model, tokenizer, config: RESPConfig, out: Path, teacher: DenseTeacher, *, resume: bool):
     """``resp prune --recover``: the model just pruned is the student, the folder it came from the teacher."""
-    from resp_plugin.io import load_model_and_tokenizer
     from resp_plugin.recovery import recover
 
     first = traces_path(out, 0.0)
     traces = read_traces(first) if config.calibration == "self" and first.is_file() else None
-    teacher, _ = load_model_and_tokenizer(teacher_path, "cpu", config.dtype, trust_remote_code=trust_remote_code)
-    result = recover(model, teacher, tokenizer, config, out / "recovery", resume=resume, teacher_traces=traces)
-    del teacher
+    result = recover(model, teacher(), tokenizer, config, out / "recovery", resume=resume, teacher_traces=traces)
+    teacher.release()
     if distributed.world().is_main:
         save_recovered(result.model, tokenizer, out / "model", out)
     return result.record

@@ -366,3 +366,31 @@ def test_resume_after_a_kill_past_an_interleaved_recovery_keeps_it(interleaved_r
     assert kept_record(b) == kept_record(a) and b["recoveries"][0]["tokens"] == a["recoveries"][0]["tokens"]
     x, y = (load_file(str(d / "model-pruned" / "model.safetensors")) for d in (ref, out))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)  # pruned on from the recovered weights
+
+
+def test_a_model_of_a_run_keeps_the_runs_calibration_prompts_out_of_the_held_out_check(tmp_path) -> None:
+    """`resp recover RUN/model-0.60` (a save_at model) reads its run's calibration traces like `resp recover RUN`:
+    the held-out check must not grade the prompts RESP chose the structures on (the organism's RESP-50 % answered
+    0.992 of those and 0.912 of unseen ones, which saturated the check; docs/recovery.md)."""
+    import shutil
+
+    from resp_plugin.calibration import Trace, traces_path, write_traces
+    from resp_plugin.recovery import plan_recovery
+    from resp_plugin.recovery.folder import run_inputs
+
+    config = _config()
+    before = plan_recovery(config)
+    calibrated = [before.provider.records[i].prompt for i in before.heldout[:8]]  # as a run with the same seed drew
+    run = tmp_path / "run"
+    for model in ("model", "model-0.60"):
+        (run / model).mkdir(parents=True)
+        shutil.copyfile(organism.model_path() / "config.json", run / model / "config.json")
+    (run / "config.yaml").write_text(config.model_copy(update={"calibration": "self"}).to_yaml())
+    write_traces(traces_path(run, 0.0), [Trace(p, "<think> 1 + 1 = 2 </think> 2") for p in calibrated])
+    for given in (run, run / "model-0.60"):
+        inputs = run_inputs(given)
+        assert inputs.config is not None and [t.prompt for t in inputs.traces] == calibrated
+        after = plan_recovery(config, inputs.traces)
+        assert not {after.provider.records[i].prompt for i in after.heldout} & set(calibrated)
+        assert len(after.heldout) == len(before.heldout)
+    assert run_inputs(organism.model_path()).traces is None  # a bare model folder brings no run

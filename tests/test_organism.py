@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from resp_plugin.organism import data_path, model_path
 from resp_plugin.organism.evaluate import accuracy, extract_answer, generate
@@ -152,3 +152,121 @@ def test_shipped_model_solves_held_out_problems():
 
 def test_data_files_are_package_data():
     assert Path(data_path("test.jsonl")).parent.parent == model_path().parent
+
+
+# --- ceiling runs: the shapes of a pruned folder, trained with the organism's recipe ---------------------------
+
+
+@pytest.fixture(scope="module")
+def pruned_folder(pruned_organism):
+    """The organism pruned 40 % by query head (gold calibration; uneven per-layer heads and channels)."""
+    from resp_plugin.structures.layout import is_pruned_config
+
+    folder = pruned_organism("query_head", 0.4)
+    assert is_pruned_config(AutoConfig.from_pretrained(folder))
+    return folder
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_ceiling_start_points_have_the_folder_shapes(tokenizer, pruned_folder):
+    from resp_plugin.io import load_pruned
+    from resp_plugin.organism.train import Start, TrainArgs, layer_shapes, start_model
+
+    ref = load_pruned(pruned_folder, dtype=torch.float32)
+    want = _weights(ref)
+    fresh, args = start_model(tokenizer, TrainArgs(seed=1), Start(pruned_folder, keep_weights=False))
+    again = _weights(start_model(tokenizer, TrainArgs(seed=1), Start(pruned_folder, False))[0])
+    other = _weights(start_model(tokenizer, TrainArgs(seed=2), Start(pruned_folder, False))[0])
+    kept = _weights(start_model(tokenizer, TrainArgs(seed=1), Start(pruned_folder, keep_weights=True))[0])
+    assert layer_shapes(fresh) == layer_shapes(ref) and len({s["heads"] for s in layer_shapes(ref)}) > 1
+    assert (args.hidden_size, args.num_hidden_layers) == (ref.config.hidden_size, ref.config.num_hidden_layers)
+    got = _weights(fresh)
+    assert got.keys() == want.keys() == kept.keys()
+    for name, w in want.items():
+        assert got[name].shape == w.shape and torch.equal(kept[name], w), name  # --init-from: the folder's
+        assert torch.equal(got[name], again[name]), name  # seeded
+        if w.ndim == 2:  # --architecture: the model's own init, not the folder's weights
+            assert not torch.equal(got[name], w) and not torch.equal(got[name], other[name]), name
+            assert abs(got[name].std().item() - ref.config.initializer_range) < 0.005, name
+    assert torch.equal(got["model.layers.0.input_layernorm.weight"],
+                       torch.ones_like(want["model.layers.0.input_layernorm.weight"]))
+
+
+def test_ceiling_packed_rows_stay_apart_in_a_pruned_model(tokenizer, pruned_folder):
+    """Training packs samples into rows; in the pruned model (uneven KV groups: RESP attention) too,
+    restarting position ids keep every sample to itself, as in the dense one."""
+    from resp_plugin.io import load_pruned
+    from resp_plugin.organism.train import Mix, TrainArgs
+
+    model = load_pruned(pruned_folder, dtype=torch.float32).eval()
+    assert model.config._attn_implementation.startswith("resp_")
+    batch = Mix(tokenizer, TrainArgs(rows=1, row_len=128)).batch()
+    pos = batch["position_ids"][0].tolist()
+    starts = [i for i, p in enumerate(pos) if p == 0]
+    assert len(starts) >= 3
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        for s, e in zip(starts, starts[1:] + [len(pos)]):
+            alone = model(input_ids=batch["input_ids"][:, s:e], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[s:e], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_ceiling_training_saves_the_pruned_shapes(tokenizer, pruned_folder, tmp_path, monkeypatch, capsys):
+    from resp_plugin.io import KEPT_FILE, load_pruned
+    from resp_plugin.organism import evaluate
+    from resp_plugin.organism.train import MICRO, SHAPE_FIELDS, Start, TrainArgs, layer_shapes, train
+
+    ref = load_pruned(pruned_folder, dtype=torch.float32)
+    want = _weights(ref)
+    args = TrainArgs(**{**{k: v for k, v in MICRO.items() if k not in SHAPE_FIELDS}, "steps": 2})
+    for keep, key in ((False, "architecture"), (True, "init_from")):
+        out = train(args, tmp_path / key, threads=torch.get_num_threads(), start=Start(pruned_folder, keep))
+        model = load_pruned(out, dtype=torch.float32)
+        assert type(model).__name__ == type(ref).__name__ == "RESPQwen3ForCausalLM"
+        assert layer_shapes(model) == layer_shapes(ref)
+        assert model.config.to_dict()["per_layer_config"] == ref.config.to_dict()["per_layer_config"]
+        got = _weights(model)
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+        assert all(not torch.equal(got[k], w) for k, w in want.items() if w.ndim == 2)
+        info = json.loads((out / "train_args.json").read_text())
+        assert info[key] == str(pruned_folder) and info["layers"] == layer_shapes(ref)
+        assert info["hidden_size"] == ref.config.hidden_size and info["saved_at_step"] == 2
+        assert (out / KEPT_FILE).is_file() == keep  # the kept map names the folder's channels, trained on
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--model", str(out), "--n", "2",
+                                      "--threads", str(torch.get_num_threads())])
+    evaluate.main()
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_ceiling_flags_refuse_bad_input_before_training(tokenizer, pruned_folder, tmp_path, monkeypatch, capsys):
+    from conftest import make_model
+    from resp_plugin.errors import ConfigError
+    from resp_plugin.organism import train
+    from resp_plugin.organism.train import Start, TrainArgs, start_model
+
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "train", no_training)
+    (tmp_path / "empty").mkdir()
+    make_model().save_pretrained(tmp_path / "other")
+    out = ["--out", str(tmp_path / "out")]
+    cases = [
+        (["--architecture", str(pruned_folder), "--init-from", str(pruned_folder), *out], "not allowed with"),
+        (["--init", str(pruned_folder), "--init-from", str(pruned_folder), *out], "not allowed with"),
+        (["--architecture", str(tmp_path / "nope"), *out], "--architecture: model folder"),
+        (["--init-from", str(tmp_path / "empty"), *out], "is not a model folder (no config.json)"),
+        (["--architecture", str(tmp_path / "other"), *out], "was not pruned from the organism"),
+        (["--architecture", str(pruned_folder)], "needs --out DIR"),
+    ]
+    for argv, message in cases:
+        monkeypatch.setattr(sys, "argv", ["train", "--micro", *argv])
+        with pytest.raises(SystemExit):
+            train.main()
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    with pytest.raises(ConfigError, match="fixes the model's shapes.*hidden_size=64"):
+        start_model(tokenizer, TrainArgs(hidden_size=64), Start(pruned_folder, keep_weights=False))

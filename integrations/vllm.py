@@ -1,4 +1,5 @@
-"""vLLM plugin: serve RESP-pruned checkpoints (per-layer head counts and MLP widths) with vLLM.
+"""vLLM plugin: serve RESP-pruned checkpoints (per-layer head counts, MLP widths, expert counts and
+expert widths) with vLLM.
 
 Installed as the ``vllm.general_plugins`` entry point ``resp``, so vLLM calls :func:`register`
 in every process it starts (``vllm serve``, ``LLM(...)``, lm-eval's vLLM backend, its
@@ -7,8 +8,10 @@ workers).  A pruned checkpoint names ``RESP<Arch>`` (e.g. ``RESPQwen3ForCausalLM
 checkpoints keep vLLM's stock classes.
 
 The architectures come from resp-plugin's architecture registry (hook ``resp_architectures``),
-the dense ones: Mixture-of-Experts checkpoints are not served yet (docs/moe.md).  The classes live
-in :mod:`resp_plugin.integrations.vllm_models` and are imported lazily, only when a pruned
+dense and Mixture-of-Experts alike: a pruned Qwen3-MoE or Mixtral checkpoint
+(``RESPQwen3MoeForCausalLM`` / ``RESPMixtralForCausalLM``) runs each MoE layer as vLLM's own sparse
+block with that layer's expert count and expert width (docs/moe.md, "vLLM serving").  The classes
+live in :mod:`resp_plugin.integrations.vllm_models` and are imported lazily, only when a pruned
 checkpoint is loaded; an architecture it has no per-layer class for fails there, naming it.
 """
 
@@ -23,9 +26,9 @@ MODELS_MODULE = "resp_plugin.integrations.vllm_models"
 
 
 def served_architectures() -> dict[str, str]:
-    """``RESP<Arch>`` -> the ``module:Class`` vLLM loads it from, for every dense registered architecture."""
+    """``RESP<Arch>`` -> the ``module:Class`` vLLM loads it from, for every registered architecture."""
     return {pruned_architecture_name(name): f"{MODELS_MODULE}:{pruned_architecture_name(name)}"
-            for name, spec in sorted(supported_architectures().items()) if spec.moe is None}
+            for name in sorted(supported_architectures())}
 
 
 def register() -> None:

@@ -1,12 +1,17 @@
-"""vLLM model classes for RESP-pruned checkpoints, built on vLLM's Llama, Mistral, Qwen2 and Qwen3.
+"""vLLM model classes for RESP-pruned checkpoints, built on vLLM's Llama, Mistral, Qwen2, Qwen3,
+Qwen3-MoE and Mixtral.
 
-Each class is vLLM's own model class with two changes, so attention kernels, quantisation
-methods, tensor/pipeline parallelism, torch.compile and weight loading stay vLLM's:
+Each class is vLLM's own model class with two changes, so attention kernels, fused-MoE kernels,
+quantisation methods, tensor/pipeline parallelism, torch.compile and weight loading stay vLLM's:
 
 1. every decoder layer is built from a copy of the config carrying *its* sizes (query heads,
-   KV heads, MLP width; read from ``per_layer_config`` by
-   :mod:`resp_plugin.structures.layout`), with uneven query groups laid out evenly by
-   :func:`~resp_plugin.structures.layout.plan_heads` (pad query slots, duplicated KV slots);
+   KV heads, MLP width; in a Mixture-of-Experts layer its routed expert count and the width of
+   every expert; read from ``per_layer_config`` by :mod:`resp_plugin.structures.layout`), with
+   uneven query groups laid out evenly by :func:`~resp_plugin.structures.layout.plan_heads`
+   (pad query slots, duplicated KV slots).  A MoE layer is then vLLM's own sparse block: a
+   router of the layer's expert count and a ``FusedMoE`` of its experts, loaded by vLLM's expert
+   loader (whose expert mapping is per layer already); the router's top-k is the config's
+   ``num_experts_per_tok``, which RESP keeps at or below every layer's expert count;
 2. such a layer runs its slots without extra matmul work: on one tensor-parallel rank it
    projects the checkpoint's own heads and copies them into slots (:mod:`.vllm_slots`); under
    tensor parallelism the checkpoint tensors are re-indexed into the slot layout as they
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -30,13 +36,14 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.model_executor.models import llama, mistral, qwen3
+from vllm.model_executor.models import llama, mistral, mixtral, qwen3, qwen3_moe
 
 from resp_plugin.errors import UnsupportedModel
 from resp_plugin.integrations.vllm_slots import project_real_heads
 from resp_plugin.structures import DecoderSpec, supported_architectures
 from resp_plugin.structures.layout import (
     HeadPlan,
+    MoESpec,
     dense_architecture_name,
     head_dim_of,
     layer_sizes,
@@ -70,33 +77,83 @@ def layer_plan(config: Any, index: int, tp_size: int) -> HeadPlan:
     return plan
 
 
-def layer_config(config: Any, index: int, plan: HeadPlan, overrides: tuple[tuple[str, Any], ...] = ()) -> Any:
-    """A copy of ``config`` with layer ``index``'s MLP width and the head (slot) counts of ``plan``."""
+# transformers' Qwen3-MoE and Mixtral configs both alias the routed-expert count as ``num_experts``
+# (Mixtral stores it as ``num_local_experts``): the fields vLLM's Qwen3-MoE and Mixtral classes read.
+EXPERT_COUNT = "num_experts"
+
+
+def layer_config(config: Any, index: int, plan: HeadPlan, overrides: tuple[tuple[str, Any], ...] = (),
+                 moe: MoESpec | None = None) -> Any:
+    """A copy of ``config`` with the head (slot) counts of ``plan`` and layer ``index``'s MLP sizes:
+    its width, or in a MoE layer (``moe``: the architecture's names) its expert count and expert width."""
+    sizes = layer_sizes(config, index)
     own = copy.copy(config)
     for key, value in overrides:
         setattr(own, key, value)
     own.head_dim = head_dim_of(config)
     own.num_attention_heads = plan.num_heads
     own.num_key_value_heads = plan.num_kv_heads
-    own.intermediate_size = layer_sizes(config, index).intermediate_size
+    if sizes.num_experts is None:
+        own.intermediate_size = sizes.intermediate_size
+        return own
+    if moe is None:
+        raise UnsupportedModel(f"layer {index} of this RESP checkpoint keeps {sizes.num_experts} routed experts, "
+                               "but its architecture has no MoESpec: no vLLM class serves it")
+    top_k = int(config.num_experts_per_tok)
+    if sizes.num_experts < top_k:
+        raise UnsupportedModel(f"layer {index} keeps {sizes.num_experts} routed experts, fewer than the router's "
+                               f"top-k ({top_k}): not a checkpoint RESP writes (it keeps at least top-k)")
+    setattr(own, EXPERT_COUNT, sizes.num_experts)
+    setattr(own, moe.width_field, sizes.intermediate_size)
+    return own
+
+
+def with_text_config(vllm_config: VllmConfig, config: Any) -> VllmConfig:
+    """A shallow copy of ``vllm_config`` whose model config reads ``config``: for vLLM layers that
+    take their sizes from ``vllm_config.model_config.hf_text_config`` only (Qwen3-MoE's).  Everything
+    else (parallel, cache, compilation configs, the forward context) is shared with the original."""
+    model_config = copy.copy(vllm_config.model_config)
+    if vllm_config.model_config.hf_config is vllm_config.model_config.hf_text_config:
+        object.__setattr__(model_config, "hf_config", config)
+    object.__setattr__(model_config, "hf_text_config", config)
+    own = copy.copy(vllm_config)
+    object.__setattr__(own, "model_config", model_config)
     return own
 
 
 @functools.cache
-def per_layer(layer_cls: type[nn.Module], overrides: tuple[tuple[str, Any], ...] = ()) -> type[nn.Module]:
+def per_layer(layer_cls: type[nn.Module], overrides: tuple[tuple[str, Any], ...] = (),
+              moe: MoESpec | None = None) -> type[nn.Module]:
     """``layer_cls`` built from its own layer's sizes (the index is the last number of its prefix).
 
     ``overrides`` are config fields set on every layer's copy (e.g. Qwen2's bias layout when
-    its checkpoints run on Llama layers).
+    its checkpoints run on Llama layers); ``moe`` the architecture's MoE names (MoE models).
+    The layer's config copy replaces the one vLLM passes: as ``config`` (keyword or first
+    positional argument), or, for layers that take none, inside a copy of ``vllm_config``.
     """
+    takes_config = "config" in inspect.signature(layer_cls.__init__).parameters
 
     class RESPDecoderLayer(layer_cls):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, prefix: str = "", config: Any = None, **kwargs: Any) -> None:
-            base = config if config is not None else kwargs["vllm_config"].model_config.hf_config
+        def __init__(self, *args: Any, prefix: str = "", **kwargs: Any) -> None:
+            vllm_config = kwargs.get("vllm_config")
+            positional = takes_config and bool(args)
+            if not takes_config:
+                base = vllm_config.model_config.hf_text_config
+            elif positional:
+                base, args = args[0], args[1:]
+            else:
+                base = kwargs.pop("config", None) or vllm_config.model_config.hf_config
             index = int(prefix.rsplit(".", 1)[-1])
             tp_size = get_tensor_model_parallel_world_size()
             plan = layer_plan(base, index, tp_size)
-            super().__init__(*args, prefix=prefix, config=layer_config(base, index, plan, overrides), **kwargs)
+            own = layer_config(base, index, plan, overrides, moe)
+            if not takes_config:
+                kwargs["vllm_config"] = with_text_config(vllm_config, own)
+            elif positional:
+                args = (own, *args)
+            else:
+                kwargs["config"] = own
+            super().__init__(*args, prefix=prefix, **kwargs)
             if not plan.is_identity and not slots_in_weights(tp_size):
                 project_real_heads(self, plan, layer_sizes(base, index))
 
@@ -161,14 +218,18 @@ def remap_weights(weights: Iterable[tuple[str, torch.Tensor]], config: Any, spec
         yield name, tensor
 
 
+def registered_spec(model_cls: type) -> DecoderSpec:
+    """The architecture registry's spec for the stock class behind ``RESP<Arch>`` (Llama's names if unregistered)."""
+    return supported_architectures().get(dense_architecture_name(model_cls.__name__), DecoderSpec())
+
+
 class _PerLayerWeights:
     """Re-indexes checkpoint tensors into the per-layer layouts before vLLM's loader."""
 
     config: Any
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        stock = dense_architecture_name(type(self).__name__)
-        spec = supported_architectures().get(stock, DecoderSpec())
+        spec = registered_spec(type(self))
         tp_size = get_tensor_model_parallel_world_size()
         if slots_in_weights(tp_size):
             weights = remap_weights(weights, self.config, spec, tp_size)
@@ -176,12 +237,13 @@ class _PerLayerWeights:
 
 
 @contextlib.contextmanager
-def _module_class(module: Any, name: str, cls: type) -> Iterator[None]:
+def _module_class(module: Any, name: str, cls: Any) -> Iterator[None]:
     """Let ``module.name`` be ``cls`` while a stock model class builds its inner model.
 
-    vLLM's Qwen3 ``ForCausalLM`` class builds its inner model from the module-level name and
-    takes no argument to change it (Llama and Mistral take ``layer_type``); this is the one
-    place that works around it (tests/test_vllm_plugin.py's compat test fails if vLLM changes it).
+    vLLM's Qwen3 and Qwen3-MoE ``ForCausalLM`` classes build their inner model, and Mixtral's
+    model its decoder layers, from module-level names, and take no argument to change them (Llama
+    and Mistral take ``layer_type``); this is the one place that works around it
+    (tests/test_vllm_plugin.py's and tests/test_vllm_moe.py's compat tests fail if vLLM changes it).
     """
     stock = getattr(module, name)
     setattr(module, name, cls)
@@ -224,11 +286,48 @@ class RESPQwen3ForCausalLM(_PerLayerWeights, qwen3.Qwen3ForCausalLM):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
 
 
+def _uniform_experts_or_no_eplb(vllm_config: VllmConfig) -> None:
+    """vLLM's expert-parallel load balancer assumes one expert count in every MoE layer."""
+    config = vllm_config.model_config.hf_text_config
+    counts = {n for i in range(config.num_hidden_layers) if (n := layer_sizes(config, i).num_experts) is not None}
+    if vllm_config.parallel_config.enable_eplb and len(counts) > 1:
+        raise UnsupportedModel(f"this RESP checkpoint keeps {sorted(counts)} routed experts in different layers; "
+                               "vLLM's expert-parallel load balancer (--enable-eplb) needs one count in every layer: "
+                               "serve it without EPLB")
+
+
+class RESPQwen3MoeForCausalLM(_PerLayerWeights, qwen3_moe.Qwen3MoeForCausalLM):
+    """Qwen3-MoE: each layer vLLM's own decoder layer (attention, sparse MoE block or, for
+    ``mlp_only_layers``, dense MLP) built from a ``vllm_config`` copy holding the layer's sizes."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        _uniform_experts_or_no_eplb(vllm_config)
+        layer = per_layer(qwen3_moe.Qwen3MoeDecoderLayer, moe=registered_spec(type(self)).moe)
+        stock = qwen3_moe.Qwen3MoeModel
+
+        def model(*, vllm_config: VllmConfig, prefix: str = "") -> nn.Module:
+            return stock(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=layer)
+
+        with _module_class(qwen3_moe, "Qwen3MoeModel", model):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+
+class RESPMixtralForCausalLM(_PerLayerWeights, mixtral.MixtralForCausalLM):
+    """Mixtral: each layer vLLM's own decoder layer (attention, ``MixtralMoE``) built from the layer's sizes."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        _uniform_experts_or_no_eplb(vllm_config)
+        layer = per_layer(mixtral.MixtralDecoderLayer, moe=registered_spec(type(self)).moe)
+        with _module_class(mixtral, "MixtralDecoderLayer", layer):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+
 def __getattr__(name: str) -> type:
     """A registered architecture (:func:`resp_plugin.integrations.vllm.served_architectures`) this
     module has no per-layer class for: say so by name, instead of vLLM's generic import error."""
     if name.startswith("RESP") and name.endswith("ForCausalLM"):
         raise AttributeError(f"resp-plugin's vLLM plugin has no per-layer model class for pruned "
-                             f"{dense_architecture_name(name)} checkpoints (it adapts vLLM's Llama, Mistral, "
-                             "Qwen2 and Qwen3 classes); load it with transformers (resp_plugin.load_pruned)")
+                             f"{dense_architecture_name(name)} checkpoints (it adapts vLLM's Llama, Mistral, Qwen2, "
+                             "Qwen3, Qwen3-MoE and Mixtral classes); load it with transformers "
+                             "(resp_plugin.load_pruned)")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

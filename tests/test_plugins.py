@@ -58,12 +58,12 @@ def test_entry_point_plugin_adds_architecture(tmp_path, tokenizer, gold_file, mo
     assert "RESPOlmoForCausalLM" not in served_architectures()
 
 
-def test_vllm_registers_the_dense_architectures_of_the_registry():
-    """The vLLM plugin's list is the registry's dense architectures: no list of its own to keep in step."""
+def test_vllm_registers_the_architectures_of_the_registry():
+    """The vLLM plugin's list is the registry's architectures, dense and MoE: no list of its own to keep in step."""
     served = served_architectures()
-    dense = {f"RESP{name}" for name, spec in supported_architectures().items() if spec.moe is None}
-    assert set(served) == dense and {"RESPQwen3ForCausalLM", "RESPLlamaForCausalLM"} <= dense
-    assert "RESPMixtralForCausalLM" not in served  # MoE checkpoints are not served by the vLLM plugin yet
+    assert set(served) == {f"RESP{name}" for name in supported_architectures()}
+    assert {"RESPQwen3ForCausalLM", "RESPLlamaForCausalLM", "RESPQwen3MoeForCausalLM", "RESPMixtralForCausalLM"} \
+        <= set(served)
 
 
 class _EchoPlugin:

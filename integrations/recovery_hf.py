@@ -6,7 +6,9 @@ Trainer costs seconds, which no other command should pay).
 The engine (:mod:`resp_plugin.recovery`) owns the data, the loss and the keep-best rule; this
 adapter hands them to :class:`transformers.Trainer`, so everything a user launches training with
 today applies unchanged: ``torchrun`` / ``accelerate launch`` data parallel, FSDP and DeepSpeed
-through ``accelerate config``, bf16, gradient checkpointing, checkpoints and ``--resume``.  One
+through ``accelerate config``, bf16, gradient checkpointing, checkpoints and ``--resume``.  The config's
+``fsdp`` (``--fsdp``) asks the Trainer for FSDP2 (``TrainingArguments(fsdp=True)``), also on CPU ranks,
+where accelerate would otherwise train replicated (:func:`resp_plugin.fsdp_compat.accelerate_fsdp_on_cpu`).  One
 recovery round is one Trainer epoch: the round's trace set is loaded at ``on_epoch_begin`` and the
 held-out check runs at ``on_epoch_end``.  LoRA (``lora_rank > 0``) wraps the student with peft and
 merges the adapters back before the model is returned, so the checkpoint format never changes.
@@ -14,6 +16,7 @@ merges the adapters back before the model is returned, so the checkpoint format 
 
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -25,9 +28,10 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from resp_plugin import distributed
 from resp_plugin.config import RESPConfig
 from resp_plugin.errors import ConfigError, MissingDependency
+from resp_plugin.fsdp_compat import accelerate_fsdp_on_cpu
 from resp_plugin.recovery.data import collate
 from resp_plugin.recovery.losses import distill_loss
-from resp_plugin.recovery.rounds import Rounds
+from resp_plugin.recovery.rounds import Rounds, trainable
 
 __all__ = ["HFRecoveryTrainer", "lora_targets"]
 
@@ -51,6 +55,15 @@ class _DistillTrainer(Trainer):
         self.recovery = recovery
         self.loss_tokens = 0  # generated tokens of the micro-batches since the last optimizer step
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator, switched to FSDP on CPU ranks; an FSDP run never trains replicated."""
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            self.is_fsdp_enabled = accelerate_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            raise ConfigError(f"--fsdp: accelerate set this recovery up as {self.accelerator.distributed_type}, not "
+                              "FSDP; launch it with torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rec = self.recovery
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
@@ -72,17 +85,24 @@ class _RoundCallback(TrainerCallback):
         self.trainer: _DistillTrainer | None = None  # set once the trainer exists (it counts the tokens)
         self.bar = None
         self.tokens, self.train_seconds, self.step_t0 = 0, 0.0, 0.0
+        self.held: dict[str, int] | None = None  # bytes of training state this rank held at its first step
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         show = self.rounds.progress and distributed.world().is_main
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="recovery", unit="step",
                         disable=not show)
+        if distributed.is_sharded(model):  # the Trainer sharded it (FSDP): generation must keep the ranks in step
+            distributed.generate_in_step(model)
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         self.rounds.begin(model)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.step_t0 = time.perf_counter()
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.held is None:  # weights, gradients (not yet zeroed) and the optimizer's state, as held now
+            self.held = distributed.training_bytes(trainable(model).values(), optimizer)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -108,6 +128,8 @@ class _RoundCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.close()
+        mine = {**(self.held or {}), **distributed.peak_memory_mib()}
+        self.rounds.record.memory_per_rank = distributed.gather(mine)  # every rank reaches the end: a collective
 
 
 class HFRecoveryTrainer:
@@ -129,7 +151,11 @@ class HFRecoveryTrainer:
                                         "'resp-plugin[recovery]'") from e
 
     def arguments(self, workdir: Path, checkpoints: bool = True) -> TrainingArguments:
-        """The Trainer's settings, all derived from RecoveryConfig (one source of truth)."""
+        """The Trainer's settings, all derived from RecoveryConfig (one source of truth).
+
+        ``fsdp``: FSDP2 over all ranks; checkpoints sharded (each rank writes its own part, none gathers
+        the whole model and optimizer state for them).
+        """
         rec = self.rec
         steps = rec.rounds * rec.steps_per_round
         return TrainingArguments(
@@ -140,11 +166,21 @@ class HFRecoveryTrainer:
             gradient_checkpointing=rec.gradient_checkpointing, logging_steps=1,
             save_strategy="epoch" if checkpoints else "no", save_total_limit=2, report_to=[], disable_tqdm=True,
             remove_unused_columns=False, dataloader_drop_last=True, label_names=[],
-            use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False)
+            use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False, **self._fsdp())
+
+    def _fsdp(self) -> dict:
+        if not self.config.fsdp:
+            return {}
+        return {"fsdp": True, "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}
 
     def train(self, model, rounds: Rounds, workdir: Path, resume_from: Path | None, checkpoints: bool = True):
-        """Run the rounds; return the trained model (best round's weights, LoRA merged)."""
+        """Run the rounds; return the trained model (best round's weights, LoRA merged).
+
+        A model the Trainer sharded (``fsdp``, or an FSDP ``accelerate launch`` config on GPUs) comes back whole
+        on rank 0 only (None on the other ranks): rank 0 saves it.
+        """
         model = self._wrap(model)
+        frame = distributed.skeleton(model) if self._may_shard() else None  # the plain model to gather into
         if rounds.start(model):
             callback = _RoundCallback(rounds, checkpoints)
             trainer = _DistillTrainer(model=model, args=self.arguments(workdir, checkpoints),
@@ -155,7 +191,13 @@ class HFRecoveryTrainer:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
             model = trainer.model
         rounds.finish(model)
+        if frame is not None and distributed.is_sharded(model):
+            model = distributed.whole_model(model, frame)
         return model.merge_and_unload() if self.rec.lora_rank else model
+
+    def _may_shard(self) -> bool:
+        """``--fsdp``, or an ``accelerate launch`` FSDP config (accelerate's environment): the Trainer may shard."""
+        return self.config.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
     def _wrap(self, model):
         if not self.rec.lora_rank:

@@ -167,7 +167,8 @@ class RESPConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights' dtype while "
                                                                      "pruning")
     fsdp: bool = Field(False, description="under torchrun, shard every decoder layer over the ranks with FSDP2 "
-                       "(weights and gradient sums 1/N per rank) for models larger than one device")
+                       "(weights and gradient sums 1/N per rank) for models larger than one device; a recovery "
+                       "then trains with the Trainer's FSDP2 (weights, gradients, optimizer state 1/N per rank)")
 
     @field_validator("sparsity")
     @classmethod

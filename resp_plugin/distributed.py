@@ -324,10 +324,17 @@ def shard_model(model, adapter, device: str | torch.device) -> Sharding:
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if not name.startswith(prefix) or not is_dtensor(t):
                 t.data = t.data.to(device, copy=True)
-    # transformers' own flag (its generate then keeps the ranks in step, synced_gpus): the one
-    # attribute set on the model, because transformers reads it there
-    model._is_fsdp_managed_module = True
+    generate_in_step(model)
     return sharding
+
+
+def generate_in_step(model) -> None:
+    """Make transformers' ``generate`` keep the ranks in step on a sharded model (``synced_gpus``): a rank
+    whose sequences ended runs on with the others, since every forward gathers the layers from all ranks.
+
+    transformers' own flag, the one attribute set on the model, because transformers reads it there.
+    """
+    model._is_fsdp_managed_module = True
 
 
 def reset_peak_memory() -> bool:
@@ -365,6 +372,113 @@ def lockstep_padding(model, n_items: int, n_mine: int) -> int:
     if not is_sharded(model):
         return 0
     return -(-n_items // world().world_size) - n_mine
+
+
+def barrier() -> None:
+    """Wait for every rank (a file rank 0 wrote is then there for all); no-op outside torchrun."""
+    if world().active:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------- sharded training state
+# Why local parts: a snapshot of a sharded model's weights (the recovery's keep-best copy) taken whole
+# would put the full model back on every rank's host, which is what sharding was for.
+
+
+def local_copy(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of what this rank holds of ``t``: its shard of a sharded tensor (1/N), all of a whole one."""
+    return (t.to_local() if is_dtensor(t) else t).detach().to("cpu", copy=True)
+
+
+def own_part(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` for parameter ``p``: ``t`` is either whole (a copy taken before sharding, a
+    file) or already this rank's part (:func:`local_copy`); whole means the parameter's global shape.
+
+    A part with the global shape is the whole tensor (only a rank holding all rows has one), so the rule
+    never mistakes one for the other.  No collective: each rank cuts its own chunk (FSDP2's ``Shard(0)``).
+    """
+    if not is_dtensor(p) or tuple(t.shape) != tuple(p.shape):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    # a copy where ``t`` was (the host for a snapshot): the chunk is a view, which would keep ``t`` alive
+    return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None).to_local().to(t.device, copy=True)
+
+
+def put_local_(p: torch.Tensor, t: torch.Tensor) -> None:
+    """Write ``t`` (whole, or this rank's part) into parameter ``p`` in place, this rank's part only."""
+    with torch.no_grad():
+        target = p.to_local() if is_dtensor(p) else p
+        target.copy_(own_part(p, t).to(target.device, target.dtype))
+
+
+def gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Every tensor whole on rank 0's host, None on the other ranks (a collective: all ranks call it).
+
+    One tensor at a time, so a rank other than 0 holds at most one whole tensor at once.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():  # the same order on every rank (a dict of the same parameters)
+        whole = full_tensor(t.detach()).to("cpu")
+        if world().is_main:
+            out[name] = whole.contiguous()
+    return out if world().is_main else None
+
+
+def skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A storage-free copy of ``model`` (every parameter and buffer on the meta device), taken before it is
+    sharded: what :func:`whole_model` fills with the gathered weights (the sharded one's class is FSDP's)."""
+    return _meta_copy(model)
+
+
+def whole_model(model: torch.nn.Module, frame: torch.nn.Module) -> torch.nn.Module | None:
+    """A plain model holding the full weights of sharded ``model`` on rank 0's host (None on other ranks).
+
+    A collective (every rank calls it).  ``frame`` is :func:`skeleton` of the model before sharding.
+    Only rank 0 holds the whole model, as only rank 0 saves it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world().is_main:
+        return None
+    import copy
+
+    plain = copy.deepcopy(frame)
+    plain.load_state_dict(state, strict=False, assign=True)
+    with torch.no_grad():  # buffers outside the state dict (rotary inv_freq) are whole on every rank
+        persistent = set(state)
+        for name, b in model.named_buffers():
+            if name not in persistent:
+                _set_buffer(plain, name, b.detach().to("cpu", copy=True))
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+    missing = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if missing:
+        raise UnsupportedModel(f"the sharded model's state dict lacks {missing[:3]}: it cannot be gathered whole")
+    return plain
+
+
+def _set_buffer(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module.get_submodule(owner)._buffers[leaf] = value
+
+
+def training_bytes(params: Iterable[torch.Tensor], optimizer: Any = None) -> dict[str, int]:
+    """Bytes this rank holds of the trainable weights, their gradients and the optimizer's state.
+
+    Read from the tensors themselves (a sharded one counts its local shard only), so a replicated and a
+    sharded run are measured alike; the gradients are present between backward and the optimizer step.
+    """
+    params = list(params)
+
+    def size(t: torch.Tensor | None) -> int:
+        local = t.to_local() if t is not None and is_dtensor(t) else t
+        return 0 if local is None else local.numel() * local.element_size()
+
+    state = getattr(optimizer, "state", {}) or {}
+    opt = sum(size(v) for per in state.values() for v in per.values() if isinstance(v, torch.Tensor))
+    return {"params": sum(size(p) for p in params), "grads": sum(size(p.grad) for p in params), "optimizer": opt}
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

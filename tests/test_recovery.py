@@ -96,12 +96,15 @@ def test_recovery_without_gold_answers_is_refused_before_any_work(tmp_path, stud
     with pytest.raises(ValueError, match="no gold answer"):
         recover(None, None, None, cfg, tmp_path / "rec")
     assert not (tmp_path / "rec").exists()
+    import shutil
+
     from resp_plugin.cli import main
 
-    # a bare pruned folder has no prompts: `resp recover` refuses before loading anything, leaving no folder
-    assert main(["recover", str(student_dir), "--teacher", str(organism.model_path()), "--out",
-                 str(tmp_path / "out")]) == 2
-    assert main(["recover", str(student_dir), "--teacher", str(organism.model_path()), "--out",
+    # a bare pruned folder (outside its run: RUN/model brings the run's prompts) has no prompts: `resp recover`
+    # refuses before loading anything, leaving no folder
+    bare = shutil.copytree(student_dir, tmp_path / "bare")
+    assert main(["recover", str(bare), "--teacher", str(organism.model_path()), "--out", str(tmp_path / "out")]) == 2
+    assert main(["recover", str(bare), "--teacher", str(organism.model_path()), "--out",
                  str(tmp_path / "out"), "--prompts", f"jsonl:{prompts}"]) == 2
     assert not (tmp_path / "out").exists()
 

@@ -58,6 +58,8 @@ def recover(student, teacher, tokenizer, config: RESPConfig, workdir: str | Path
     trainer writes no checkpoint (no ``--resume``), for callers whose model must not be saved mid-way
     (inside llm-compressor's ``oneshot``, ``save_pretrained`` is its compressing save).  ``plan``: the
     :func:`plan_recovery` a caller made before loading its models (so a bad input is refused first).
+    Under torchrun with ``config.fsdp`` the student is sharded while it trains and the result's model is
+    the whole one on rank 0 only (None on the other ranks, which hold no whole copy): rank 0 saves it.
     """
     plan = plan or plan_recovery(config, teacher_traces)  # every refusal before any work (callers may plan first)
     engine = trainer_for(config)

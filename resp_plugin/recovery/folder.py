@@ -159,11 +159,23 @@ def recover_after_prune(model, tokenizer, config: RESPConfig, out: Path, teacher
 
     first = traces_path(out, 0.0)
     traces = read_traces(first) if config.calibration == "self" and first.is_file() else None
+    if config.fsdp and distributed.world().active:
+        model = _saved_student(out / "model", config, teacher.trust_remote_code)
     result = recover(model, teacher(), tokenizer, config, out / "recovery", resume=resume, teacher_traces=traces)
     teacher.release()
     if distributed.world().is_main:
         save_recovered(result.model, tokenizer, out / "model", out)
     return result.record
+
+
+def _saved_student(path: Path, config: RESPConfig, trust_remote_code: bool):
+    """The pruned model as rank 0 saved it, read by every rank: after a sharded (``fsdp``) prune only rank 0
+    holds it whole, and the Trainer's FSDP shards a recovery's student from every rank's whole copy."""
+    from resp_plugin.io import load_model_and_tokenizer
+
+    distributed.barrier()  # rank 0 has written it
+    model, _ = load_model_and_tokenizer(path, "cpu", config.dtype, trust_remote_code=trust_remote_code)
+    return model
 
 
 def check_not_recovered(out: Path) -> None:

@@ -13,7 +13,7 @@ from resp_plugin.config import RESPConfig
 from resp_plugin.errors import ConfigError
 from resp_plugin.recovery.heldout import HeldOutCheck
 
-__all__ = ["RecoveryPlan", "plan_recovery", "MIN_HELDOUT"]
+__all__ = ["RecoveryPlan", "plan_recovery", "check_fsdp_recovery", "MIN_HELDOUT"]
 
 MIN_HELDOUT = 16  # fewer prompts make the check's steps coarser than the gains it must see
 
@@ -41,6 +41,20 @@ def _provider_config(config: RESPConfig, reserved: int) -> RESPConfig:
                                      "calibration": "self"})
 
 
+def check_fsdp_recovery(config: RESPConfig) -> None:
+    """``fsdp`` shards the student over the ranks of torchrun (the Trainer's FSDP2); refuse what cannot run."""
+    if not config.fsdp:
+        return
+    from resp_plugin import distributed
+
+    if not distributed.launched():
+        raise ConfigError("fsdp shards the recovery's student over the ranks of torchrun: launch with torchrun "
+                          "--nproc-per-node N -m resp_plugin.cli recover ... (N >= 2), or pass --no-fsdp")
+    if config.recovery.lora_rank:
+        raise ConfigError("--recovery-lora-rank does not combine with --fsdp yet (the adapters are not sharded or "
+                          "merged under FSDP); drop one of them")
+
+
 def plan_recovery(config: RESPConfig, teacher_traces: list[Trace] | None = None) -> RecoveryPlan:
     """Split the prompts (held-out first, never trained on), build the check; refuse what cannot run.
 
@@ -50,6 +64,7 @@ def plan_recovery(config: RESPConfig, teacher_traces: list[Trace] | None = None)
     from resp_plugin.calibration.providers import SelfProvider
 
     rec = config.recovery
+    check_fsdp_recovery(config)
     if not config.prompts:
         raise ConfigError("recovery needs task prompts with answers: --prompts gsm8k:PATH, mathqa:PATH or "
                           "jsonl:PATH (the held-out check grades the student's answers)")

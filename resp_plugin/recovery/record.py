@@ -53,6 +53,9 @@ class RecoveryRecord(BaseModel):
     stop_reason: str = ""
     finished: bool = False
     seconds: float = 0.0
+    # per rank (rank order): bytes of the trainable weights, gradients and optimizer state held at the first
+    # step (a sharded tensor counts its local shard) and the process's peak RSS (MiB); one entry outside torchrun
+    memory_per_rank: list[dict] = Field(default_factory=list)
 
     @property
     def best_accuracy(self) -> float | None:

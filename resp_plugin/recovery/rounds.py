@@ -54,6 +54,12 @@ def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """This rank's copy of the trainable weights (the keep-best copy): of a sharded model (FSDP) its shards
+    only, so the copy takes 1/N of the weights on each rank as the model does."""
+    return {n: distributed.local_copy(p) for n, p in trainable(model).items()}
+
+
 class Rounds:
     """Data, checks and the keep-best rule of one recovery (see the module docstring)."""
 
@@ -78,7 +84,7 @@ class Rounds:
     def start(self, model) -> bool:
         """Snapshot the starting weights, measure teacher and start; False when there is nothing to train."""
         self._was_training = model.training  # the trainer leaves it training; finish() puts this back
-        self.best = {n: p.detach().to("cpu", copy=True) for n, p in trainable(model).items()}
+        self.best = snapshot(model)
         if self.resumed is not None:
             self.record = RecoveryRecord.model_validate(self.resumed)
             if self.record.best_round >= 0:
@@ -106,6 +112,7 @@ class Rounds:
 
     def begin(self, model) -> None:
         """Load the round's set: read back (resume) or written now by the student / teacher and scored."""
+        self._localise_best(model)
         path = self.workdir / f"round-{self.round:03d}.safetensors"
         if path.exists():
             samples, _ = load_round(path)
@@ -118,6 +125,13 @@ class Rounds:
                         old.unlink()
         self.dataset.load(samples)
         self._round_t0, self._round_losses, self._round_tokens = time.time(), [], 0
+
+    def _localise_best(self, model) -> None:
+        """Cut a whole keep-best copy (taken before the trainer sharded the model, or read from a file on
+        resume) down to this rank's shards, freeing the rest; a no-op on a model that is not sharded."""
+        params = trainable(model)
+        self.best = {n: distributed.own_part(params[n], t) if n in params else t
+                     for n, t in self.best.items()}
 
     def _make_round(self, model) -> list[DistillSample]:
         data = self.rec.data
@@ -164,7 +178,8 @@ class Rounds:
 
     def end(self, model) -> bool:
         """The held-out check after a round: keep the weights if they beat the best; True stops."""
-        acc = self.plan.check.accuracy(model, self.tokenizer, self.progress)
+        # rank 0's check decides on every rank: a rank that rounded differently must never keep another round
+        acc = distributed.broadcast(self.plan.check.accuracy(model, self.tokenizer, self.progress))
         best = self.record.best_accuracy
         kept = acc > best
         r = RoundRecord(round=self.round, data=self.rec.data, traces=len(self.dataset.samples),
@@ -173,10 +188,11 @@ class Rounds:
                         accuracy=acc, kept=kept, seconds=round(time.time() - self._round_t0, 2))
         self.record.rounds.append(r)
         if kept:
-            self.best = {n: p.detach().to("cpu", copy=True) for n, p in trainable(model).items()}
+            self.best = snapshot(model)
             self.record.best_round = r.round
-            if distributed.world().is_main:
-                save_file({n: t.contiguous() for n, t in self.best.items()}, str(self._best_file(r.round)))
+            whole = distributed.gathered(trainable(model))  # a collective under FSDP: every rank takes part
+            if whole is not None:
+                save_file(whole, str(self._best_file(r.round)))
         logger.info(f"recovery round {r.round}: held-out {acc:.3f} (best {max(acc, best):.3f}), loss {r.loss:.4f}, "
                     f"{r.tokens:,} tokens, {r.seconds:.0f} s{' - kept' if kept else ''}")
         return self._should_stop()
@@ -211,9 +227,8 @@ class Rounds:
 
     def finish(self, model) -> RecoveryRecord:
         """Put the best weights back (the start's when no round beat it) and close the record."""
-        with torch.no_grad():
-            for n, p in trainable(model).items():
-                p.copy_(self.best[n].to(p.device, p.dtype))
+        for n, p in trainable(model).items():
+            distributed.put_local_(p, self.best[n])
         model.train(self._was_training)
         self.record.finished = True
         self.record.seconds = round(self.record.seconds + time.time() - self._t0, 2)

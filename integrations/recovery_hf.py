@@ -77,6 +77,19 @@ class _DistillTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
 
+def scale_learning_rate(optimizer, scheduler, factor: float) -> None:
+    """Multiply the schedule's learning rates by ``factor`` from the next step on and drop the optimizer's
+    moments (they belong to the undone steps).  The Trainer's schedulers scale ``base_lrs`` by a factor of the
+    step, and its checkpoint keeps them, so a resumed run continues at the lowered rate."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps both
+    sched = getattr(scheduler, "scheduler", scheduler)
+    for group in inner.param_groups:
+        group["lr"] *= factor
+    sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+    sched._last_lr = [group["lr"] for group in inner.param_groups]  # what the Trainer logs for the next step
+    inner.state.clear()
+
+
 class _RoundCallback(TrainerCallback):
     """Rounds are epochs: data at the start of each, the held-out check at its end; one progress bar."""
 
@@ -109,7 +122,7 @@ class _RoundCallback(TrainerCallback):
             trainer = self.trainer
             tokens = int(distributed.all_reduce_float(float(trainer.loss_tokens)))
             trainer.loss_tokens = 0
-            self.rounds.log_step(float(logs["loss"]), tokens)
+            self.rounds.log_step(float(logs["loss"]), tokens, logs.get("learning_rate"))
             # training tokens/s: optimizer steps only (generation, scoring and checks are not in it)
             self.tokens += tokens
             self.train_seconds += time.perf_counter() - self.step_t0
@@ -117,9 +130,12 @@ class _RoundCallback(TrainerCallback):
             self.bar.set_postfix(loss=f"{logs['loss']:.4f}", round=self.rounds.round,
                                  tok_s=f"{self.tokens / max(self.train_seconds, 1e-9):,.0f}")
 
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+    def on_epoch_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        scale = self.rounds.record.lr_scale
         if self.rounds.end(model):
             control.should_training_stop = True
+        if self.rounds.record.lr_scale != scale:  # the round was undone (Rounds._back_off)
+            scale_learning_rate(optimizer, lr_scheduler, self.rounds.record.lr_scale / scale)
         control.should_save = self.checkpoints  # every round ends in a checkpoint (what --resume continues from)
 
     def on_save(self, args, state, control, **kwargs):

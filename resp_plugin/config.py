@@ -81,6 +81,9 @@ class RecoveryConfig(BaseModel):
                         "the held-out check)")
     steps_per_round: int = Field(60, ge=1, description="optimizer steps on one trace set")
     patience: int = Field(3, ge=1, description="rounds without a held-out gain before stopping")
+    lr_backoff: float = Field(0.1, gt=0.0, le=1.0, description="a round that leaves the held-out check below the "
+                              "student's start is undone (best weights back, optimizer state reset) and the learning "
+                              "rate multiplied by this (1: never)")
     num_prompts: int = Field(512, ge=1, description="training prompts (from --prompts, held-out split excluded): "
                              "every round writes one trace per prompt")
     heldout_prompts: int = Field(128, ge=1, description="prompts of the held-out check (never trained on)")

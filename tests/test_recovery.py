@@ -39,6 +39,7 @@ def student_dir(pruned_organism):
 
 
 def test_a_recovery_that_only_hurts_returns_the_model_it_was_given(student_dir, tmp_path) -> None:
+    """Rounds that hurt are never kept, and each is undone with the learning rate lowered (lr_backoff)."""
     student, tok = _load(student_dir)
     teacher, _ = _load(organism.model_path())
     before = _logits(student)
@@ -50,6 +51,14 @@ def test_a_recovery_that_only_hurts_returns_the_model_it_was_given(student_dir, 
     assert all(r.accuracy < rec.start_accuracy for r in rec.rounds), "lr 5 should have hurt the check"
     torch.testing.assert_close(_logits(result.model), before, atol=0, rtol=0)
     assert RecoveryRecord.load(tmp_path / "rec" / "record.json").finished
+    # each round fell below the start: undone, and the learning rate of the next one lowered ten times
+    assert [r.backed_off for r in rec.rounds] == [True, True] and rec.lr_scale == pytest.approx(0.01)
+    off = recover(_load(student_dir)[0], teacher, tok, _config(lr=5.0, warmup_ratio=0.0, patience=2, lr_backoff=1.0),
+                  tmp_path / "off", progress=False).record
+    assert not any(r.backed_off for r in off.rounds) and off.lr_scale == 1.0
+    steps = SMALL["steps_per_round"]
+    assert rec.learning_rates[:steps] == off.learning_rates[:steps]
+    assert rec.learning_rates[steps:] == pytest.approx([0.1 * lr for lr in off.learning_rates[steps:]])
 
 
 def test_rounds_train_on_the_teachers_judgement_and_keep_the_best(student_dir, tmp_path) -> None:

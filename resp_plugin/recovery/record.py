@@ -34,6 +34,7 @@ class RoundRecord(BaseModel):
     accuracy: float  # held-out accuracy after the round
     kept: bool  # the round improved the held-out check: its weights are the best so far
     seconds: float
+    backed_off: bool = False  # the round hurt the check below the start: undone, learning rate lowered
 
 
 class RecoveryRecord(BaseModel):
@@ -50,6 +51,8 @@ class RecoveryRecord(BaseModel):
     rounds: list[RoundRecord] = Field(default_factory=list)
     best_round: int = -1  # -1: no round beat the start, the model is returned as it came
     losses: list[float] = Field(default_factory=list)  # training loss at every optimizer step
+    learning_rates: list[float] = Field(default_factory=list)  # learning rate of every optimizer step
+    lr_scale: float = 1.0  # product of the backoffs so far (resume reads it; the scheduler's state keeps the lr)
     stop_reason: str = ""
     finished: bool = False
     seconds: float = 0.0

@@ -171,8 +171,10 @@ class Rounds:
         merged = {i: s for part in distributed.gather(list(zip(kept, scored))) for i, s in part}
         return [merged[i] for i in sorted(merged)]
 
-    def log_step(self, loss: float, tokens: int) -> None:
+    def log_step(self, loss: float, tokens: int, lr: float | None = None) -> None:
         self.record.losses.append(round(loss, 6))
+        if lr is not None:
+            self.record.learning_rates.append(lr)
         self._round_losses.append(loss)
         self._round_tokens += tokens
 
@@ -195,7 +197,24 @@ class Rounds:
                 save_file(whole, str(self._best_file(r.round)))
         logger.info(f"recovery round {r.round}: held-out {acc:.3f} (best {max(acc, best):.3f}), loss {r.loss:.4f}, "
                     f"{r.tokens:,} tokens, {r.seconds:.0f} s{' - kept' if kept else ''}")
+        if self.rec.lr_backoff < 1 and acc < (self.record.start_accuracy or 0.0):
+            self._back_off(model, r)
         return self._should_stop()
+
+    def _back_off(self, model, r: RoundRecord) -> None:
+        """The round hurt the check below where the student started: its weights are undone (the best ones
+        back) and the learning rate lowered, which the trainer applies (:attr:`RecoveryRecord.lr_scale`).
+
+        Why: a student already close to its teacher is knocked over by a learning rate that a broken one
+        needs (organism RESP-50 %: lr 1e-3 took the check from 0.883 to 0.555, lr 1e-4 to 0.992;
+        docs/recovery.md), so one default serves both.
+        """
+        for n, p in trainable(model).items():
+            distributed.put_local_(p, self.best[n])
+        r.backed_off = True
+        self.record.lr_scale *= self.rec.lr_backoff
+        logger.info(f"recovery round {r.round} fell below the start ({self.record.start_accuracy:.3f}): undone, "
+                    f"learning rate x{self.rec.lr_backoff:g} (now x{self.record.lr_scale:g} of the schedule)")
 
     def _should_stop(self) -> bool:
         since = self.round - 1 - self.record.best_round if self.record.best_round >= 0 else self.round

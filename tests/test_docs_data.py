@@ -399,3 +399,34 @@ def test_interleaved_table_matches_its_raw_files() -> None:
     for row, raw in zip(t.rows, raws, strict=True):
         assert [_plain(c) for c in row[1:]] == [f"{raw['before']:.3f}", f"{raw['after']:.3f}", f"{raw['tokens']:,}",
                                                  f"{raw['seconds']:.0f} s"], row[0]
+
+
+# ---------------------------------------------------------------------------- docs/recovery.md, 500 problems
+N500_HEADER = "| level, seed (500 test problems) |"
+
+
+def n500_raw_name(label: str) -> str:
+    """'60 %, seed 1' -> n500/resp60_seed1.json; '50 %, seed 0, lr 3e-4' -> n500/resp50_seed0_lr3e-4.json."""
+    m = re.fullmatch(r"(\d+) %, seed (\d)(?:, lr (\S+))?", label)
+    assert m, label
+    return f"recovery_results/n500/resp{m[1]}_seed{m[2]}" + (f"_lr{m[3]}" if m[3] else "") + ".json"
+
+
+def check_n500_row(row: list[str]) -> None:
+    """A row of the 500-problem table: its raw result's numbers, 500 problems, the learning rate it names."""
+    raw = _raw(n500_raw_name(row[0]))
+    assert raw["n"] == 500 and raw["settings"]["loss"] == "forward_kl"
+    lr = re.search(r", lr (\S+)$", row[0])
+    assert raw["settings"]["lr"] == (float(lr[1]) if lr else 1e-3), row[0]
+    check_recovery_numbers(row[1:], raw)
+
+
+def test_recovery_500_problem_table_matches_its_raw_files() -> None:
+    (t,) = [t for t in tables((DOCS / "recovery.md").read_text()) if t.header.startswith(N500_HEADER)]
+    assert len(t.rows) >= 9
+    for row in t.rows:
+        check_n500_row(row)
+    edited = [list(r) for r in t.rows[:1]]
+    edited[0][2] = "**0.001**"
+    with pytest.raises(AssertionError):
+        check_n500_row(edited[0])

@@ -383,7 +383,7 @@ def test_resume_after_a_kill_past_an_interleaved_recovery_keeps_it(interleaved_r
 def test_a_model_of_a_run_keeps_the_runs_calibration_prompts_out_of_the_held_out_check(tmp_path) -> None:
     """`resp recover RUN/model-0.60` (a save_at model) reads its run's calibration traces like `resp recover RUN`:
     the held-out check must not grade the prompts RESP chose the structures on (the organism's RESP-50 % answered
-    0.992 of those and 0.912 of unseen ones, which saturated the check; docs/recovery.md)."""
+    0.992 of those and 0.914 of other training prompts, which saturated the check; docs/recovery.md)."""
     import shutil
 
     from resp_plugin.calibration import Trace, traces_path, write_traces

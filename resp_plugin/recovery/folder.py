@@ -50,7 +50,7 @@ def run_inputs(model_or_run: str | Path) -> RunInputs:
 
     A model of a run brings the run's config and calibration traces: the held-out check must not grade
     the student on the prompts its structures were chosen for (on the organism, RESP-50 % answers 0.99 of
-    its own calibration prompts and 0.93 of unseen ones; docs/recovery.md).
+    its own calibration prompts and 0.914 of other training prompts; docs/recovery.md).
     """
     path = Path(model_or_run)
     if _is_run(path):

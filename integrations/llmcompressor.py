@@ -34,7 +34,7 @@ from pydantic import Field, PrivateAttr, create_model, model_validator
 from resp_plugin.calibration import CalibrationSample, CalibrationSet, Trace, provider_for
 from resp_plugin.config import SPARSITY_TOLERANCE, RESPConfig
 from resp_plugin.devices import compute_device
-from resp_plugin.errors import ConfigError, InputNotFound, UserError
+from resp_plugin.errors import InputNotFound, UserError
 from resp_plugin.integrations import llmcompressor_compat as compat
 from resp_plugin.integrations.llmcompressor_data import Recorder, calibration_dataloader, set_latest
 from resp_plugin.integrations.llmcompressor_moe import fused_for_pruning, linearized_after_pruning
@@ -43,7 +43,7 @@ from resp_plugin.integrations.llmcompressor_quant import (
     check_recipe_order,
     resolve_channel_multiple,
 )
-from resp_plugin.integrations.llmcompressor_recovery import recover_in_recipe, teacher_source
+from resp_plugin.integrations.llmcompressor_recovery import check_recipe_recovery, recover_in_recipe, teacher_source
 from resp_plugin.pruner import check_not_quantized, prune
 
 __all__ = ["RESPPruningModifier", "calibration_dataloader", "recipe_path", "register_modifiers"]
@@ -124,11 +124,7 @@ class RESPPruningModifier(_RESPConfigFields):
         from resp_plugin.distributed import refuse_under_torchrun
 
         refuse_under_torchrun("RESPPruningModifier (llm-compressor oneshot)")
-        config = self.resp_config(self.channel_multiple or 1)
-        if config.recovery.at:  # its weights would be saved mid-oneshot, where save_pretrained is the compressor's
-            raise ConfigError(f"RESPPruningModifier recovers after pruning only; recovery.at {config.recovery.at} "
-                              "(interleaved recovery) runs with `resp prune MODEL --recover --recovery-at ...`: "
-                              "drop `at` from the recipe's recovery field")
+        check_recipe_recovery(self.resp_config(self.channel_multiple or 1))
         return self
 
     def resp_config(self, channel_multiple: int) -> RESPConfig:

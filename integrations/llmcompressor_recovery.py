@@ -10,9 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from resp_plugin.config import RESPConfig
-from resp_plugin.errors import UserError
+from resp_plugin.errors import ConfigError, UserError
 
-__all__ = ["teacher_source", "recover_in_recipe"]
+__all__ = ["check_recipe_recovery", "teacher_source", "recover_in_recipe"]
+
+
+def check_recipe_recovery(config: RESPConfig) -> None:
+    """A recipe recovers after pruning only: an interleaved recovery's weights would be saved mid-oneshot, where
+    ``save_pretrained`` is llm-compressor's compressing save."""
+    if config.recovery.at:
+        raise ConfigError(f"RESPPruningModifier recovers after pruning only; recovery.at {config.recovery.at} "
+                          "(interleaved recovery) runs with `resp prune MODEL --recover --recovery-at ...`: "
+                          "drop `at` from the recipe's recovery field")
 
 
 def teacher_source(model) -> str:

@@ -391,7 +391,8 @@ def test_recovery_table_check_fails_when_a_number_is_edited() -> None:
 
 def test_interleaved_table_matches_its_raw_files() -> None:
     """docs/recovery.md: after-pruning vs interleaved at 70 %, every cell from its raw result."""
-    (t,) = [t for t in tables((DOCS / "recovery.md").read_text()) if t.header.startswith("| schedule to 70 %")]
+    found = tables((DOCS / "recovery.md").read_text())
+    (t,) = [t for t in found if t.header.startswith("| schedule to 70 % (seed 0, forward KL)")]
     raws = [_raw("recovery_results/resp70_seed0_forward_kl.json"), _raw("recovery_results/interleaved70_seed0.json")]
     inter = raws[1]
     assert inter["tokens"] == inter["stage1_recovery_at_60"]["tokens"] + inter["stage2_recovery_at_70"]["tokens"]
@@ -407,17 +408,19 @@ N500_HEADER = "| level, seed (500 test problems) |"
 
 def n500_raw_name(label: str) -> str:
     """'60 %, seed 1' -> n500/resp60_seed1.json; '50 %, seed 0, lr 3e-4' -> n500/resp50_seed0_lr3e-4.json."""
-    m = re.fullmatch(r"(\d+) %, seed (\d)(?:, lr (\S+))?", label)
+    m = re.fullmatch(r"(\d+) %, seed (\d)(?:, lr (\S+))?(?:, (\d+) rounds)?", label)
     assert m, label
-    return f"recovery_results/n500/resp{m[1]}_seed{m[2]}" + (f"_lr{m[3]}" if m[3] else "") + ".json"
+    variant = (f"_lr{m[3]}" if m[3] else "") + (f"_rounds{m[4]}" if m[4] else "")
+    return f"recovery_results/n500/resp{m[1]}_seed{m[2]}{variant}.json"
 
 
 def check_n500_row(row: list[str]) -> None:
     """A row of the 500-problem table: its raw result's numbers, 500 problems, the learning rate it names."""
     raw = _raw(n500_raw_name(row[0]))
     assert raw["n"] == 500 and raw["settings"]["loss"] == "forward_kl"
-    lr = re.search(r", lr (\S+)$", row[0])
+    lr, rounds = re.search(r", lr ([^,]+)", row[0]), re.search(r", (\d+) rounds$", row[0])
     assert raw["settings"]["lr"] == (float(lr[1]) if lr else 1e-3), row[0]
+    assert raw["settings"]["rounds"] == (int(rounds[1]) if rounds else 8), row[0]
     check_recovery_numbers(row[1:], raw)
 
 
@@ -430,3 +433,15 @@ def test_recovery_500_problem_table_matches_its_raw_files() -> None:
     edited[0][2] = "**0.001**"
     with pytest.raises(AssertionError):
         check_n500_row(edited[0])
+
+
+def test_interleaved_flag_table_matches_its_raw_files() -> None:
+    """docs/recovery.md: the `--recovery-at` run at 70 % against the after-pruning row, 500 problems."""
+    found = tables((DOCS / "recovery.md").read_text())
+    (t,) = [t for t in found if t.header.startswith("| schedule to 70 % (seed 0, 500")]
+    raws = [_raw("recovery_results/n500/resp70_seed0.json"), _raw("recovery_results/n500/interleaved70_seed0.json")]
+    inter = raws[1]
+    assert inter["tokens"] == inter["recovery_at_60"]["tokens"] + inter["final_recovery"]["tokens"]
+    for row, raw in zip(t.rows, raws, strict=True):
+        assert [_plain(c) for c in row[1:]] == [f"{raw['before']:.3f}", f"{raw['after']:.3f}", f"{raw['tokens']:,}",
+                                                 f"{raw['seconds']:.0f} s"], row[0]

@@ -20,15 +20,17 @@ from resp_plugin.structures import adapter_for
 UNITS = ("expert", "expert_channel", "both")
 
 
-def make_moe(family: str, seed: int = 0):
+def make_moe(family: str, seed: int = 0, **shape):
     """A tiny random MoE model: 4 layers, 8 experts of width 32, top-2 (Qwen3-MoE: layer 1 dense,
-    top-k probabilities not renormalised, so removing experts changes the kept ones' weights)."""
+    top-k probabilities not renormalised, so removing experts changes the kept ones' weights); ``shape``
+    overrides config fields (the vLLM tests need heads of 32: vLLM's CPU attention has no smaller head size)."""
     import transformers
 
     torch.manual_seed(seed)
     common = dict(vocab_size=8 + len(WORDS), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, max_position_embeddings=128,
                   tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+    common.update(shape)
     if family == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=32, num_experts=8,
                                           mlp_only_layers=[1], norm_topk_prob=False, **common)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_moe import make_moe as make_tiny_moe
 
 from conftest import WORDS, make_tokenizer, require_vllm, write_gold
 
@@ -35,20 +36,9 @@ PROMPTS = [torch.randint(8, 8 + len(WORDS), (PROMPT_LEN,), generator=torch.Gener
 
 
 def make_moe(family: str, seed: int = 0):
-    """A tiny random MoE: 4 layers, 8 experts of width 32, top-2, 4 query / 2 KV heads of 32 (Qwen3-MoE: layer 1
-    dense, top-k probabilities not renormalised). Wide initial weights keep greedy choices away from ties."""
-    import transformers
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=8 + len(WORDS), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, num_experts_per_tok=2, max_position_embeddings=256,
-                  tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, initializer_range=0.2)
-    if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=32, num_experts=8,
-                                          mlp_only_layers=[1], norm_topk_prob=False, **common)
-        return transformers.Qwen3MoeForCausalLM(cfg).eval()
-    cfg = transformers.MixtralConfig(intermediate_size=32, num_local_experts=8, **common)
-    return transformers.MixtralForCausalLM(cfg).eval()
+    """test_moe's tiny MoE with heads of 32 and hidden 64 (vLLM's CPU attention has no head size below 32)."""
+    return make_tiny_moe(family, seed, hidden_size=64, head_dim=32, max_position_embeddings=256,
+                         initializer_range=0.2)
 
 
 def pruned_moe(folder: Path, family: str, unit: str) -> Path:

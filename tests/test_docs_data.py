@@ -415,7 +415,7 @@ N500_HEADER = "| level, seed (500 test problems) |"
 
 def n500_raw_name(label: str) -> str:
     """'60 %, seed 1' -> n500/resp60_seed1.json; '50 %, seed 0, lr 3e-4' -> n500/resp50_seed0_lr3e-4.json."""
-    m = re.fullmatch(r"(\d+) %, seed (\d)(?:, lr (\S+))?(?:, (\d+) rounds)?(, lr backoff)?", label)
+    m = re.fullmatch(r"(\d+) %, seed (\d)(?:, lr ([0-9]\S*))?(?:, (\d+) rounds)?(, lr backoff)?", label)
     assert m, label
     variant = (f"_lr{m[3]}" if m[3] else "") + (f"_rounds{m[4]}" if m[4] else "") + ("_backoff" if m[5] else "")
     return f"recovery_results/n500/resp{m[1]}_seed{m[2]}{variant}.json"
@@ -425,7 +425,7 @@ def check_n500_row(row: list[str]) -> None:
     """A row of the 500-problem table: its raw result's numbers, 500 problems, the learning rate it names."""
     raw = _raw(n500_raw_name(row[0]))
     assert raw["n"] == 500 and raw["settings"]["loss"] == "forward_kl"
-    lr, rounds = re.search(r", lr ([^,]+)", row[0]), re.search(r", (\d+) rounds$", row[0])
+    lr, rounds = re.search(r", lr ([0-9][^,]*)", row[0]), re.search(r", (\d+) rounds", row[0])
     assert raw["settings"]["lr"] == (float(lr[1]) if lr else 1e-3), row[0]
     assert raw["settings"]["rounds"] == (int(rounds[1]) if rounds else 8), row[0]
     if row[0].endswith("lr backoff"):  # the default since the backoff: a round below the start was undone

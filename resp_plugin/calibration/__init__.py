@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "dense_traces",
     "PromptRecord",
     "Trace",
     "CalibrationSample",
@@ -211,6 +212,16 @@ def traces_path(out: Path, sparsity: float) -> Path:
 def write_traces(path: Path, traces: list[Trace]) -> None:
     """Write atomically: a torn write never leaves a file that reads back as valid."""
     write_jsonl(path, (asdict(t) for t in traces))
+
+
+def dense_traces(out: Path | None, calibration: str) -> list[Trace] | None:
+    """A run folder's traces written by the dense model (``calibration/traces-0.000.jsonl``) when the run
+    calibrated on ``self`` traces, else None: a recovery reuses them as the teacher's traces and leaves their
+    prompts out of its held-out check."""
+    first = traces_path(out, 0.0) if out is not None else None
+    if calibration != "self" or first is None or not first.is_file():
+        return None
+    return read_traces(first)
 
 
 def read_traces(path: Path) -> list[Trace]:

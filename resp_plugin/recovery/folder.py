@@ -16,7 +16,7 @@ from pathlib import Path
 from loguru import logger
 
 from resp_plugin import distributed
-from resp_plugin.calibration import read_traces, traces_path
+from resp_plugin.calibration import dense_traces
 from resp_plugin.config import RESPConfig
 from resp_plugin.errors import ConfigError, InputNotFound, OutputExists
 from resp_plugin.io.checkpoint import KEPT_FILE, save_pruned
@@ -39,9 +39,7 @@ def _is_run(path: Path) -> bool:
 
 def _run_of(run: Path, student: Path) -> RunInputs:
     config = RESPConfig.from_file(run / "config.yaml")
-    first = traces_path(run, 0.0)
-    traces = read_traces(first) if first.is_file() and config.calibration == "self" else None
-    return RunInputs(student, config, traces)
+    return RunInputs(student, config, dense_traces(run, config.calibration))
 
 
 def run_inputs(model_or_run: str | Path) -> RunInputs:
@@ -157,8 +155,7 @@ def recover_after_prune(model, tokenizer, config: RESPConfig, out: Path, teacher
     """``resp prune --recover``: the model just pruned is the student, the folder it came from the teacher."""
     from resp_plugin.recovery import recover
 
-    first = traces_path(out, 0.0)
-    traces = read_traces(first) if config.calibration == "self" and first.is_file() else None
+    traces = dense_traces(out, config.calibration)
     if config.fsdp and distributed.world().active:
         model = _saved_student(out / "model", config, teacher.trust_remote_code)
     result = recover(model, teacher(), tokenizer, config, out / "recovery", resume=resume, teacher_traces=traces)

@@ -25,6 +25,7 @@ import torch
 from loguru import logger
 
 from resp_plugin import distributed
+from resp_plugin.calibration import dense_traces
 from resp_plugin.config import SPARSITY_TOLERANCE, RESPConfig
 from resp_plugin.errors import InputDataError
 from resp_plugin.run_record import InterleavedRecovery, RunRecord
@@ -121,22 +122,13 @@ class Interleaving:
                 shutil.rmtree(workdir)
             logger.info(f"interleaved recovery at sparsity {sparsity:.4f} (recovery.at {level:.2f})")
             rec = recover(model, self.teacher(), tokenizer, self.config, workdir, resume=self.resume,
-                          teacher_traces=self._teacher_traces(out), progress=self.progress).record
+                          teacher_traces=dense_traces(out, self.config.calibration), progress=self.progress).record
             self._save(model, tokenizer, adapter, folder, record_file)
         return InterleavedRecovery(
             level=level, sparsity=round(sparsity, 6), params=adapter.params(),
             workdir=str(workdir) if workdir else None, path=str(folder) if folder else None,
             teacher_accuracy=rec.teacher_accuracy, start_accuracy=rec.start_accuracy, accuracy=rec.best_accuracy,
             best_round=rec.best_round, rounds=len(rec.rounds), tokens=rec.tokens, seconds=rec.seconds)
-
-    def _teacher_traces(self, out: Path | None):
-        """The dense model's own calibration traces (as the final recovery reuses them), when there are."""
-        from resp_plugin.calibration import read_traces, traces_path
-
-        first = traces_path(out, 0.0) if out is not None else None
-        if self.config.calibration != "self" or first is None or not first.is_file():
-            return None
-        return read_traces(first)
 
     @staticmethod
     def _save(model, tokenizer, adapter, folder: Path | None, record_file: Path | None) -> None:

@@ -76,6 +76,11 @@ class TrainArgs:
     seed: int = 0
     eval_every: int = 300
     eval_n: int = 128
+    # MoE organism (``--upcycle DENSE``): experts per layer, routed per token, expert width, balancing loss
+    moe_experts: int = 8
+    moe_top_k: int = 2
+    moe_width: int = 128
+    moe_aux_loss: float = 0.001
 
     def __post_init__(self) -> None:
         fracs = (self.chat_frac, self.gold_frac, self.drill_frac)
@@ -270,12 +275,29 @@ class Mix:
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
+def upcycled_model(args: TrainArgs, dense_dir: Path) -> torch.nn.Module:
+    """The dense organism at ``dense_dir`` as a Qwen3-MoE (:func:`resp_plugin.organism.moe.upcycle`)."""
+    from resp_plugin.organism.moe import upcycle
+
+    if not (Path(dense_dir) / "config.json").is_file():
+        raise InputDataError(f"--upcycle: {dense_dir} has no config.json; pass the dense organism's folder "
+                             f"(default: {model_path()})")
+    dense = Qwen3ForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+    model = upcycle(dense, args.moe_experts, args.moe_top_k, args.moe_width, args.moe_aux_loss, args.seed)
+    logger.info(f"upcycled {dense_dir}: {args.moe_experts} experts of width {args.moe_width} per layer, "
+                f"top-{args.moe_top_k}")
+    return model
+
+
 def initial_model(args: TrainArgs, tokenizer: PreTrainedTokenizerFast, init: Path | None,
-                  start: Start | None) -> tuple[Qwen3ForCausalLM, TrainArgs, Start | None]:
-    """The model training starts from (random, ``init``'s weights, or a folder's shapes; see :func:`train`)."""
+                  start: Start | None, upcycle: Path | None = None) -> tuple[torch.nn.Module, TrainArgs, Start | None]:
+    """The model training starts from (random, ``init``'s weights, a folder's shapes, or the dense
+    organism upcycled into a MoE; see :func:`train`)."""
     if init is not None and start is not None:
         raise ConfigError(f"--init and {start.flag} both name a starting point; pass one of them")
-    if start is not None:  # a run folder stands for its model/ (recorded as such)
+    if upcycle is not None:
+        model = upcycled_model(args, upcycle)
+    elif start is not None:  # a run folder stands for its model/ (recorded as such)
         start = Start(check_start_folder(start.folder, start.flag, len(tokenizer)), start.keep_weights)
         model, args = start_model(tokenizer, args, start)
     else:
@@ -293,7 +315,8 @@ def initial_model(args: TrainArgs, tokenizer: PreTrainedTokenizerFast, init: Pat
     return model, args, start
 
 
-def train(args: TrainArgs, out: Path, threads: int = 2, init: Path | None = None, start: Start | None = None) -> Path:
+def train(args: TrainArgs, out: Path, threads: int = 2, init: Path | None = None, start: Start | None = None,
+          upcycle: Path | None = None) -> Path:
     """Train, evaluate now and then, save model + tokenizer + ``train_args.json`` into ``out``.
 
     ``init``: continue from the weights of an earlier checkpoint (same config) instead of random ones.
@@ -304,7 +327,7 @@ def train(args: TrainArgs, out: Path, threads: int = 2, init: Path | None = None
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = build_tokenizer()
-    model, args, start = initial_model(args, tokenizer, init, start)
+    model, args, start = initial_model(args, tokenizer, init, start, upcycle)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -313,12 +336,14 @@ def train(args: TrainArgs, out: Path, threads: int = 2, init: Path | None = None
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.max_lr, total_steps=args.steps,
                                                 pct_start=args.warmup_frac)
     mix = Mix(tokenizer, args)
+    # a MoE trains with its load-balancing loss; never in the config (generation and pruned models cannot compute it)
+    balancing = {"output_router_logits": True} if getattr(model.config, "num_experts", None) else {}
     eval_set = held_out_problems(args.eval_n) if args.eval_every else []
     t0 = time.time()
     bar = tqdm(range(1, args.steps + 1), desc="train", mininterval=10)
     for step in bar:
         model.train()
-        loss = model(**mix.batch(), use_cache=False).loss
+        loss = model(**mix.batch(), use_cache=False, **balancing).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -355,6 +380,11 @@ def save(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
         do_sample=True, temperature=0.6, top_p=0.95, top_k=20,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+    routing = None
+    if getattr(model.config, "num_experts", None):
+        from resp_plugin.organism.moe import routing_counts
+
+        routing = routing_counts(model, tokenizer, [p.question + " " + p.trace for p in held_out_problems(128)])
     if n_params * 4 > MAX_CHECKPOINT_BYTES:
         model = copy.deepcopy(model).to(torch.bfloat16)
     model.save_pretrained(out)
@@ -368,6 +398,7 @@ def save(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path,
             "architecture": str(start.folder) if start and not start.keep_weights else None,
             "init_from": str(start.folder) if start and start.keep_weights else None,
             "layers": layer_shapes(model) if start else None,
+            "routing_counts": routing,
             "parameters": n_params, "train_seconds": round(seconds, 1), "saved_at_step": step}
     (out / "train_args.json").write_text(json.dumps(info, indent=1) + "\n")
     size = (out / "model.safetensors").stat().st_size
@@ -388,6 +419,9 @@ def main() -> None:
     starts.add_argument("--architecture", type=Path, default=None, metavar="PRUNED_DIR",
                         help="ceiling run: train the per-layer shapes of this model folder (`resp prune`'s "
                              "RUN/model) from fresh weights (seeded by --seed); needs --out")
+    starts.add_argument("--upcycle", type=Path, default=None, metavar="DENSE_DIR",
+                        help="MoE organism: upcycle this dense organism into a Qwen3-MoE (--moe-* shapes) and "
+                             "train it; needs --out")
     starts.add_argument("--init-from", type=Path, default=None, metavar="PRUNED_DIR",
                         help="train this model folder on from its own weights (shapes as --architecture); "
                              "needs --out")
@@ -399,10 +433,14 @@ def main() -> None:
     ap.add_argument("--gold-frac", type=float, default=None, help="fraction of gold-solution samples")
     ap.add_argument("--drill-frac", type=float, default=None,
                     help="fraction of drill samples (bare traces, more arithmetic per token)")
+    ap.add_argument("--moe-experts", type=int, default=None, help=f"with --upcycle (default {TrainArgs.moe_experts})")
+    ap.add_argument("--moe-top-k", type=int, default=None, help=f"with --upcycle (default {TrainArgs.moe_top_k})")
+    ap.add_argument("--moe-width", type=int, default=None, help=f"with --upcycle (default {TrainArgs.moe_width})")
     ap.add_argument("--no-export", action="store_true", help="do not rewrite the exported data files")
     args = ap.parse_args()
 
-    overrides = {k: getattr(args, k) for k in ("steps", "max_lr", "eval_every", "chat_frac", "gold_frac", "drill_frac")
+    overrides = {k: getattr(args, k) for k in ("steps", "max_lr", "eval_every", "chat_frac", "gold_frac", "drill_frac",
+                                           "moe_experts", "moe_top_k", "moe_width")
                  if getattr(args, k) is not None}
     start = None
     if args.architecture is not None or args.init_from is not None:
@@ -410,6 +448,8 @@ def main() -> None:
     micro = {k: v for k, v in MICRO.items() if start is None or k not in SHAPE_FIELDS} if args.micro else {}
     try:
         targs = TrainArgs(seed=args.seed, **{**micro, **overrides})
+        if args.upcycle is not None and args.out is None:
+            raise ConfigError("--upcycle needs --out DIR (without it the run would overwrite the shipped organism)")
         if start is not None:
             if args.out is None:
                 raise ConfigError(f"{start.flag} needs --out DIR (without it the run would overwrite the "
@@ -418,9 +458,9 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e))
     out = args.out or (Path(tempfile.mkdtemp(prefix="organism-micro-")) if args.micro else model_path())
-    if not (args.micro or args.no_export or start is not None):
+    if not (args.micro or args.no_export or start is not None or args.upcycle is not None):
         export()
-    train(targs, out, threads=args.threads, init=args.init, start=start)
+    train(targs, out, threads=args.threads, init=args.init, start=start, upcycle=args.upcycle)
     print(f"saved {out}")
 
 

@@ -44,7 +44,8 @@ def test_a_recovery_that_only_hurts_returns_the_model_it_was_given(student_dir, 
     teacher, _ = _load(organism.model_path())
     before = _logits(student)
     # lr 5: every round wrecks the model, so no round may be kept
-    result = recover(student, teacher, tok, _config(lr=5.0, warmup_ratio=0.0, patience=2), tmp_path / "rec",
+    # patience 1: a backed-off round is a retry at a tenth of the rate, not a round without a gain
+    result = recover(student, teacher, tok, _config(lr=5.0, warmup_ratio=0.0, patience=1), tmp_path / "rec",
                      progress=False)
     rec = result.record
     assert [r.kept for r in rec.rounds] == [False, False] and rec.best_round == -1
@@ -53,6 +54,7 @@ def test_a_recovery_that_only_hurts_returns_the_model_it_was_given(student_dir, 
     assert RecoveryRecord.load(tmp_path / "rec" / "record.json").finished
     # each round fell below the start: undone, and the learning rate of the next one lowered ten times
     assert [r.backed_off for r in rec.rounds] == [True, True] and rec.lr_scale == pytest.approx(0.01)
+    assert rec.stop_reason == "all 2 rounds done"
     off = recover(_load(student_dir)[0], teacher, tok, _config(lr=5.0, warmup_ratio=0.0, patience=2, lr_backoff=1.0),
                   tmp_path / "off", progress=False).record
     assert not any(r.backed_off for r in off.rounds) and off.lr_scale == 1.0

@@ -217,7 +217,8 @@ class Rounds:
                     f"learning rate x{self.rec.lr_backoff:g} (now x{self.record.lr_scale:g} of the schedule)")
 
     def _should_stop(self) -> bool:
-        since = self.round - 1 - self.record.best_round if self.record.best_round >= 0 else self.round
+        # a backed-off round was a retry at a lower rate, not a try of this one: patience counts only the others
+        since = sum(1 for r in self.record.rounds if r.round > self.record.best_round and not r.backed_off)
         if self.record.best_accuracy >= self.record.teacher_accuracy:
             return self._stop("the student matches the teacher on the held-out check")
         if since >= self.rec.patience:

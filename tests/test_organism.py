@@ -270,3 +270,33 @@ def test_ceiling_flags_refuse_bad_input_before_training(tokenizer, pruned_folder
         assert message in err and "Traceback" not in err, (argv, err)
     with pytest.raises(ConfigError, match="fixes the model's shapes.*hidden_size=64"):
         start_model(tokenizer, TrainArgs(hidden_size=64), Start(pruned_folder, keep_weights=False))
+
+
+def test_upcycling_copies_the_dense_mlp_into_every_expert():
+    """With every expert the whole MLP (width = the dense width, top-k = all experts) the upcycled MoE is the
+    dense model: the normalised gates sum to one over identical experts.  Narrower experts are distinct
+    seeded slices, scaled by dense width / width."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from resp_plugin.errors import ConfigError
+    from resp_plugin.organism.moe import routing_counts, upcycle
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    dense = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                         tie_word_embeddings=True)).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    whole = upcycle(dense, num_experts=4, top_k=4, width=48).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(whole(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    sliced = upcycle(dense, num_experts=4, top_k=2, width=16, seed=1)
+    experts, mlp = sliced.model.layers[0].mlp.experts, dense.model.layers[0].mlp
+    rows = [[int((mlp.gate_proj.weight == r).all(1).nonzero()) for r in experts.gate_up_proj[e, :16]] for e in range(4)]
+    assert len({tuple(r) for r in rows}) == 4 and all(r == sorted(r) for r in rows)
+    torch.testing.assert_close(experts.down_proj[0], mlp.down_proj.weight[:, rows[0]] * 3.0)
+    with pytest.raises(ConfigError, match="--moe-top-k"):
+        upcycle(dense, num_experts=4, top_k=5)
+    counts = routing_counts(sliced, tok, ["Sam has 7 apples ."])
+    n = len(tok("Sam has 7 apples .", add_special_tokens=False)["input_ids"])
+    assert len(counts) == 2 and all(sum(c) == 2 * n for c in counts)

@@ -109,8 +109,8 @@ def cmd_prune(args) -> int:
 
     render(out)
     r = result.record
-    print(f"sparsity {r.sparsity:.4f}: {r.params_before:,} -> {r.params_after:,} decoder linear "
-          f"parameters in {len(r.steps)} steps; model in {out / 'model'}, report in {out / 'report.md'}")
+    print(f"sparsity {r.sparsity:.4f}: {r.params_before:,} -> {r.params_after:,} {r.params_label} "
+          f"in {len(r.steps)} steps; model in {out / 'model'}, report in {out / 'report.md'}")
     return 0
 
 

@@ -80,7 +80,8 @@ class RecoveryConfig(BaseModel):
     rounds: int = Field(8, ge=1, description="most rounds (a round: a new trace set, steps_per_round steps, "
                         "the held-out check)")
     steps_per_round: int = Field(60, ge=1, description="optimizer steps on one trace set")
-    patience: int = Field(3, ge=1, description="rounds without a held-out gain before stopping")
+    patience: int = Field(3, ge=1, description="rounds without a held-out gain before stopping (a "
+                          "backed-off round, see lr_backoff, is not counted)")
     lr_backoff: float = Field(0.1, gt=0.0, le=1.0, description="a round that leaves the held-out check below the "
                               "student's start is undone (best weights back, optimizer state reset) and the learning "
                               "rate multiplied by this (1: never)")
@@ -104,8 +105,10 @@ class RESPConfig(BaseModel):
     """Configuration of one RESP pruning run.
 
     ``sparsity`` is the fraction of decoder-layer linear parameters (q/k/v/o/gate/up/down,
-    all layers counted) to remove.  Defaults follow the reference implementation, except
-    that the step is 1 % of parameters (the reference's 0.6 % of structures is similar).
+    all layers counted; a MoE layer's routed experts and router in place of gate/up/down) to
+    remove; with ``attention_unit: none`` q/k/v/o are not counted (nor pruned).  Defaults follow
+    the reference implementation, except that the step is 1 % of parameters (the reference's
+    0.6 % of structures is similar).
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -145,8 +148,10 @@ class RESPConfig(BaseModel):
                                                    "vector: |mask gradient|, no weight gradients kept")
     normalization: Literal["resp", "per_param"] = Field("resp", description="how head and channel scores are "
                                                         "made comparable before the global ranking")
-    attention_unit: Literal["query_head", "kv_group"] = Field("query_head", description="query_head: single query "
-                                                              "heads; kv_group: a KV head with its query heads")
+    attention_unit: Literal["query_head", "kv_group", "none"] = Field(
+        "query_head", description="query_head: single query heads; kv_group: a KV head with its query heads; "
+        "none: attention is never pruned nor counted (sparsity is then of the MLP and expert parameters; "
+        "docs/moe.md)")
     expert_unit: Literal["expert", "expert_channel", "both"] = Field(
         "expert", description="Mixture-of-Experts layers: expert (a routed expert with its router row), "
         "expert_channel (a channel of every expert of a layer: one width per layer), or both in one ranking "
@@ -188,10 +193,21 @@ class RESPConfig(BaseModel):
             )
         if self.milestones is not None:
             _check_levels("milestones", "milestones", list(self.milestones), self.sparsity)
+        if self.head_multiple > 1 and self.attention_unit == "none":
+            raise ValueError(
+                f"head_multiple={self.head_multiple} keeps pruned KV heads a multiple of it, but attention_unit "
+                "'none' prunes no head (every layer keeps all of them); drop --head-multiple, or prune attention "
+                "with --attention-unit kv_group"
+            )
         if self.head_multiple > 1 and self.attention_unit != "kv_group":
             raise ValueError(
                 f"head_multiple={self.head_multiple} needs attention_unit 'kv_group' (whole KV groups keep every "
                 "layer's query groups even, so tensor parallelism can split them); add --attention-unit kv_group"
+            )
+        if self.schedule == "official" and self.attention_unit == "none":
+            raise ValueError(
+                "schedule 'official' removes a count of query heads and MLP channels per step (the reference's "
+                "ranking of both); attention_unit 'none' ranks no head: use --schedule params with it"
             )
         if self.protected_layers is not None and any(i < 0 for i in self.protected_layers):
             raise ValueError(f"protected_layers must be layer indices >= 0, got {self.protected_layers}")

@@ -111,15 +111,15 @@ def _run_rows(model_dir: Path, run: RunRecord) -> list[tuple[str, str]]:
     level's entry, or the finished run's own numbers for ``model/``."""
     level = run.saved_as(model_dir)
     if level is not None:
-        rows = [("sparsity (measured)", f"{level.sparsity:.4f} of decoder linear parameters (save_at level "
+        rows = [("sparsity (measured)", f"{level.sparsity:.4f} of {run.params_label} (save_at level "
                  f"{level.level} of a run to {run.target})")]
         if level.params is not None:
-            rows.append(("decoder linear parameters", f"{run.params_before:,} -> {level.params:,}"))
+            rows.append((run.params_label, f"{run.params_before:,} -> {level.params:,}"))
         return rows
     if model_dir.name != "model" or not run.finished:
         return []
-    return [("sparsity (measured)", f"{run.sparsity:.4f} of decoder linear parameters (target {run.target})"),
-            ("decoder linear parameters", f"{run.params_before:,} -> {run.params_after:,} in {len(run.steps)} steps")]
+    return [("sparsity (measured)", f"{run.sparsity:.4f} of {run.params_label} (target {run.target})"),
+            (run.params_label, f"{run.params_before:,} -> {run.params_after:,} in {len(run.steps)} steps")]
 
 
 def _recovery(model_dir: Path) -> str:

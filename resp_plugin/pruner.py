@@ -75,7 +75,7 @@ def max_prunable_params(adapter: DecoderAdapter, config: RESPConfig, layers: lis
 
 def validate(model, config: RESPConfig, out: Path | None, resume: bool, overwrite: bool) -> Plan:
     """Every check that can fail, before any work: one clear error naming the fix."""
-    adapter = adapter_for(model)
+    adapter = adapter_for(model, attention=config.attention_unit != "none")
     adapter.check(config)
     check_not_quantized(model)
     if out is not None and (out / "model").exists() and not (resume or overwrite):
@@ -151,7 +151,7 @@ def _run(model, tokenizer, config: RESPConfig, out: Path | None, *, resume: bool
     plan.adapter.record_sizes_in_config()
     rec = run.finish(model, tokenizer, plan.adapter, seconds, ranks, save)
     logger.info(f"pruned to sparsity {rec.sparsity:.3f} "
-                f"({rec.params_before:,} -> {rec.params_after:,} decoder linear parameters)")
+                f"({rec.params_before:,} -> {rec.params_after:,} {rec.params_label})")
     return PruneResult(model=model, adapter=plan.adapter, record=rec, out=out)
 
 

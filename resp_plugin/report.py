@@ -138,7 +138,7 @@ def _markdown(rec: RunRecord) -> list[str]:
         "# RESP pruning report",
         "",
         f"- sparsity: **{rec.sparsity:.4f}** (target {rec.target})",
-        f"- decoder linear parameters: {rec.params_before:,} -> {rec.params_after:,}",
+        f"- {rec.params_label}: {rec.params_before:,} -> {rec.params_after:,}",
         f"- protected layers: {rec.protected_layers}",
         f"- steps: {len(rec.steps)}, time: {rec.seconds or 0:.1f} s",
         "",

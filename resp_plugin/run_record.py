@@ -160,6 +160,13 @@ class RunRecord(BaseModel):
     finished: bool = False  # the final model and report were written
 
     @property
+    def params_label(self) -> str:
+        """What ``params_before`` / ``params_after`` (and so ``sparsity``) count, for reports and cards."""
+        if self.config is not None and self.config.attention_unit == "none":
+            return "MLP parameters (attention neither pruned nor counted)"
+        return "decoder linear parameters"
+
+    @property
     def target(self) -> float | None:
         """The target sparsity of the run (None when its settings are unknown)."""
         return self.config.sparsity if self.config is not None else None

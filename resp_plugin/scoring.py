@@ -39,7 +39,7 @@ class LayerScores:
     """Raw saliency of one layer's structures, in current numbering."""
 
     heads: torch.Tensor | None = None  # (n_heads,) for attention_unit=query_head
-    groups: torch.Tensor | None = None  # (n_kv,) for attention_unit=kv_group
+    groups: torch.Tensor | None = None  # (n_kv,) for attention_unit=kv_group (neither for none)
     channels: torch.Tensor | None = None  # (n_channels,): MLP channels (of every expert, in a MoE layer)
     experts: torch.Tensor | None = None  # (n_experts,): routed experts of a MoE layer (expert_unit expert/both)
 
@@ -73,7 +73,7 @@ def uniform_scores(adapter: DecoderAdapter, config, layers: list[int]) -> Scores
                          experts=torch.zeros(len(st.kept_experts)) if experts else None)
         if config.attention_unit == "kv_group":
             ls.groups = torch.zeros(len(st.kept_kv_heads))
-        else:
+        elif config.attention_unit == "query_head":
             ls.heads = torch.zeros(len(st.kept_heads))
         out.layers[i] = ls
     return out
@@ -258,7 +258,7 @@ class _SumAbsCollector:
 
     def __init__(self, adapter: DecoderAdapter, layers: list[int], config) -> None:
         self.adapter, self.layers, self.unit, self.config = adapter, layers, config.attention_unit, config
-        roles = ("q", "o", "gate", "up", "down") + (("k", "v") if self.unit == "kv_group" else ())
+        roles = ("gate", "up", "down") + {"query_head": ("q", "o"), "kv_group": ("q", "o", "k", "v")}.get(self.unit, ())
         self.acc: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.hooks = []
         self.params: dict[tuple[int, str, str], nn.Parameter] = {}
@@ -316,7 +316,7 @@ class _SumAbsCollector:
         """Per-structure saliency; the loss weights already made the gradients means over samples."""
         out = Scores()
         for i in self.layers:
-            ls = self._attention(i)
+            ls = self._attention(i) if self.unit != "none" else LayerScores()
             if self.adapter.is_moe(i):
                 self._experts(i, ls)
             else:
@@ -388,8 +388,9 @@ class _VectorCollector:
         for i in layers:
             lin, st = adapter.linears(i), adapter.states[i]
             nq, nkv, nc = len(st.kept_heads), len(st.kept_kv_heads), len(st.kept_channels)
-            self._out(i, "q", lin["q"], nq, hd)
-            self._in(i, "o", lin["o"], nq, hd)
+            if self.unit != "none":
+                self._out(i, "q", lin["q"], nq, hd)
+                self._in(i, "o", lin["o"], nq, hd)
             if adapter.is_moe(i):
                 if any(mlp_units(adapter, config, i)):
                     self.experts[i] = adapter.expert_masks(i)
@@ -437,12 +438,15 @@ class _VectorCollector:
             return (m.grad if m.grad is not None else torch.zeros_like(m)).double().cpu()
 
         for i in self.layers:
-            head = g(i, "q") + g(i, "o")
             ls = LayerScores()
             if self.adapter.is_moe(i):
                 self._experts(i, ls)
             else:
                 ls.channels = (g(i, "gate") + g(i, "up") + g(i, "down")).abs().float()
+            out.layers[i] = ls
+            if self.unit == "none":
+                continue
+            head = g(i, "q") + g(i, "o")
             if self.unit == "kv_group":
                 st = self.adapter.states[i]
                 grp = torch.zeros(len(st.kept_kv_heads), dtype=torch.float64)
@@ -451,7 +455,6 @@ class _VectorCollector:
                 ls.groups = grp.abs().float()
             else:
                 ls.heads = head.abs().float()
-            out.layers[i] = ls
         return out
 
     def _experts(self, i: int, ls: LayerScores) -> None:

@@ -67,3 +67,17 @@ def test_recovery_flags_are_prefixed_and_reach_the_nested_config(tmp_path) -> No
     assert (cfg.recovery.enabled, cfg.recovery.rounds, cfg.recovery.patience) == (True, 3, 1)
     with pytest.raises(SystemExit):
         _parse("--sparsity", "0.3", "--recovery-loss", "not-a-loss")
+
+
+def test_attention_unit_none_is_a_choice_with_its_own_refusals() -> None:
+    """``--attention-unit none`` (prune MLP / experts only) comes from the config's Literal; the settings
+    that need heads to rank are refused by name."""
+    assert build_config(_parse("--sparsity", "0.5", "--attention-unit", "none")).attention_unit == "none"
+    assert RESPConfig.from_settings({"sparsity": 0.5, "attention_unit": "none"}).attention_unit == "none"
+    with pytest.raises(ValueError, match="schedule 'official'.*attention_unit 'none'.*--schedule params"):
+        build_config(_parse("--sparsity", "0.5", "--attention-unit", "none", "--schedule", "official"))
+    with pytest.raises(ValueError, match="attention_unit 'none' prunes no head.*drop --head-multiple"):
+        build_config(_parse("--sparsity", "0.5", "--attention-unit", "none", "--head-multiple", "2"))
+    # min_heads_per_layer has nothing to guard, so any value is accepted
+    assert build_config(_parse("--sparsity", "0.5", "--attention-unit", "none",
+                               "--min-heads-per-layer", "64")).min_heads_per_layer == 64

@@ -32,8 +32,10 @@ def make_moe(family: str, seed: int = 0, **shape):
                   tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
     common.update(shape)
     if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=32, num_experts=8,
-                                          mlp_only_layers=[1], norm_topk_prob=False, **common)
+        qwen = {"mlp_only_layers": [1], "norm_topk_prob": False}
+        qwen.update({k: common.pop(k) for k in list(common) if k in qwen})
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=32, num_experts=8, **qwen,
+                                          **common)
         return transformers.Qwen3MoeForCausalLM(cfg).eval()
     cfg = transformers.MixtralConfig(intermediate_size=32, num_local_experts=8, **common)
     return transformers.MixtralForCausalLM(cfg).eval()
@@ -122,8 +124,8 @@ def test_physical_equals_masked(family, unit):
 
 
 def _gold_config(gold_file, **kw) -> RESPConfig:
-    kw = {"sparsity": 0.3, "step": 0.1, **kw}
-    return RESPConfig(calibration="gold", prompts=f"jsonl:{gold_file}", protected_layers=[0], batch_size=5, **kw)
+    kw = {"sparsity": 0.3, "step": 0.1, "protected_layers": [0], **kw}
+    return RESPConfig(calibration="gold", prompts=f"jsonl:{gold_file}", batch_size=5, **kw)
 
 
 @pytest.mark.parametrize("family,unit,saliency", [("qwen3_moe", "expert", "sum_abs"),
@@ -354,3 +356,78 @@ def test_plugin_moe_layout_prunes_and_reloads(bank_plugin, tokenizer, gold_file,
     x = torch.randint(8, 80, (2, 10))
     assert (again(x).logits - model(x).logits).abs().max().item() == 0.0
     assert again.num_parameters() == model.num_parameters()
+
+
+# ---------------------------------------------------------------------------- attention_unit none
+def _expert_params(model) -> int:
+    """Routed experts' weights and router rows of every MoE layer (what REAP's "experts removed" counts)."""
+    return sum(layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel()
+               + layer.mlp.gate.weight.numel() for layer in model.model.layers if hasattr(layer.mlp, "experts"))
+
+
+def _assert_attention_untouched(result, model, dense) -> None:
+    """Every layer keeps every query and KV head, its projections bit for bit, and no step removed a head."""
+    for i, entry in enumerate(result.report["layers"]):
+        assert entry["kept_heads"] == list(range(dense.config.num_attention_heads))
+        assert entry["kept_kv_heads"] == list(range(dense.config.num_key_value_heads))
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            a = getattr(model.model.layers[i].self_attn, name).weight
+            assert torch.equal(a, getattr(dense.model.layers[i].self_attn, name).weight), (i, name)
+    assert all(step["removed_heads"] == 0 for step in result.report["steps"])
+
+
+@pytest.mark.parametrize("family,saliency", [("qwen3_moe", "sum_abs"), ("qwen3_moe", "vector"),
+                                             ("mixtral", "vector")])
+def test_attention_unit_none_removes_half_of_the_experts(family, saliency, tokenizer, gold_file, tmp_path):
+    """REAP's setting: attention neither pruned nor counted, so sparsity 0.5 of an all-MoE model with
+    expert_unit expert is half of the routed experts' parameters (router rows with them); the pruned
+    model is the dense one with the removed experts' router logits at -inf."""
+    model = make_moe(family, mlp_only_layers=[])  # every layer a MoE layer (Mixtral's always are)
+    dense = copy.deepcopy(model)
+    step = 0.05
+    cfg = _gold_config(gold_file, sparsity=0.5, step=step, attention_unit="none", expert_unit="expert",
+                       protected_layers=[], saliency=saliency)
+    before = _expert_params(model)
+    result = prune(model, tokenizer, cfg, out=tmp_path / "run", progress=False)
+    assert result.report["params_before"] == before  # attention projections are not counted
+    removed = 1 - _expert_params(model) / before
+    one_expert = (3 * 32 * 32 + 32) / before  # the last step stops at the target, past it by under one expert
+    assert 0.5 - 1e-6 <= removed < 0.5 + one_expert, removed
+    assert removed == pytest.approx(result.report["sparsity"], abs=1e-6)
+    kept = [len(entry["kept_experts"]) for entry in result.report["layers"]]
+    assert min(kept) >= model.config.num_experts_per_tok and sum(kept) < 32, kept
+    assert all(len(entry["kept_channels"]) == 32 for entry in result.report["layers"])  # expert unit only
+    _assert_attention_untouched(result, model, dense)
+    for entry, layer in zip(result.report["layers"], dense.model.layers):
+        _route_without(layer.mlp.gate, entry["kept_experts"], _normalizes(dense))
+    x = torch.randint(8, 80, (3, 11))
+    assert (model(x).logits - dense(x).logits).abs().max().item() <= 1e-5
+    from resp_plugin.report import render
+
+    md = render(tmp_path / "run").read_text()  # the report reads the record of a run that kept every head
+    assert "MLP parameters (attention neither pruned nor counted)" in md
+
+
+@pytest.mark.parametrize("arch,saliency", [("qwen3", "sum_abs"), ("llama", "vector")])
+def test_attention_unit_none_prunes_only_mlp_channels_of_a_dense_model(arch, saliency, tokenizer, gold_file,
+                                                                       tmp_path):
+    from conftest import make_model
+
+    model = make_model(arch)
+    dense = copy.deepcopy(model)
+    mlp = sum(sum(p.numel() for n, p in layer.mlp.named_parameters()) for layer in model.model.layers)
+    step = 0.05
+    cfg = _gold_config(gold_file, sparsity=0.4, step=step, attention_unit="none", protected_layers=[],
+                       saliency=saliency, min_heads_per_layer=64)  # a head guard no layer meets: nothing to guard
+    result = prune(model, tokenizer, cfg, out=tmp_path / "run", progress=False)
+    assert result.report["params_before"] == mlp
+    assert 0.4 - 1e-6 <= result.report["sparsity"] < 0.4 + (3 * 64 + 1) / mlp  # past the target by < one channel
+    _assert_attention_untouched(result, model, dense)
+    for entry, layer in zip(result.report["layers"], dense.model.layers):
+        drop = [c for c in range(96) if c not in entry["kept_channels"]]
+        with torch.no_grad():
+            layer.mlp.gate_proj.weight[drop] = 0
+            layer.mlp.up_proj.weight[drop] = 0
+            layer.mlp.down_proj.weight[:, drop] = 0
+    x = torch.randint(8, 80, (3, 11))
+    assert (model(x).logits - dense(x).logits).abs().max().item() <= 1e-5

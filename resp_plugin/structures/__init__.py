@@ -33,9 +33,10 @@ def spec_for(cls: type) -> DecoderSpec:
     raise UnsupportedModel(unsupported_message(cls.__name__, specs))
 
 
-def adapter_for(model: nn.Module) -> DecoderAdapter:
-    """The adapter for ``model`` (see :func:`spec_for`)."""
-    return DecoderAdapter(model, spec_for(type(model)))
+def adapter_for(model: nn.Module, attention: bool = True) -> DecoderAdapter:
+    """The adapter for ``model`` (see :func:`spec_for`); ``attention=False``: attention is not prunable, so
+    its parameters are not counted (``attention_unit: none``)."""
+    return DecoderAdapter(model, spec_for(type(model)), attention=attention)
 
 
 def pruned_model_class(config: Any) -> type:

@@ -28,7 +28,9 @@ from resp_plugin.structures.layout import (
     set_kv_layout,
 )
 
-__all__ = ["DecoderAdapter", "DecoderSpec", "LayerState"]
+__all__ = ["ATTENTION_ROLES", "DecoderAdapter", "DecoderSpec", "LayerState"]
+
+ATTENTION_ROLES = ("q", "k", "v", "o")  # the roles of :meth:`DecoderAdapter.linears` an attention unit owns
 
 
 @dataclass
@@ -62,9 +64,12 @@ class DecoderAdapter:
     """Finds, counts and physically removes heads, channels and experts of a decoder model
     (scoring reads their weights through :meth:`linears` / :meth:`moe_weights`; it lives in scoring.py)."""
 
-    def __init__(self, model: nn.Module, spec: DecoderSpec | None = None) -> None:
+    def __init__(self, model: nn.Module, spec: DecoderSpec | None = None, attention: bool = True) -> None:
         self.model = model
         self.spec = spec or DecoderSpec()
+        # Whether attention projections are prunable, hence counted by :meth:`params` (False for
+        # ``attention_unit: none``: sparsity is then the fraction of MLP / expert parameters removed).
+        self.attention = attention
         cfg = model.config
         self.hidden_size: int = cfg.hidden_size
         self.num_layers: int = cfg.num_hidden_layers
@@ -159,9 +164,12 @@ class DecoderAdapter:
     # ------------------------------------------------------------------ parameter counts
     def layer_params(self, i: int) -> int:
         """Current number of prunable parameters (weights + biases) of layer ``i``: its seven linears, or
-        its attention linears, routed experts and router in a MoE layer."""
+        its attention linears, routed experts and router in a MoE layer (attention left out when the
+        adapter was built with ``attention=False``)."""
         total = 0
-        for lin in self.linears(i).values():
+        for role, lin in self.linears(i).items():
+            if role in ATTENTION_ROLES and not self.attention:
+                continue
             total += lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0)
         if self.is_moe(i):
             total += sum(p.numel() for p in self.moe_weights(i).values())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from resp_plugin.organism import data_path, model_path
+from resp_plugin.organism import data_path, model_path, moe_model_path
 from resp_plugin.organism.evaluate import accuracy, extract_answer, generate
 from resp_plugin.organism.tasks import (
     MAX_NUMBER,
@@ -148,6 +148,24 @@ def test_shipped_model_solves_held_out_problems():
     assert acc >= 0.95, completions[:5]
     sampled, completions = accuracy(model, tok, problems, temperature=0.6)
     assert sampled >= 0.9, completions[:5]
+
+
+def test_shipped_moe_organism_solves_held_out_problems_with_uneven_experts():
+    """The MoE organism: a Qwen3-MoE (every layer routed, top-k of several experts) that solves the task,
+    its experts used unevenly (the routing counts its training recorded)."""
+    torch.manual_seed(0)
+    path = moe_model_path()
+    assert (path / "model.safetensors").stat().st_size <= 20 * 2**20
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = model.config
+    assert cfg.model_type == "qwen3_moe" and cfg.num_experts > cfg.num_experts_per_tok >= 2 and not cfg.mlp_only_layers
+    assert not cfg.output_router_logits  # a pruned MoE cannot compute the balancing loss
+    acc, completions = accuracy(model, tok, held_out_problems(64))
+    assert acc >= 0.95, completions[:5]
+    counts = json.loads((path / "train_args.json").read_text())["routing_counts"]
+    assert len(counts) == cfg.num_hidden_layers
+    assert all(max(c) > 2 * min(c) for c in counts), counts
 
 
 def test_data_files_are_package_data():

@@ -18,6 +18,11 @@ def model_path() -> Path:
     return _HERE / "model"
 
 
+def moe_model_path() -> Path:
+    """Directory of the shipped MoE organism (a Qwen3-MoE upcycled from the dense one; its card: README.md)."""
+    return _HERE / "moe_model"
+
+
 def data_path(name: str) -> Path:
     """Path of an exported data file: ``test.jsonl``, ``train.jsonl`` or ``generic.txt``."""
     path = _HERE / "data" / name

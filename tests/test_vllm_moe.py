@@ -93,20 +93,35 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
 
 
+def _hf_greedy(model, prompts: list[list[int]], new_tokens: int, eos: int) -> list[list[int]]:
+    """transformers' greedy continuations; prompts of one length go in one batch (no padding)."""
+    by_length: dict[int, list[int]] = {}
+    for n, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(n)
+    ref: list[list[int]] = [[] for _ in prompts]
+    for length, rows in by_length.items():
+        ids = torch.tensor([prompts[n] for n in rows])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0, eos_token_id=eos)
+        for n, row in zip(rows, out[:, length:].tolist()):
+            ref[n] = row
+    return ref
+
+
 @torch.no_grad()
-def assert_greedy_equal(path: Path, prompts: list[list[int]] = PROMPTS, tp_size: int = 1) -> list[tuple] | None:
-    """vLLM's greedy tokens equal transformers' (load_pruned, fp32, do_sample=False) on every prompt, token for
-    token; a mismatch names the prompt, the position and transformers' top-2 logit gap there (a tie or a bug).
-    Returns what vLLM built per layer."""
-    tokens, logprobs, built = vllm_greedy(path, prompts, NEW_TOKENS, tp_size)
+def assert_greedy_equal(path: Path, prompts: list[list[int]] = PROMPTS, tp_size: int = 1,
+                        new_tokens: int = NEW_TOKENS) -> list[tuple] | None:
+    """vLLM's greedy tokens equal transformers' (load_pruned, fp32, do_sample=False) on every prompt (any
+    lengths), token for token; a mismatch names the prompt, the position and transformers' top-2 logit gap there
+    (a tie or a bug). Returns what vLLM built per layer."""
+    tokens, logprobs, built = vllm_greedy(path, prompts, new_tokens, tp_size)
     model = load_pruned(path, dtype=torch.float32).eval()
     eos = model.config.eos_token_id
-    ref = model.generate(torch.tensor(prompts), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-                         eos_token_id=eos)[:, PROMPT_LEN:].tolist()
+    ref = _hf_greedy(model, prompts, new_tokens, eos)
     differ, worst = [], 0.0
     for n, (prompt, got, want, lps) in enumerate(zip(prompts, tokens, ref, logprobs)):
         want = _until_eos(want, eos)
-        logits = model(torch.tensor([prompt + got])).logits[0, PROMPT_LEN - 1:-1]
+        logits = model(torch.tensor([prompt + got])).logits[0, len(prompt) - 1:-1]
         worst = max(worst, (logits.log_softmax(-1)[torch.arange(len(got)), got] - torch.tensor(lps)).abs().max().item())
         if got != want:
             pos = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))

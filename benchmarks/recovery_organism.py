@@ -4,7 +4,8 @@
     python benchmarks/recovery_organism.py --student RUN/model-0.60 --out /tmp/sft --method sft_gold \
         --equal-tokens-to /tmp/rec60/result.json
 
-The student is a pruned folder (``resp prune ... --save-at 0.5,0.6``), the teacher the shipped organism;
+The student is a pruned folder (``resp prune ... --save-at 0.5,0.6``), the teacher the shipped organism
+(``--teacher``: another dense model, e.g. the MoE organism for its pruned students);
 accuracy is the organism's own evaluation (greedy, the first ``--n`` held-out test problems, never
 among the training prompts).  Prints one JSON line (also written to ``--out``/result.json).
 
@@ -133,6 +134,9 @@ def main() -> None:
     ap = _Parser(prog="recovery_organism", description=__doc__)
     ap.add_argument("--student", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="the dense model the student was pruned from (default: the shipped organism; "
+                         "the MoE organism's students: resp_plugin/organism/moe_model)")
     ap.add_argument("--n", type=int, default=500, help="test problems evaluated before and after")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--method", choices=METHODS, default="ours", help="what a round trains on (module docstring)")
@@ -145,16 +149,18 @@ def main() -> None:
         args.prompts = f"gsm8k:{organism.data_path('train.jsonl')}"
     torch.set_num_threads(args.threads)
     config = config_from_args(args)
-    tok = load_tokenizer(organism.model_path())
+    teacher_dir = args.teacher or organism.model_path()
+    tok = load_tokenizer(teacher_dir)
     student = load_pruned(args.student, dtype=torch.float32)
-    teacher = load_pruned(organism.model_path(), dtype=torch.float32)
+    teacher = load_pruned(teacher_dir, dtype=torch.float32)
     problems = held_out_problems(args.n)
     before, _ = accuracy(student, tok, problems, progress=False)
     t0 = time.time()
     model, rec, config = run_method(args, student, teacher, tok, config)
     seconds = time.time() - t0
     after, _ = accuracy(model, tok, problems, progress=False)
-    line = {"student": str(args.student), "method": args.method, "n": args.n, "before": before, "after": after,
+    line = {"student": str(args.student), "teacher": str(teacher_dir), "method": args.method, "n": args.n,
+            "before": before, "after": after,
             "seconds": round(seconds, 1), "tokens": rec.tokens, "rounds": len(rec.rounds),
             "best_round": rec.best_round, "heldout": [rec.start_accuracy] + [r.accuracy for r in rec.rounds],
             "stop": rec.stop_reason, "settings": config.recovery.model_dump()}

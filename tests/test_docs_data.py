@@ -450,3 +450,21 @@ def test_interleaved_flag_table_matches_its_raw_files() -> None:
     inter = schedule_table("| schedule to 70 % (seed 0, 500", "recovery_results/n500/resp70_seed0.json",
                            "recovery_results/n500/interleaved70_seed0.json")
     assert inter["tokens"] == inter["recovery_at_60"]["tokens"] + inter["final_recovery"]["tokens"]
+
+
+# ---------------------------------------------------------------------------- docs/moe.md, the MoE organism
+def test_moe_organism_table_matches_its_raw_results() -> None:
+    """docs/moe.md: every cell `mean (s0 / s1 / s2)` of the MoE comparison is the raw results' accuracy."""
+    raw = _raw("moe_results/results.json")
+    assert raw["settings"]["n"] == 500 and raw["settings"]["attention_unit"] == "none"
+    (t,) = [t for t in tables((DOCS / "moe.md").read_text()) if t.header.startswith("| method (MoE organism")]
+    levels = [float(h.strip(" %")) / 100 for h in t.header.strip("|").split("|")[1:]]
+    assert len(t.rows) == 7
+    for row in t.rows:
+        method = row[0].split(" ")[0]
+        for level, cell in zip(levels, row[1:], strict=True):
+            accs = [c["accuracy"] for c in sorted(raw["cells"], key=lambda c: c["seed"])
+                    if c["method"] == method and abs(c["level"] - level) < 1e-9]
+            assert len(accs) == 3, (method, level)
+            want = f"{statistics.mean(accs):.3f} ({' / '.join(f'{a:.3f}' for a in accs)})"
+            assert cell == want, (method, level, cell, want)

@@ -415,9 +415,10 @@ N500_HEADER = "| level, seed (500 test problems) |"
 
 def n500_raw_name(label: str) -> str:
     """'60 %, seed 1' -> n500/resp60_seed1.json; '50 %, seed 0, lr 3e-4' -> n500/resp50_seed0_lr3e-4.json."""
-    m = re.fullmatch(r"(\d+) %, seed (\d)(?:, lr ([0-9]\S*))?(?:, (\d+) rounds)?(, lr backoff)?", label)
+    m = re.fullmatch(r"(\d+) %, seed (\d)(?:, lr ([0-9]\S*))?(?:, (\d+) rounds)?(, lr backoff)?(, 30 x 16)?", label)
     assert m, label
-    variant = (f"_lr{m[3]}" if m[3] else "") + (f"_rounds{m[4]}" if m[4] else "") + ("_backoff" if m[5] else "")
+    variant = ((f"_lr{m[3]}" if m[3] else "") + (f"_rounds{m[4]}" if m[4] else "") + ("_backoff" if m[5] else "")
+               + ("_fresh" if m[6] else ""))
     return f"recovery_results/n500/resp{m[1]}_seed{m[2]}{variant}.json"
 
 
@@ -427,7 +428,9 @@ def check_n500_row(row: list[str]) -> None:
     assert raw["n"] == 500 and raw["settings"]["loss"] == "forward_kl"
     lr, rounds = re.search(r", lr ([0-9][^,]*)", row[0]), re.search(r", (\d+) rounds", row[0])
     assert raw["settings"]["lr"] == (float(lr[1]) if lr else 1e-3), row[0]
-    assert raw["settings"]["rounds"] == (int(rounds[1]) if rounds else 8), row[0]
+    fresh = row[0].endswith("30 x 16")  # 30 rounds of 16 steps: every trace trained on once
+    assert raw["settings"]["rounds"] == (int(rounds[1]) if rounds else 30 if fresh else 8), row[0]
+    assert raw["settings"]["steps_per_round"] == (16 if fresh else 60), row[0]
     if row[0].endswith("lr backoff"):  # the default since the backoff: a round below the start was undone
         record = _raw(n500_raw_name(row[0]).replace(".json", "_record.json"))
         assert raw["settings"]["lr_backoff"] == 0.1 and any(r["backed_off"] for r in record["rounds"]), row[0]
@@ -468,3 +471,17 @@ def test_moe_organism_table_matches_its_raw_results() -> None:
             assert len(accs) == 3, (method, level)
             want = f"{statistics.mean(accs):.3f} ({' / '.join(f'{a:.3f}' for a in accs)})"
             assert cell == want, (method, level, cell, want)
+
+
+def test_trl_comparison_table_matches_its_raw_files() -> None:
+    """docs/recovery.md: TRL's GKD trainer against ours at 60 %, seed 0 (before, after, best held-out, tokens, time)."""
+    (t,) = [t for t in tables((DOCS / "recovery.md").read_text()) if t.header.startswith("| trainer (60 %, seed 0")]
+    raws = {"TRL": "trl60_seed0.json", "ours, 8 x 60": "resp60_seed0.json", "ours, 30 x 16": "resp60_seed0_fresh.json"}
+    assert len(t.rows) == len(raws)
+    for row in t.rows:
+        (name,) = [k for k in raws if row[0].startswith(k)]
+        raw = _raw(f"recovery_results/n500/{raws[name]}")
+        assert raw["n"] == 500 and _plain(row[1]) == f"{raw['before']:.3f}" and _plain(row[2]) == f"{raw['after']:.3f}"
+        assert row[3] == f"{max(raw['heldout']):.3f}" and int(row[4].replace(",", "")) == raw["tokens"], row
+        assert row[5] == f"{raw['seconds']:.0f} s", row
+    assert _raw("recovery_results/n500/trl60_seed0.json")["memory"]["teacher_forwards_in_optimizer_steps"] == 480

@@ -12,27 +12,19 @@ widths, so the vLLM test exercises vLLM's per-layer MoE sizes rather than one un
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
+from reference_logits import export_with_logits
 
 from resp_plugin import organism
 from resp_plugin.cli import main as resp
-
-# the input the logits are compared on (any ids of the organism's vocabulary, 469 tokens)
-LOGITS_INPUT = list(range(3, 60))
 
 PRUNE = ["--sparsity", "0.4", "--step", "0.05", "--expert-unit", "both", "--attention-unit", "query_head",
          "--protected-layers", "", "--calibration", "self", "--num-prompts", "32", "--batch-size", "32",
          "--seed", "0", "--prompts", f"gsm8k:{organism.data_path('train.jsonl')}", "--generation-batch-size", "64",
          "--max-new-tokens", "28", "--dtype", "float32", "--device", "cpu"]
-
-
-def logits_path(out: Path) -> Path:
-    return out.with_name(out.name + ".logits.pt")
 
 
 def moe_sizes(model: Path) -> dict[int, tuple[int, int]]:
@@ -56,15 +48,7 @@ def main(out: str) -> None:
         raise SystemExit(f"the pruned MoE organism's layers should keep different expert counts and different "
                          f"expert widths (vLLM's per-layer path), got (experts, width) per layer {sizes}")
 
-    from resp_plugin.io import load_pruned
-
-    model = load_pruned(run / "model", dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([LOGITS_INPUT])).logits[0]
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(run / "model", out)
-    torch.save({"input_ids": LOGITS_INPUT, "logits": logits}, logits_path(out))
+    export_with_logits(run / "model", out)
     print(f"pruned MoE organism in {out} ({time.time() - t0:.0f} s): (experts, width) per layer {sizes}")
 
 

@@ -11,20 +11,17 @@ pass on an unrecovered model.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+from reference_logits import export_with_logits
 from safetensors.torch import load_file
 
 from resp_plugin import organism
 from resp_plugin.cli import main as resp
 from resp_plugin.recovery.record import RecoveryRecord
-
-# the input the logits are compared on (any ids of the organism's vocabulary, 469 tokens)
-LOGITS_INPUT = list(range(3, 60))
 
 PRUNE = ["--sparsity", "0.6", "--step", "0.05", "--calibration", "gold", "--num-prompts", "32", "--batch-size", "32",
          "--seed", "0",
@@ -33,10 +30,6 @@ PRUNE = ["--sparsity", "0.6", "--step", "0.05", "--calibration", "gold", "--num-
 # One short round: lr 1e-3 (the default) lifts a 60 % organism's held-out check within a few steps.
 RECOVER = ["--recover", "--recovery-rounds", "1", "--recovery-steps-per-round", "8", "--recovery-num-prompts",
            "32", "--recovery-heldout-prompts", "32", "--recovery-batch-size", "8", "--recovery-max-new-tokens", "28"]
-
-
-def logits_path(out: Path) -> Path:
-    return out.with_name(out.name + ".logits.pt")
 
 
 def main(out: str) -> None:
@@ -54,15 +47,7 @@ def main(out: str) -> None:
     changed = [k for k in pruned if not torch.equal(recovered[k], pruned[k])]
     assert changed, "the recovered weights equal the pruned model's"
 
-    from resp_plugin.io import load_pruned
-
-    model = load_pruned(run / "model", dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([LOGITS_INPUT])).logits[0]
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(run / "model", out)
-    torch.save({"input_ids": LOGITS_INPUT, "logits": logits}, logits_path(out))
+    export_with_logits(run / "model", out)
     print(f"recovered organism in {out} ({time.time() - t0:.0f} s): held-out accuracy "
           f"{record.start_accuracy:.3f} -> {record.best_accuracy:.3f}, {len(changed)} of {len(pruned)} "
           f"tensors changed by recovery")

@@ -485,3 +485,22 @@ def test_trl_comparison_table_matches_its_raw_files() -> None:
         assert row[3] == f"{max(raw['heldout']):.3f}" and int(row[4].replace(",", "")) == raw["tokens"], row
         assert row[5] == f"{raw['seconds']:.0f} s", row
     assert _raw("recovery_results/n500/trl60_seed0.json")["memory"]["teacher_forwards_in_optimizer_steps"] == 480
+
+
+def test_round_shape_summary_matches_the_500_problem_raw_files() -> None:
+    """docs/recovery.md: the 8 x 60 against 30 x 16 summary, each seed's number its raw result's ('-': not run)."""
+    (t,) = [t for t in tables((DOCS / "recovery.md").read_text()) if t.header.startswith("| level | 8 x 60")]
+    variants = {1: ("", "_lr1e-4", "_backoff"), 2: ("_fresh",)}  # column -> raw name suffixes tried in order
+    for row in t.rows:
+        level = row[0].split(" ")[0]
+        for col, suffixes in variants.items():
+            cells = _plain(row[col].split(" (")[0]).split(" / ")
+            for seed, cell in enumerate(cells):
+                names = [f"recovery_results/n500/resp{level}_seed{seed}{x}.json" for x in suffixes]
+                found = [n for n in names if (DOCS / n).is_file()]
+                if level == "50" and col == 1:  # the 50 % row quotes the backoff runs (all defaults then)
+                    found = [n for n in found if n.endswith("_backoff.json")]
+                if cell.strip() == "-":
+                    assert not found, (row[0], col, seed)
+                    continue
+                assert f"{_raw(found[0])['after']:.3f}" == cell.strip(), (row[0], col, seed, found[0])

@@ -1,8 +1,8 @@
 """llm-compressor integration: ``RESPPruningModifier`` and its calibration traces for GPTQ.
 
-Registration is explicit: importing this module registers ``RESPPruningModifier`` (and every
-modifier other ``resp`` plugins contribute through ``resp_register_modifiers``) with
-llm-compressor's ``ModifierFactory``, so a YAML recipe naming it resolves afterwards::
+Registration is explicit: importing this module registers ``RESPPruningModifier`` (and every modifier other ``resp``
+plugins contribute through ``resp_register_modifiers``) with llm-compressor's ``ModifierFactory``, so a YAML recipe
+naming it resolves afterwards, and keeps RESP's attention in calibration (GPTQ, uneven query groups)::
 
     import resp_plugin.integrations.llmcompressor  # noqa: F401  (registers RESPPruningModifier)
 
@@ -296,3 +296,4 @@ if __name__ == "__main__":  # the package copy registers itself on import and ru
     sys.exit(run())
 else:
     register_modifiers()
+    compat.keep_resp_attention_in_calibration()  # calibration forces eager attention: keep RESP's wrapper

@@ -4,17 +4,19 @@
 recipe's other modifiers (to check the order and read the group size of a following
 quantisation), the compressing ``save_pretrained`` that ``oneshot`` installs (to write RESP's
 per-layer sizes back after llm-compressor rewrites config.json), whether the weights are
-offloaded, and its linearised Mixture-of-Experts modules (``oneshot`` turns fused experts into
-per-expert ``Linear`` modules before any modifier runs; RESP cuts the fused form).  Each is
-reached here and nowhere else, and ``tests/test_llmcompressor.py``
-(``test_compat_*``) checks each against the installed version, so a release that changes one
-fails those tests by name instead of breaking a pruning run half way.
+offloaded, its linearised Mixture-of-Experts modules (``oneshot`` turns fused experts into
+per-expert ``Linear`` modules before any modifier runs; RESP cuts the fused form), and the eager
+attention its calibration forces (which would bypass RESP's attention for uneven query groups).
+Each is reached here and nowhere else, and ``tests/test_llmcompressor.py`` (``test_compat_*``)
+checks each against the installed version, so a release that changes one fails those tests by
+name instead of breaking a pruning run half way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -25,6 +27,7 @@ __all__ = [
     "group_sizes",
     "is_dispatched",
     "is_quantizing",
+    "keep_resp_attention_in_calibration",
     "linearize_experts",
     "load_recipe",
     "offload_devices",
@@ -166,3 +169,41 @@ def linearize_experts(model, name: str, config: Any) -> None:
     experts = model.get_submodule(name)
     linear_cls = LinearExperts2D.get_linear_experts_cls(type(experts))
     model.set_submodule(name, linear_cls.from_experts_module(experts, config))
+
+
+def keep_resp_attention_in_calibration() -> None:
+    """Keep RESP's attention wrapper in llm-compressor's calibration forwards (GPTQ, AWQ, ...); idempotent.
+
+    ``calibration_forward_context`` (every calibration pipeline and the sequential tracer enter it)
+    sets ``config._attn_implementation = "eager"`` through ``llmcompressor.utils.helpers
+    .use_eager_attention``, looked up in that module at each call.  On a pruned model whose layer
+    keeps query heads over its KV heads unevenly (``resp_kv_index``), plain eager attention expands
+    K/V by one group size and fails (``The size of tensor a (7) must match the size of tensor b
+    (4)``).  Replaced here: a model running RESP's attention (``resp_*``) gets RESP's eager wrapper
+    (same eager attention and mask, K/V expanded by the layer's own index); any other model gets
+    llm-compressor's own context unchanged.
+    """
+    from llmcompressor.utils import helpers
+
+    stock = helpers.use_eager_attention
+    if getattr(stock, "_resp_keeps_attention", False):
+        return
+
+    @contextlib.contextmanager
+    def use_eager_attention(model: torch.nn.Module) -> Iterator[None]:
+        from resp_plugin.structures.kv_attention import RESP_ATTN_PREFIX, resp_attention_name
+
+        config = getattr(model, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        if not (isinstance(current, str) and current.startswith(RESP_ATTN_PREFIX)):
+            with stock(model):
+                yield
+            return
+        config._attn_implementation = resp_attention_name("eager")
+        try:
+            yield
+        finally:
+            config._attn_implementation = current
+
+    use_eager_attention._resp_keeps_attention = True
+    helpers.use_eager_attention = use_eager_attention

@@ -2,8 +2,9 @@
 
 Quantisation modifiers attach to the Linear layers they find in their own ``on_initialize``: RESP
 must come before them, and a group quantisation (W4A16: groups of 128 input columns) needs every
-input width RESP changes (o_proj: kept heads x head_dim; down_proj: kept channels) to be a
-multiple of the group size.  Each check runs before any structure is removed.
+input width RESP changes (o_proj: kept heads x head_dim; down_proj: kept channels; in a MoE layer,
+every kept expert's width) to be a multiple of the group size.  Each check runs before any
+structure is removed.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def check_group_divisibility(adapter, group: int) -> None:
         lin = adapter.linears(i)
         if len(st.kept_heads) < adapter.orig_heads and lin["o"].in_features % group:
             bad.append(f"layer {i} o_proj: {lin['o'].in_features}")
-        if len(st.kept_channels) < adapter.orig_channels and lin["down"].in_features % group:
-            bad.append(f"layer {i} down_proj: {lin['down'].in_features}")
+        width = len(st.kept_channels)  # down_proj's input width, or every kept expert's (MoE layer)
+        if width < adapter.reference_width(i) and width % group:
+            bad.append(f"layer {i} {'experts' if adapter.is_moe(i) else 'down_proj'}: {width}")
     if bad:
         raise RuntimeError(f"pruned input widths are not multiples of the group size {group}: {', '.join(bad)}")

@@ -16,6 +16,7 @@ import torch
 
 pytest.importorskip("llmcompressor")
 
+from datasets import Dataset  # noqa: E402
 from llmcompressor import oneshot  # noqa: E402
 from llmcompressor.modifiers import Modifier  # noqa: E402
 from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier  # noqa: E402
@@ -38,12 +39,16 @@ from resp_plugin.integrations.llmcompressor import (  # noqa: E402
     register_modifiers,
 )
 from resp_plugin.integrations.llmcompressor_cli import main, with_overrides  # noqa: E402
+from resp_plugin.io import load_tokenizer, save_pruned  # noqa: E402
+from resp_plugin.structures import adapter_for  # noqa: E402
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 IDS = torch.tensor([[3, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
 INTEGRATION = Path(compat.__file__).parent
 SHIPPED = ("resp", "resp_w4a16_gptq", "resp_w8a8", "resp_fp8_dynamic", "resp_moe")
+W4A16_G64 = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                             "strategy": "group", "group_size": 64}}}
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +166,35 @@ def test_resp_self_calibration_feeds_gptq_w4a16(dense, tmp_path):
     texts = mod.calibration_texts()
     assert len(texts) == 4 and all(t.completion.strip() in text for t, text in zip(mod.traces, texts))
     check_checkpoint(tmp_path / "out", model)
+
+
+def test_gptq_on_a_pruned_checkpoint_with_uneven_query_groups(dense, tmp_path):
+    """GPTQ in a second oneshot on a checkpoint whose layer 1 keeps 3 query heads over 2 KV heads, loaded with
+    load_pruned, with the integration imported as docs/llm-compressor.md says ("GPTQ on an already pruned
+    checkpoint"): llm-compressor's calibration forces eager attention, and RESP's attention for uneven groups
+    still runs (without compat.keep_resp_attention_in_calibration: a size mismatch in eager attention)."""
+    import resp_plugin.integrations.llmcompressor  # noqa: F401  (the documented import; keeps RESP's attention)
+
+    model = load(dense / "dense")
+    adapter = adapter_for(model)
+    adapter.keep(1, heads=[0, 1, 3])
+    path = save_pruned(model, load_tokenizer(dense / "dense"), tmp_path / "pruned", adapter)
+    pruned = resp_plugin.load_pruned(path, dtype=torch.float32).eval()
+    assert pruned.model.layers[1].self_attn.resp_kv_index == [0, 0, 1]
+    assert pruned.config._attn_implementation.startswith("resp_")
+    ids = [[3 + (7 * k + j) % 80 for j in range(12)] for k in range(4)]
+    data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 12] * 4})
+    gptq = GPTQModifier(targets="Linear", ignore=["lm_head"], config_groups=W4A16_G64)
+    out = tmp_path / "out"
+    oneshot(model=pruned, recipe=[gptq], dataset=data, output_dir=str(out))
+    assert json.loads((out / "config.json").read_text())["per_layer_config"]["1"]["resp_num_attention_heads"] == 3
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert all(f"{name}.weight_packed" in f.keys() for name in linear_names(pruned))
+        assert f.get_slice("model.layers.1.self_attn.o_proj.weight_packed").get_shape()[1] * 8 == 3 * 64
+    with torch.no_grad():
+        expected = pruned(IDS).logits
+        reloaded = resp_plugin.load_pruned(out, dtype=torch.float32).eval()
+        assert torch.equal(reloaded(IDS).logits, expected)
 
 
 def test_yaml_recipe(dense, tmp_path):
@@ -341,7 +375,8 @@ def _names_in_code(path: Path) -> set[str]:
 def test_compat_is_the_only_module_naming_llmcompressor_internals():
     """Only llm-compressor's public API (oneshot, Modifier, State, the modifiers' classes) elsewhere."""
     internals = {"active_session", "lifecycle", "_overridden", "modify_save_pretrained", "OffloadCache",
-                 "ModifierFactory", "QuantizationMixin", "resolved_config", "Recipe", "config_groups"}
+                 "ModifierFactory", "QuantizationMixin", "resolved_config", "Recipe", "config_groups",
+                 "use_eager_attention", "calibration_forward_context"}
     others = [p for p in INTEGRATION.glob("llmcompressor*.py") if p.name != "llmcompressor_compat.py"]
     others += list((Path(__file__).parents[1] / "examples").glob("*.py"))
     assert len(others) >= 5
@@ -407,6 +442,38 @@ def test_compat_wrap_save_pretrained_compresses_then_calls_back(dense, tmp_path)
     model.save_pretrained(tmp_path / "saved")
     assert calls == ["qwen3"]
     assert (tmp_path / "saved" / "model.safetensors").is_file()
+
+
+def test_compat_calibration_keeps_resp_attention(dense):
+    """llm-compressor's calibration context (every pipeline and the sequential tracer enter it) forces eager
+    attention through ``helpers.use_eager_attention``, looked up in that module at each call and bound by no
+    other module (a ``from ... import use_eager_attention`` elsewhere would escape the replacement). Replaced at
+    the integration's import (idempotent): a model on RESP's attention calibrates on RESP's eager wrapper, any
+    other model on plain eager, and each gets its own implementation back afterwards."""
+    import inspect
+
+    from llmcompressor.utils import calibration_forward_context, helpers
+
+    from resp_plugin.structures.kv_attention import use_resp_attention
+
+    package = Path(helpers.__file__).parents[1]
+    users = sorted(p.relative_to(package).as_posix() for p in package.rglob("*.py")
+                   if "use_eager_attention" in p.read_text())
+    assert users == ["utils/helpers.py"], f"llm-compressor moved use_eager_attention: {users}"
+    assert "use_eager_attention" in inspect.unwrap(helpers.calibration_forward_context).__code__.co_names
+    replaced = helpers.use_eager_attention
+    assert getattr(replaced, "_resp_keeps_attention", False), "importing the integration did not replace it"
+    compat.keep_resp_attention_in_calibration()
+    assert helpers.use_eager_attention is replaced
+    plain, pruned = load(dense / "dense"), load(dense / "dense")
+    use_resp_attention(pruned)
+    seen = {}
+    for name, model in (("plain", plain), ("pruned", pruned)):
+        before = model.config._attn_implementation
+        with calibration_forward_context(model):
+            seen[name] = model.config._attn_implementation
+        assert model.config._attn_implementation == before
+    assert seen == {"plain": "eager", "pruned": "resp_eager"}
 
 
 def test_compat_offload_devices(dense, tmp_path):

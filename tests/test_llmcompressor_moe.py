@@ -26,6 +26,8 @@ from resp_plugin.integrations.llmcompressor import RESPPruningModifier, recipe_p
 IDS = torch.tensor([[3, 10, 11, 12, 13, 14, 15, 16, 17, 18], [3, 20, 21, 22, 23, 24, 25, 26, 27, 28]])
 MOE_LAYERS = (0, 2, 3)  # layer 1 is one of Qwen3-MoE's mlp_only_layers: dense
 ROUTERS = "re:.*mlp[.]gate$"  # a router is a Linear too; RESP's recipes keep it in full precision
+W4A16_G16 = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                             "strategy": "group", "group_size": 16}}}
 
 
 def save_moe(root: Path, family: str) -> Path:
@@ -118,6 +120,41 @@ def test_resp_then_w8a8_on_moe_quantises_pruned_experts(dense, tmp_path):
         assert torch.isfinite(model(IDS).logits).all()  # the quantised pruned model runs in memory
     with pytest.raises(UnsupportedModel, match="quantised Mixture-of-Experts checkpoint"):
         resp_plugin.load_pruned(out)
+
+
+def test_resp_then_group_quantisation_on_moe(dense, tmp_path):
+    """A group quantisation after RESP: every kept expert's width follows the group size (checked per MoE layer
+    by check_group_divisibility, which once looked for a dense down_proj there: KeyError 'down'), and every
+    kept expert is packed int4 at its pruned width."""
+    model = load(dense / "dense")
+    quant = QuantizationModifier(targets="Linear", ignore=["lm_head", ROUTERS], config_groups=W4A16_G16)
+    out = tmp_path / "out"
+    oneshot(model=model, recipe=[resp(dense), quant], output_dir=str(out))
+    sizes = layer_sizes(out)
+    assert min(sizes[i]["resp_num_experts"] for i in MOE_LAYERS) < 8, "no expert was removed"
+    assert min(sizes[i]["resp_intermediate_size"] for i in MOE_LAYERS) < 32, "no expert channel was removed"
+    assert all(sizes[i]["resp_intermediate_size"] % 16 == 0 for i in MOE_LAYERS), sizes
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for i in MOE_LAYERS:
+            for e in range(sizes[i]["resp_num_experts"]):
+                packed = f"model.layers.{i}.mlp.experts.{e}.down_proj.weight_packed"
+                assert list(f.get_slice(packed).get_shape()) == [32, sizes[i]["resp_intermediate_size"] // 8]
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()  # the quantised pruned model runs in memory
+
+
+def test_group_divisibility_guard_names_expert_widths():
+    """The last guard before quantisation attaches reads a MoE layer's kept expert width (against the experts'
+    own dense width) and a dense layer's down_proj input."""
+    from resp_plugin.integrations.llmcompressor_quant import check_group_divisibility
+    from resp_plugin.structures import adapter_for
+
+    adapter = adapter_for(make_moe("qwen3_moe"))
+    adapter.keep(1, channels=list(range(40)))  # the dense layer: 48 channels
+    adapter.keep(2, channels=list(range(24)))  # experts of width 32
+    check_group_divisibility(adapter, 8)
+    with pytest.raises(RuntimeError, match="group size 16: layer 1 down_proj: 40, layer 2 experts: 24$"):
+        check_group_divisibility(adapter, 16)
 
 
 def test_shipped_moe_recipe_and_save_pretrained(dense, tmp_path):

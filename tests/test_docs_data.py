@@ -504,3 +504,18 @@ def test_round_shape_summary_matches_the_500_problem_raw_files() -> None:
                     assert not found, (row[0], col, seed)
                     continue
                 assert f"{_raw(found[0])['after']:.3f}" == cell.strip(), (row[0], col, seed, found[0])
+
+
+def test_moe_recovery_table_matches_its_raw_results() -> None:
+    """docs/moe.md: RESP 75 % on the MoE organism before / after recovery, tokens and time per seed."""
+    (t,) = [t for t in tables((DOCS / "moe.md").read_text()) if t.header.startswith("| RESP (expert) 75 %")]
+    raws = [_raw(f"moe_results/recovery75_seed{s}.json") for s in range(3)]
+    assert all(r["n"] == 500 and r["teacher"].endswith("moe_model") for r in raws)
+    rows = {r[0]: r[1:] for r in t.rows}
+    assert rows["after pruning"] == [f"{r['before']:.3f}" for r in raws]
+    assert [_plain(c) for c in rows["after recovery"]] == [f"{r['after']:.3f}" for r in raws]
+    assert rows["loss tokens"] == [f"{r['tokens']:,}" for r in raws]
+    assert rows["wall time (one loaded core)"] == [f"{r['seconds']:.0f} s" for r in raws]
+    before = {c["seed"]: c["accuracy"] for c in _raw("moe_results/results.json")["cells"]
+              if c["method"] == "resp" and c["level"] == 0.75}
+    assert [before[s] for s in range(3)] == [r["before"] for r in raws]  # the same students as the comparison's

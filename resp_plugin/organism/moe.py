@@ -67,19 +67,22 @@ def upcycle(dense: Qwen3ForCausalLM, num_experts: int = 8, top_k: int = 2, width
 @torch.no_grad()
 def routing_counts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                    texts: Sequence[str]) -> list[list[int]]:
-    """Per MoE layer, how many tokens of ``texts`` the router sends to each expert (top-k choices)."""
-    counts: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, layer in enumerate(model.model.layers):
-        router = getattr(layer.mlp, "gate", None)
-        if router is None or not hasattr(layer.mlp, "experts"):
-            continue
+    """Per MoE layer, how many tokens of ``texts`` the router sends to each expert (top-k choices).
 
-        def hook(module, args, out, i=i):
-            indices = out[2] if isinstance(out, tuple) else out
-            n = module.weight.shape[0]
-            counts[i] = counts.get(i, torch.zeros(n, dtype=torch.long)) + torch.bincount(indices.flatten(), minlength=n)
-        handles.append(router.register_forward_hook(hook))
+    The routers are the ones RESP's structures know (:func:`resp_plugin.structures.adapter_for`), so any
+    registered MoE family is counted; the hook reads the router's ``(logits, weights, indices)`` output.
+    """
+    from resp_plugin.structures import adapter_for
+
+    routers = {i: block[1] for i, block in enumerate(adapter_for(model).blocks) if block is not None}
+    counts = {i: torch.zeros(r.weight.shape[0], dtype=torch.long) for i, r in routers.items()}
+
+    def counter(i: int):
+        def hook(module, args, out):
+            counts[i] += torch.bincount(out[2].flatten().cpu(), minlength=len(counts[i]))
+        return hook
+
+    handles = [r.register_forward_hook(counter(i)) for i, r in routers.items()]
     try:
         for text in texts:
             ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
